@@ -1,0 +1,37 @@
+"""Datasets as :class:`DataBundle` s, tensor helpers and class-incremental task splits.
+
+``get_data(name, **kwargs)`` loads a registered source (``digits``, ``cifar10``, ``cifar100``,
+``hf_disk``, ``parquet``). Items are ``(x, y)``: ``x`` float32 in ``[0, 1]`` of shape ``input_shape``
+(int64 token ids for text), ``y`` an int64 scalar. Nothing is ever downloaded.
+"""
+
+from fipray.data import builtin as _builtin  # noqa: F401  (registers digits, cifar10, cifar100)
+from fipray.data import files as _files  # noqa: F401  (registers hf_disk, parquet)
+from fipray.data.core import (
+    DATASETS,
+    DataBundle,
+    UInt8ImageDataset,
+    as_tensors,
+    dataset_labels,
+    get_data,
+    list_datasets,
+    register_dataset,
+    select,
+)
+from fipray.data.tasks import DEFAULT_NUM_TASKS, Task, memory_subset, split_tasks
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_NUM_TASKS",
+    "DataBundle",
+    "Task",
+    "UInt8ImageDataset",
+    "as_tensors",
+    "dataset_labels",
+    "get_data",
+    "list_datasets",
+    "memory_subset",
+    "register_dataset",
+    "select",
+    "split_tasks",
+]

@@ -1,0 +1,328 @@
+"""Datasets from local files: a Hugging Face ``save_to_disk`` folder or a pair of parquet files.
+
+Both loaders materialise the splits in memory (``TensorDataset``, or :class:`UInt8ImageDataset` for
+8-bit images) so the fast tensor paths apply; they suit datasets that fit in RAM.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from fipray.data.core import DataBundle, UInt8ImageDataset, register_dataset
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    """Arrow numbers, booleans, or (nested) lists of them."""
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _is_numeric(t.value_type)
+    return False
+
+
+def _require_columns(wanted: Sequence[str], existing: Sequence[str], where: str) -> None:
+    missing = [c for c in wanted if c not in existing]
+    if missing:
+        raise ValueError(
+            f"column(s) {', '.join(map(repr, missing))} not in {where}; columns: {', '.join(existing)}"
+        )
+
+
+def _labels(values, where: str) -> torch.Tensor:
+    arr = np.asarray(values)
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
+        raise ValueError(
+            f"labels in {where} must be integers, got dtype {arr.dtype}; encode them as class ids first"
+        )
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"labels in {where} must be non-negative, found {arr.min()}")
+    return torch.from_numpy(arr.astype(np.int64).reshape(-1))
+
+
+def _num_classes(given: int | None, *labels: torch.Tensor) -> int:
+    top = max((int(y.max()) + 1 for y in labels if y.numel()), default=0)
+    if given is None:
+        return top
+    if top > given:
+        raise ValueError(f"num_classes={given} but labels go up to {top - 1}")
+    return given
+
+
+def _features(columns: list[np.ndarray], names: Sequence[str], where: str) -> np.ndarray:
+    """Stack numeric columns into ``(N, D)`` float32, flattening vector-valued columns."""
+    parts = []
+    for name, col in zip(names, columns):
+        try:
+            arr = np.asarray(col, dtype=np.float32)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"column {name!r} in {where} is not numeric with a fixed length per row: {err}"
+            ) from None
+        parts.append(arr.reshape(arr.shape[0], -1))
+    return np.concatenate(parts, axis=1)
+
+
+def _reshape(x: np.ndarray, input_shape: Sequence[int] | None, where: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if input_shape is None:
+        return t
+    shape = tuple(int(s) for s in input_shape)
+    if math.prod(shape) != t.shape[1]:
+        raise ValueError(f"{where}: {t.shape[1]} features per row cannot be reshaped to input_shape {shape}")
+    return t.reshape(-1, *shape)
+
+
+def _to_chw(img) -> np.ndarray:
+    """One image (PIL or array; ``HW``, ``HWC`` or ``CHW``) as a ``CHW`` array, dtype unchanged."""
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"images must be 2-D or 3-D, got shape {arr.shape}")
+    # PIL and most array datasets are channels-last; treat as CHW only when that is unambiguous.
+    if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        return arr
+    return np.moveaxis(arr, -1, 0)
+
+
+def _image_dataset(images, labels: torch.Tensor, where: str) -> Dataset:
+    """Stack images into uint8 storage (8-bit sources) or float32 ``[0, 1]``."""
+    chw = [_to_chw(im) for im in images]
+    shapes = {a.shape for a in chw}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images in {where} have different shapes {sorted(shapes)[:5]}; resize them to one size first"
+        )
+    if not chw:
+        raise ValueError(f"no images in {where}")
+    stacked = np.stack(chw)
+    if stacked.dtype == np.uint8:
+        return UInt8ImageDataset(torch.from_numpy(stacked), labels)
+    if np.issubdtype(stacked.dtype, np.integer):
+        if stacked.min() < 0 or stacked.max() > 255:
+            raise ValueError(
+                f"integer images in {where} must be 8-bit (0..255), found {stacked.min()}..{stacked.max()}"
+            )
+        return UInt8ImageDataset(torch.from_numpy(stacked.astype(np.uint8)), labels)
+    x = stacked.astype(np.float32)
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"float images in {where} must lie in [0, 1], found {x.min()}..{x.max()}")
+    return TensorDataset(torch.from_numpy(x), labels)
+
+
+def _tokens(rows, max_length: int, pad_token_id: int) -> torch.Tensor:
+    """Pad (with ``pad_token_id``) or truncate token lists to ``(N, max_length)`` int64."""
+    out = torch.full((len(rows), max_length), pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        ids = list(ids)[:max_length]
+        out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    return out
+
+
+@register_dataset("hf_disk")
+def hf_disk(
+    path: str | Path,
+    image_column: str | None = None,
+    feature_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    train_split: str = "train",
+    test_split: str = "test",
+    input_ids_column: str | None = None,
+    max_length: int | None = None,
+    pad_token_id: int = 0,
+    num_classes: int | None = None,
+) -> DataBundle:
+    """A ``datasets.DatasetDict`` saved with ``save_to_disk``, as image, feature or token data.
+
+    The kind of ``x`` is picked by which of ``image_column`` / ``feature_columns`` /
+    ``input_ids_column`` is given (at most one). With none, it is inferred: an ``Image``-typed (or
+    ``"image"``/``"img"``) column, else an ``"input_ids"`` column, else all numeric columns but the label.
+
+    * images (PIL or arrays, ``HW``/``HWC``/``CHW``) → float32 ``(C, H, W)`` in ``[0, 1]`` (8-bit
+      values are divided by 255, float images must already lie in ``[0, 1]``);
+    * numeric feature columns (scalars or fixed-length lists) → one float32 vector ``(D,)``;
+    * token ids → int64 ``(max_length,)`` padded with ``pad_token_id`` or truncated
+      (``max_length`` defaults to the longest sequence over both splits).
+
+    Args:
+        path: The ``save_to_disk`` folder.
+        image_column: Column holding images.
+        feature_columns: Numeric columns concatenated into the feature vector.
+        label_column: Integer (or ``ClassLabel``) label column.
+        train_split: Split used for training.
+        test_split: Split used for testing.
+        input_ids_column: Column of token-id lists.
+        max_length: Token sequence length.
+        pad_token_id: Padding id for token sequences (BERT uses 0).
+        num_classes: Defaults to the label feature's ``ClassLabel`` size, else max label + 1.
+
+    Returns:
+        The bundle, ``name="hf_disk"``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: A named split or column is missing (the message lists those that exist), or
+            the data cannot be converted.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no dataset saved at {path} (expected a datasets.DatasetDict.save_to_disk folder)"
+        )
+    import datasets
+
+    dd = datasets.load_from_disk(str(path))
+    if not isinstance(dd, datasets.DatasetDict):
+        raise ValueError(
+            f"{path} holds a single Dataset; save a DatasetDict with {train_split!r}/{test_split!r} splits"
+        )
+    _require_columns([train_split, test_split], list(dd.keys()), f"{path} (splits)")
+    train_ds, test_ds = dd[train_split], dd[test_split]
+    columns = train_ds.column_names
+    where = f"{path} [{train_split}]"
+
+    given = [c for c in (image_column, feature_columns, input_ids_column) if c is not None]
+    if len(given) > 1:
+        raise ValueError("give at most one of image_column, feature_columns, input_ids_column")
+    if not given:
+        image_like = [c for c in columns if isinstance(train_ds.features[c], datasets.Image)]
+        image_like += [c for c in ("image", "img") if c in columns and c not in image_like]
+        if image_like:
+            image_column = image_like[0]
+        elif "input_ids" in columns:
+            input_ids_column = "input_ids"
+        else:
+            schema = train_ds.data.schema
+            feature_columns = [c for c in columns if c != label_column and _is_numeric(schema.field(c).type)]
+            if not feature_columns:
+                raise ValueError(f"no numeric feature columns in {where}; columns: {', '.join(columns)}")
+    feature_list = list(feature_columns or [])
+    used = [image_column] if image_column else [input_ids_column] if input_ids_column else feature_list
+    for split_name, split in ((train_split, train_ds), (test_split, test_ds)):
+        _require_columns([*used, label_column], split.column_names, f"{path} [{split_name}]")
+
+    label_feature = train_ds.features[label_column]
+    if num_classes is None and isinstance(label_feature, datasets.ClassLabel):
+        num_classes = label_feature.num_classes
+    class_names = tuple(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
+    ys = [
+        _labels(s.with_format("numpy")[label_column], f"{path} [{n}]")
+        for n, s in ((train_split, train_ds), (test_split, test_ds))
+    ]
+
+    splits: list[Dataset] = []
+    if image_column:
+        for (n, s), y in zip(((train_split, train_ds), (test_split, test_ds)), ys):
+            splits.append(_image_dataset(s[image_column], y, f"{path} [{n}]"))
+        input_shape = tuple(splits[0][0][0].shape)
+    elif input_ids_column:
+        rows = [list(s[input_ids_column]) for s in (train_ds, test_ds)]
+        if max_length is None:
+            max_length = max((len(r) for split_rows in rows for r in split_rows), default=0)
+        if max_length < 1:
+            raise ValueError("max_length must be positive (or the sequences non-empty)")
+        splits = [TensorDataset(_tokens(r, max_length, pad_token_id), y) for r, y in zip(rows, ys)]
+        input_shape = (max_length,)
+    else:
+        xs = []
+        for (n, s), y in zip(((train_split, train_ds), (test_split, test_ds)), ys):
+            f = s.with_format("numpy")
+            xs.append(
+                torch.from_numpy(_features([f[c] for c in feature_list], feature_list, f"{path} [{n}]"))
+            )
+            splits.append(TensorDataset(xs[-1], y))
+        input_shape = tuple(xs[0].shape[1:])
+        if input_shape != tuple(xs[1].shape[1:]):
+            raise ValueError(
+                f"train and test feature sizes differ: {input_shape} vs {tuple(xs[1].shape[1:])}"
+            )
+
+    return DataBundle(
+        splits[0], splits[1], _num_classes(num_classes, *ys), input_shape, "hf_disk", class_names
+    )
+
+
+def _arrow_column(col: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
+    """A numeric arrow column as ``(N,)`` or, for list columns, ``(N, *item_shape)``."""
+    if col.null_count:
+        raise ValueError(f"column {name!r} in {where} has {col.null_count} missing values")
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        rows = [np.asarray(v, dtype=np.float32) for v in col.to_pylist()]
+        if len({r.shape for r in rows}) > 1:
+            raise ValueError(f"column {name!r} in {where} has rows of different lengths")
+        return np.stack(rows) if rows else np.zeros((0, 0), np.float32)
+    return col.to_numpy()
+
+
+@register_dataset("parquet")
+def parquet(
+    train: str | Path,
+    test: str | Path,
+    feature_columns: Sequence[str] | None = None,
+    label_column: str = "label",
+    input_shape: Sequence[int] | None = None,
+    scale: float = 1.0,
+    num_classes: int | None = None,
+) -> DataBundle:
+    """Tabular (or flattened-image) data from two parquet files.
+
+    Args:
+        train: Parquet file of the training split.
+        test: Parquet file of the test split.
+        feature_columns: Numeric columns (scalars or fixed-length lists) forming ``x``; default: every
+            numeric column except the label, in file order.
+        label_column: Integer label column.
+        input_shape: Reshape each feature vector to this (e.g. ``(1, 28, 28)``); default ``(D,)``.
+        scale: Features are divided by it (e.g. 255 for 8-bit pixels) to land in ``[0, 1]``.
+        num_classes: Defaults to max label + 1 over both files.
+
+    Returns:
+        A bundle of ``TensorDataset`` s with ``x`` float32 ``(N, *input_shape)`` and ``y`` int64,
+        ``name="parquet"``.
+
+    Raises:
+        FileNotFoundError: A file does not exist (named in the message).
+        ValueError: A column is missing (the message lists those that exist) or not numeric.
+    """
+    import pyarrow.parquet as pq
+
+    paths = [Path(train), Path(test)]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"parquet file not found: {p}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    tables = [pq.read_table(p) for p in paths]
+    cols = tables[0].column_names
+    if feature_columns is None:
+        feature_columns = [
+            c for c in cols if c != label_column and _is_numeric(tables[0].schema.field(c).type)
+        ]
+        if not feature_columns:
+            raise ValueError(f"no numeric feature columns in {paths[0]}; columns: {', '.join(cols)}")
+    feature_columns = list(feature_columns)
+    splits, ys = [], []
+    for p, table in zip(paths, tables):
+        _require_columns([*feature_columns, label_column], table.column_names, str(p))
+        bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
+        if bad:
+            raise ValueError(f"feature column(s) {bad} in {p} are not numeric")
+        y = _labels(table.column(label_column).to_numpy(), str(p))
+        arrays = [_arrow_column(table.column(c), c, str(p)) for c in feature_columns]
+        x = _features(arrays, feature_columns, str(p)) / np.float32(scale)
+        splits.append(TensorDataset(_reshape(x, input_shape, str(p)), y))
+        ys.append(y)
+    shape = tuple(splits[0].tensors[0].shape[1:])
+    if shape != tuple(splits[1].tensors[0].shape[1:]):
+        raise ValueError(
+            f"train and test feature sizes differ: {shape} vs {tuple(splits[1].tensors[0].shape[1:])}"
+        )
+    return DataBundle(splits[0], splits[1], _num_classes(num_classes, *ys), shape, "parquet")

@@ -1,0 +1,106 @@
+"""FIP sparsification vs one-shot magnitude pruning, with and without masked fine-tuning.
+
+Protocol (shared/PROTOCOLS.md): counted tensors are the Linear/Conv weights (head included
+unless `sparsify.exclude_head`), every final network is exactly p-sparse over them (masks
+applied), accuracy vs sparsity over a sweep of p. magnitude_ft fine-tunes for as many steps as
+the FIP path takes in all (path.steps + sparsify.invariance_steps).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fipray import report
+from fipray.config import Config
+from fipray.core.distances import get_distance
+from fipray.core.step import Anchor
+from fipray.eval.sparsity import sparsity
+from fipray.experiments._common import (
+    accuracy, build_model, clone, device_of, load_bundle, mean_std, model_spec, progress_bar, tensors,
+    train_base, write_outputs,
+)
+from fipray.ops._common import supervised_phase
+from fipray.ops.sparsify import counted_tensors, apply_masks, counted, fip_sparsify_phases, magnitude_masks
+from fipray.path import run_path
+
+
+def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
+    dev = device_of(cfg)
+    bundle = load_bundle(cfg)
+    spec = model_spec(cfg, bundle)
+    sc = cfg.sparsify
+    methods = ["fip", *sc.baselines]
+    ft_steps = cfg.path.steps + sc.invariance_steps
+    rows: list[dict] = []
+    path_rows: list[dict] = []
+    dense: list[float] = []
+    per_p = cfg.path.steps + sc.invariance_steps + (ft_steps if "magnitude_ft" in methods else 0)
+    total = len(cfg.seeds) * (cfg.train.steps + len(sc.targets) * per_p)
+    with progress_bar(total, "sparsify", progress) as bar:
+        xtr, ytr = tensors(bundle.train, dev)
+        xte, yte = tensors(bundle.test, dev)
+        for seed in cfg.seeds:
+            base = build_model(spec, seed, dev)
+            t0 = time.perf_counter()
+            train_base(base, xtr, ytr, cfg, seed, progress=bar)
+            base_seconds = time.perf_counter() - t0
+            dense.append(accuracy(base, xte, yte))
+            names = counted(base, sc.exclude_head)
+            anchor = Anchor.from_model(base, xtr)
+            for p in sc.targets:
+                for method in methods:
+                    model = clone(base)
+                    t0 = time.perf_counter()
+                    if method == "fip":
+                        phases = fip_sparsify_phases(xtr, anchor, p, cfg, seed, names)
+                        res = run_path(
+                            model, phases,
+                            out_dir=out / "paths" / cfg.run_id() / f"seed{seed}" / f"p{p:g}",
+                            record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
+                            heldout=xte[: cfg.path.heldout], distance=get_distance(cfg.path.distance),
+                            evaluate=lambda m: {"accuracy": accuracy(m, xte, yte),
+                                                "sparsity": sparsity(m, names)},
+                            progress=bar)
+                        path_rows += [{"seed": seed, "target": p, **r} for r in res.records]
+                    else:
+                        masks = magnitude_masks(counted_tensors(model, names), p)
+                        apply_masks(counted_tensors(model, names), masks)
+                        if method == "magnitude_ft":
+                            phase = supervised_phase(
+                                "finetune", xtr, ytr, cfg.train, seed, steps=ft_steps,
+                                after_step=lambda m, s, masks=masks: apply_masks(counted_tensors(m, names), masks))
+                            run_path(model, [phase], record_every=10**9, checkpoint_every=10**9, progress=bar)
+                    rows.append({"method": method, "seed": seed, "target": p,
+                                 "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
+                                 "dense_accuracy": dense[-1],
+                                 "seconds": time.perf_counter() - t0 + base_seconds})
+
+    methods_summary: dict = {}
+    for m in methods:
+        methods_summary[m] = {}
+        for p in sc.targets:
+            sel = [r for r in rows if r["method"] == m and r["target"] == p]
+            acc = mean_std([r["accuracy"] for r in sel])
+            methods_summary[m][f"{p:g}"] = {
+                "accuracy_mean": acc[0], "accuracy_std": acc[1],
+                "sparsity": min(r["sparsity"] for r in sel), "sparsity_max": max(r["sparsity"] for r in sel),
+                "seconds": sum(r["seconds"] for r in sel) / len(sel)}
+    summary = {"operation": "sparsify", "dense_accuracy": mean_std(dense)[0], "dense_accuracy_std": mean_std(dense)[1],
+               "seeds": list(cfg.seeds), "counted": names, "exclude_head": sc.exclude_head,
+               "targets": [f"{p:g}" for p in sc.targets], "methods": methods_summary}
+    series = {m: ([v["sparsity"] for v in methods_summary[m].values()],
+                  [v["accuracy_mean"] for v in methods_summary[m].values()]) for m in methods}
+    report.plot_lines(series, "sparsity (fraction of counted weights = 0)", "test accuracy",
+                      f"Accuracy vs sparsity ({cfg.model.name} on {cfg.data.name})", out / "accuracy_vs_sparsity.png")
+    table = [[m, p, v["sparsity"], f"{v['accuracy_mean']:.4f} ± {v['accuracy_std']:.4f}"]
+             for m in methods for p, v in methods_summary[m].items()]
+    md = "\n".join([
+        f"# Sparsification: {cfg.model.name} on {cfg.data.name}", "",
+        f"Dense accuracy {summary['dense_accuracy']:.4f}; seeds {list(cfg.seeds)} (mean ± std). Counted tensors "
+        f"({'head excluded' if sc.exclude_head else 'head included'}): {', '.join(names)}. "
+        f"magnitude_ft fine-tunes {ft_steps} steps (= FIP path + invariance phase).", "",
+        report.md_table(["method", "target", "sparsity", "accuracy"], table), "",
+        "Plot: `accuracy_vs_sparsity.png`. Tables: `results.parquet`, `path.parquet`.", ""])
+    write_outputs(out, cfg, summary, {"results": rows, "path": path_rows}, md)
+    return summary

@@ -1,0 +1,32 @@
+"""Model zoo: ``create_model(name, num_classes=..., input_shape=..., **kwargs)`` over a name registry.
+
+Every model maps a float batch ``(B, *input_shape)`` with values in ``[0, 1]`` (or int64 token ids
+``(B, L)`` for text models) to logits ``(B, num_classes)``. Normalisation is part of the model
+(``mean``/``std`` kwargs). Importing this package registers the built-in families.
+"""
+
+from fipray.models import hf as _hf  # noqa: F401  (registers hf_bert, hf_vit)
+from fipray.models import simple as _simple  # noqa: F401  (registers mlp, lenet_300_100, small_cnn)
+from fipray.models import timm_models as _timm_models  # noqa: F401  (registers the timm: prefix)
+from fipray.models.hf import HFImageClassifier, HFTextClassifier
+from fipray.models.registry import (
+    MODELS,
+    Normalize,
+    create_model,
+    list_models,
+    load_state_dict_file,
+    register_model,
+    register_model_prefix,
+)
+
+__all__ = [
+    "MODELS",
+    "HFImageClassifier",
+    "HFTextClassifier",
+    "Normalize",
+    "create_model",
+    "list_models",
+    "load_state_dict_file",
+    "register_model",
+    "register_model_prefix",
+]

@@ -1,0 +1,88 @@
+"""Small from-scratch models: MLPs and a BatchNorm-free CNN.
+
+None of them uses BatchNorm or dropout: their outputs must be a deterministic function of the
+weights and of each example alone, because functionally invariant path code compares outputs of
+two weight vectors on the same batch, and batch statistics would couple the examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import nn
+
+from fipray.models.registry import register_model
+
+
+def _mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.ReLU()]
+        width = int(h)
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_model("mlp")
+def mlp(num_classes: int, input_shape: tuple[int, ...], *, hidden: Sequence[int] = (256, 256)) -> nn.Module:
+    """Flatten → (Linear → ReLU) per hidden size → Linear head.
+
+    Args:
+        num_classes: Output logits.
+        input_shape: Per-example shape; flattened to ``prod(input_shape)`` features.
+        hidden: Hidden layer widths (may be empty for a linear model).
+
+    Returns:
+        Module mapping ``(B, *input_shape)`` to ``(B, num_classes)``.
+    """
+    return _mlp(math.prod(input_shape), tuple(hidden), num_classes)
+
+
+@register_model("lenet_300_100")
+def lenet_300_100(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """The classic LeNet-300-100 MLP: Flatten → 300 → 100 → ``num_classes`` with ReLU.
+
+    Returns:
+        Module mapping ``(B, *input_shape)`` to ``(B, num_classes)``.
+    """
+    return _mlp(math.prod(input_shape), (300, 100), num_classes)
+
+
+@register_model("small_cnn")
+def small_cnn(
+    num_classes: int, input_shape: tuple[int, ...], *, width: float = 1.0, fc: int = 128
+) -> nn.Module:
+    """A three-conv CNN sized for 8×8 digits but valid for any image of at least 2×2.
+
+    conv(C→32w, 3) → ReLU → conv(32w→64w, 3) → ReLU → maxpool 2 → conv(64w→64w, 3) → ReLU →
+    global average pool → Linear(64w→fc) → ReLU → Linear head. Global pooling makes the head
+    independent of the spatial size, so the same architecture serves 8×8 and 32×32 inputs.
+
+    Args:
+        num_classes: Output logits.
+        input_shape: ``(C, H, W)``.
+        width: Channel multiplier (``w`` above); channel counts are rounded and at least 1.
+        fc: Width of the hidden fully connected layer.
+
+    Returns:
+        Module mapping ``(B, C, H, W)`` to ``(B, num_classes)``.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"small_cnn needs input_shape (C, H, W), got {input_shape}")
+    c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], c1, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c2, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, fc),
+        nn.ReLU(),
+        nn.Linear(fc, num_classes),
+    )

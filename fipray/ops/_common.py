@@ -1,0 +1,134 @@
+"""Phases shared by every operation and baseline: supervised training and the FIP phase."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fipray._batches import BatchStream, mix_seed
+from fipray.config import PathConfig, TrainConfig
+from fipray.core.distances import get_distance
+from fipray.core.step import Anchor, StepOutput, penalty_step
+from fipray.path import Phase, PhaseState, make_optimizer
+
+Extra = Callable[[nn.Module, int, PhaseState], Tensor]
+
+
+def _tag(name: str) -> int:
+    # Not hash(): Python salts str hashes per process, which would break resumed runs.
+    return zlib.crc32(name.encode())
+
+
+def supervised_phase(
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    train: TrainConfig,
+    seed: int,
+    *,
+    steps: int | None = None,
+    extra: Extra | None = None,
+    grad_hook: Callable[[nn.Module], None] | None = None,
+    after_step: Callable[[nn.Module, PhaseState], None] | None = None,
+    finish: Callable[[nn.Module, PhaseState], dict] | None = None,
+    prepare: Callable[[nn.Module], PhaseState] | None = None,
+) -> Phase:
+    """Cross-entropy on (x, y) minibatches, plus an optional extra penalty (EWC, replay)."""
+    stream = BatchStream(len(x), train.batch_size, mix_seed(seed, _tag(name)))
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        idx = stream.indices(t)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        ex = extra(model, t, state) if extra is not None else torch.zeros((), device=loss.device)
+        total = loss + ex
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if grad_hook is not None:
+            grad_hook(model)
+        opt.step()
+        return StepOutput(total.detach(), ex.detach(), loss.detach())
+
+    return Phase(
+        name=name, steps=train.steps if steps is None else steps, step=step,
+        optimizer=lambda m: make_optimizer(train.optimizer, m.parameters(), train.lr, train.weight_decay),
+        after_step=after_step, finish=finish, prepare=prepare,
+    )
+
+
+def fip_phase(
+    name: str,
+    path: PathConfig,
+    seed: int,
+    *,
+    memory: Callable[[nn.Module], Anchor] | Tensor,
+    secondary: Callable[[nn.Module, Tensor | None, Tensor | None, Tensor | None, PhaseState], Tensor]
+    | None = None,
+    new_data: tuple[Tensor, Tensor] | None = None,
+    steps: int | None = None,
+    lam: float | None = None,
+    beta: float | None = None,
+    grad_hook: Callable[[nn.Module], None] | None = None,
+    after_step: Callable[[nn.Module, PhaseState], None] | None = None,
+    before_step: Callable[[nn.Module, int], None] | None = None,
+    finish: Callable[[nn.Module, PhaseState], dict] | None = None,
+    sample_every: int = 0,
+    prepare_extra: Callable[[nn.Module], PhaseState] | None = None,
+) -> Phase:
+    """A FIP phase: S = λ·d(f(x_mem; w), f(x_mem; w_anchor)) + β·L.
+
+    Args:
+        memory: invariance inputs (M, ...) whose anchor outputs are taken from the network at
+            the phase start, or a callable building the Anchor from that network.
+        secondary: (model, new_logits, new_inputs, new_labels, state) -> L; new_* are None
+            without `new_data`.
+        prepare_extra: model -> extra phase state, computed (and checkpointed) before the anchor;
+            e.g. the sparsity masks of a masked phase.
+        new_data: (x, y) of the secondary task, sampled in minibatches of path.batch_size.
+        before_step: (model, step) -> None, e.g. a random kick of the undirected walk.
+    """
+    dist = get_distance(path.distance)
+    lam = path.lam if lam is None else lam
+    beta = path.beta if beta is None else beta
+    new_stream = BatchStream(len(new_data[0]), path.batch_size, mix_seed(seed, 1, _tag(name))) \
+        if new_data is not None else None
+
+    def prepare(model: nn.Module) -> PhaseState:
+        state = prepare_extra(model) if prepare_extra is not None else {}
+        anchor = memory(model) if callable(memory) else Anchor.from_model(model, memory)
+        return {**state, "anchor_inputs": anchor.inputs, "anchor_logits": anchor.logits}
+
+    mem_stream: dict[int, BatchStream] = {}
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        anchor = Anchor(state["anchor_inputs"], state["anchor_logits"])
+        if path.memory_batch_size and len(anchor) > path.memory_batch_size:
+            ms = mem_stream.setdefault(len(anchor), BatchStream(len(anchor), path.memory_batch_size,
+                                                                mix_seed(seed, 2, _tag(name))))
+            anchor = anchor.select(ms.indices(t))
+        x_new = y_new = None
+        if new_stream is not None and new_data is not None:
+            idx = new_stream.indices(t)
+            x_new, y_new = new_data[0][idx], new_data[1][idx]
+        if before_step is not None:
+            before_step(model, t)
+        sec = (lambda logits: secondary(model, logits, x_new, y_new, state)) if secondary is not None else None
+        hook = (lambda: grad_hook(model)) if grad_hook is not None else None
+        return penalty_step(model, opt, anchor, distance=dist, lam=lam, beta=beta, secondary=sec,
+                            x_new=x_new, grad_hook=hook)
+
+    return Phase(
+        name=name, steps=path.steps if steps is None else steps, step=step, prepare=prepare,
+        optimizer=lambda m: make_optimizer(path.optimizer, m.parameters(), path.lr, path.weight_decay),
+        after_step=after_step, finish=finish, sample_every=sample_every,
+    )
+
+
+def cross_entropy_secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None,
+                            y: Tensor | None, state: PhaseState) -> Tensor:
+    """L = cross-entropy of the new task (continual learning's secondary objective)."""
+    assert logits is not None and y is not None
+    return F.cross_entropy(logits, y)

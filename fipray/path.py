@@ -1,0 +1,282 @@
+"""The path loop: advance a network through a sequence of phases, recording and checkpointing.
+
+Every operation (continual, sparsify, undirected) and every baseline is a list of `Phase`s run
+by `run_path`. A phase owns its objective (a step function), the state it computes when it
+starts (e.g. the anchor's outputs on the memory) and what it reports when it ends (e.g. a row of
+the accuracy matrix). The loop reads top to bottom:
+
+    for each phase: prepare state -> for each step: step, record, sample, checkpoint -> finish
+
+A checkpoint (weights, optimizer, phase state, RNG, step, records, sample list) is written
+atomically, so a killed run resumes where it stopped and finishes with the same weights:
+batches are a pure function of (seed, step) (`BatchStream`), so nothing else needs saving.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fipray._io import atomic_torch_save
+from fipray.core.step import StepOutput
+
+PhaseState = dict[str, Any]
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, int, PhaseState], StepOutput]
+
+
+@dataclass
+class Phase:
+    """One stretch of a path with a fixed objective.
+
+    Attributes:
+        name: unique within the path (used in records and checkpoints).
+        steps: optimizer steps in this phase.
+        step: (model, optimizer, phase_step, state) -> StepOutput; performs one update.
+        optimizer: model -> a fresh optimizer for this phase.
+        prepare: model -> state computed once at the phase start (tensors/floats/lists; it is
+            checkpointed so a resumed phase sees the same anchor).
+        finish: (model, state) -> results kept in `PathResult.phase_results[name]`.
+        sample_every: save the weights every k steps of this phase (0: never).
+        after_step: (model, state) -> None, run after each update (e.g. re-apply a mask).
+    """
+
+    name: str
+    steps: int
+    step: StepFn
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+    prepare: Callable[[nn.Module], PhaseState] | None = None
+    finish: Callable[[nn.Module, PhaseState], dict] | None = None
+    sample_every: int = 0
+    after_step: Callable[[nn.Module, PhaseState], None] | None = None
+
+
+@dataclass
+class PathResult:
+    """What a path produced: per-step records, sampled networks, per-phase results."""
+
+    model: nn.Module
+    records: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # {"phase", "step", "global_step", "state"}
+    phase_results: dict[str, dict] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The optimizers configs may name."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; available: adam, adamw, sgd")
+
+
+def _params(model: nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _flat(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in _params(model)])
+
+
+class _Tracker:
+    """Path geometry along the records: ‖w − w0‖, cumulative length, output drift to w0."""
+
+    def __init__(self, model: nn.Module, heldout: Tensor | None, distance: Callable | None):
+        self.w0 = _flat(model).clone()
+        self.prev = self.w0.clone()
+        self.length = 0.0
+        self.heldout, self.distance = heldout, distance
+        self.logits0 = self._logits(model) if heldout is not None else None
+
+    @torch.no_grad()
+    def _logits(self, model: nn.Module) -> Tensor:
+        was = model.training
+        model.eval()
+        out = model(self.heldout)
+        model.train(was)
+        return out
+
+    @torch.no_grad()
+    def row(self, model: nn.Module) -> dict:
+        w = _flat(model)
+        self.length += float((w - self.prev).norm())
+        self.prev = w.clone()
+        row = {"weight_distance": float((w - self.w0).norm()), "fip_length": self.length}
+        if self.logits0 is not None and self.distance is not None:
+            row["heldout_distance"] = float(self.distance(self._logits(model), self.logits0))
+        return row
+
+    def state_dict(self) -> dict:
+        return {"w0": self.w0, "prev": self.prev, "length": self.length, "logits0": self.logits0}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.w0, self.prev, self.length, self.logits0 = s["w0"], s["prev"], s["length"], s["logits0"]
+
+
+def _rng_state() -> dict:
+    s = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["cpu"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_checkpoint(out_dir: str | Path) -> dict | None:
+    """The last checkpoint in `out_dir`, or None. Loaded with weights_only=True (no pickle code)."""
+    p = Path(out_dir) / CHECKPOINT
+    if not p.is_file():
+        return None
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file cannot happen (atomic writes), a foreign one can
+        raise RuntimeError(f"checkpoint {p} cannot be read ({e}); delete it to start over") from e
+
+
+def run_path(
+    model: nn.Module,
+    phases: list[Phase],
+    *,
+    out_dir: str | Path | None = None,
+    record_every: int = 25,
+    checkpoint_every: int = 100,
+    heldout: Tensor | None = None,
+    distance: Callable[[Tensor, Tensor], Tensor] | None = None,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    callback: Callable[[str, dict], None] | None = None,
+    progress: Any = None,
+    train_mode: bool = False,
+) -> PathResult:
+    """Run `phases` in order on `model` (updated in place), resuming from `out_dir` if it holds a checkpoint.
+
+    Args:
+        model: the network at the path's start (w0), or any network when resuming.
+        phases: what to do; names must be unique.
+        out_dir: where checkpoints go; None disables checkpointing (and resuming).
+        record_every: write a record row every k global steps (and at each phase end).
+        checkpoint_every: checkpoint every k global steps (and at each phase end).
+        heldout: (N, ...) inputs on which the output drift to w0 is recorded.
+        distance: output distance for that drift.
+        evaluate: model -> extra metrics for each record row (accuracies, sparsity).
+        callback: (event, payload) with event in {"record", "checkpoint", "phase_end"}; the Ray
+            layer reports through it.
+        progress: a tqdm-like object with update(n) and set_postfix(dict), or None.
+        train_mode: run updates in train mode (dropout on, BN batch stats). Off by default so the
+            function whose invariance we measure is the deterministic eval-mode network.
+    """
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise ValueError(f"phase names must be unique, got {names}")
+    t0 = time.perf_counter()
+    model.train(train_mode)
+    result = PathResult(model=model)
+    tracker = _Tracker(model, heldout, distance)
+    out = Path(out_dir) if out_dir is not None else None
+    start_phase, start_step, global_step = 0, 0, 0
+    resume_state: PhaseState | None = None
+    resume_optim: dict | None = None
+    ckpt = load_checkpoint(out) if out is not None else None
+    if ckpt is not None:
+        if ckpt["phase_names"] != names:
+            raise RuntimeError(
+                f"checkpoint in {out} belongs to a path with phases {ckpt['phase_names']}, not {names}"
+            )
+        model.load_state_dict(ckpt["model"])
+        start_phase, start_step, global_step = ckpt["phase"], ckpt["phase_step"], ckpt["global_step"]
+        resume_state, resume_optim = ckpt["phase_state"], ckpt["optimizer"]
+        result.records, result.samples = list(ckpt["records"]), list(ckpt["samples"])
+        result.phase_results = dict(ckpt["phase_results"])
+        result.resumed_from = global_step
+        tracker.load_state_dict(ckpt["tracker"])
+        _set_rng_state(ckpt["rng"])
+        if progress is not None:
+            progress.update(global_step)
+
+    def checkpoint(pi: int, step: int, state: PhaseState | None, optim: torch.optim.Optimizer | None) -> None:
+        if out is None:
+            return
+        atomic_torch_save(out / CHECKPOINT, {
+            "version": 1, "phase_names": names, "phase": pi, "phase_step": step,
+            "global_step": global_step, "model": model.state_dict(),
+            "optimizer": optim.state_dict() if optim is not None else None,
+            "phase_state": state, "rng": _rng_state(), "records": result.records,
+            "samples": result.samples, "phase_results": result.phase_results,
+            "tracker": tracker.state_dict(),
+        })
+        if callback is not None:
+            callback("checkpoint", {"path": str(out / CHECKPOINT), "global_step": global_step})
+
+    def record(phase: Phase, step: int, so: StepOutput | None) -> None:
+        row: dict[str, Any] = {"phase": phase.name, "phase_step": step, "step": global_step}
+        if so is not None:
+            row.update(objective=float(so.objective), distance=float(so.distance),
+                       secondary=float(so.secondary))
+        row.update(tracker.row(model))
+        if evaluate is not None:
+            row.update(evaluate(model))
+            model.train(train_mode)
+        result.records.append(row)
+        if progress is not None:
+            progress.set_postfix({k: round(v, 4) for k, v in row.items()
+                                  if k in ("distance", "secondary") and isinstance(v, float)})
+        if callback is not None:
+            callback("record", row)
+
+    for pi in range(start_phase, len(phases)):
+        phase = phases[pi]
+        if pi == start_phase and resume_state is not None:
+            state, first = resume_state, start_step
+        else:
+            state, first = (phase.prepare(model) if phase.prepare else {}), 0
+            model.train(train_mode)
+        optim = phase.optimizer(model)
+        if pi == start_phase and resume_optim is not None:
+            optim.load_state_dict(resume_optim)
+        so: StepOutput | None = None
+        for step in range(first, phase.steps):
+            so = phase.step(model, optim, step, state)
+            if phase.after_step is not None:
+                phase.after_step(model, state)
+            global_step += 1
+            done = step + 1
+            if progress is not None:
+                progress.update(1)
+            if phase.sample_every and done % phase.sample_every == 0:
+                result.samples.append({
+                    "phase": phase.name, "step": done, "global_step": global_step,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                })
+            if global_step % record_every == 0 and done < phase.steps:
+                record(phase, done, so)
+            if global_step % checkpoint_every == 0 and done < phase.steps:
+                checkpoint(pi, done, state, optim)
+        record(phase, phase.steps, so)
+        if phase.finish is not None:
+            result.phase_results[phase.name] = phase.finish(model, state)
+            model.train(train_mode)
+            if callback is not None:
+                callback("phase_end", {"phase": phase.name, **result.phase_results[phase.name]})
+        # Phase boundary: a resumed run starts phase pi+1 afresh (its prepare runs again).
+        resume_state, resume_optim = None, None
+        checkpoint(pi + 1, 0, None, None)
+    result.steps = global_step
+    result.seconds = time.perf_counter() - t0
+    model.eval()
+    return result

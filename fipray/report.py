@@ -1,0 +1,118 @@
+"""Plots and markdown tables from result rows (the Parquet tables' rows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> None:
+    from fipray._io import atomic_write
+
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _plt().close(fig)
+
+
+def plot_path_accuracy(rows: list[dict], path: Path) -> None:
+    """Per-task accuracy (columns acc_task*) along the path's global step."""
+    if not rows:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = sorted(k for k in rows[0] if k.startswith("acc_task"))
+    steps = [r["step"] for r in rows]
+    for k in keys:
+        ax.plot(steps, [r.get(k, np.nan) for r in rows], label=k.replace("acc_", ""))
+    for r0, r1 in zip(rows, rows[1:]):
+        if r0["phase"] != r1["phase"]:
+            ax.axvline(r0["step"], color="gray", lw=0.5, ls=":")
+    ax.set_xlabel("path step")
+    ax.set_ylabel("test accuracy (all classes)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8, ncol=2)
+    ax.set_title("FIP continual learning: accuracy along the path")
+    _save(fig, path)
+
+
+def plot_matrices(rows: list[dict], methods: list[str], setting: str, path: Path) -> None:
+    """Mean accuracy matrix R per method (one heatmap each)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), squeeze=False)
+    for ax, m in zip(axes[0], methods):
+        sel = [r for r in rows if r["method"] == m and r["setting"] == setting and r["i"] >= 0]
+        T = max(r["i"] for r in sel) + 1
+        R = np.zeros((T, T))
+        n = np.zeros((T, T))
+        for r in sel:
+            R[r["i"], r["j"]] += r["acc"]
+            n[r["i"], r["j"]] += 1
+        R /= np.maximum(n, 1)
+        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+        for i in range(T):
+            for j in range(T):
+                ax.text(j, i, f"{R[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="w" if R[i, j] < 0.6 else "k")
+        ax.set_title(f"{m} ({setting}-IL)")
+        ax.set_xlabel("task j")
+        ax.set_ylabel("after task i")
+    _save(fig, path)
+
+
+def plot_lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+               title: str, path: Path, xscale: str = "linear") -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xscale(xscale)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _pm(m: float, s: float) -> str:
+    return f"{m:.4f} ± {s:.4f}"
+
+
+def continual_report(summary: dict, cfg: Any) -> str:
+    setting = summary["setting"]
+    other = "task" if setting == "class" else "class"
+    out = [f"# Continual learning: {cfg.data.name}, {summary['num_tasks']} tasks, model {cfg.model.name}",
+           "",
+           f"Memory: {summary['memory_per_task']} examples per earlier task (FIP and ER alike); "
+           f"output distance: {summary['distance']}; seeds: {summary['seeds']} (mean ± std).", ""]
+    for s, key in ((setting, None), (other, f"{other}_incremental")):
+        rows = []
+        for m, v in summary["methods"].items():
+            d = v if key is None else v[key]
+            rows.append([m, _pm(d["acc_mean"], d["acc_std"]), _pm(d["bwt_mean"], d.get("bwt_std", 0.0)),
+                         d["forgetting_mean"], d["fwt_mean"], round(v["seconds"], 1)])
+        out += [f"## {s}-incremental", "",
+                md_table(["method", "ACC", "BWT", "forgetting", "FWT", "seconds/seed"], rows), ""]
+    out += ["Plots: `path_accuracy.png` (FIP, first seed), `accuracy_matrix.png`. Tables: `results.parquet`, "
+            "`accuracy_matrix.parquet` (i = −1 is the random-init row), `path.parquet`.", ""]
+    return "\n".join(out)
