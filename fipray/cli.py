@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name in EXPERIMENTS:
         s = sub.add_parser(name, help=f"run the {name} experiment (FIP vs its baselines over seeds)")
-        s.add_argument("--config", type=Path, help="YAML config (e.g. jobs/configs/%s_digits.yaml)" % name)
+        s.add_argument("--config", type=Path, help=f"YAML config (e.g. jobs/configs/{name}_digits.yaml)")
         s.add_argument("--out", type=Path, help="output folder (default runs/<operation>-<run id>)")
         s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. path.lam=0.5")

@@ -20,11 +20,23 @@ from fipray.baselines.continual import CONTINUAL_BASELINES
 from fipray.config import Config, ConfigError
 from fipray.eval.continual import cl_metrics, task_accuracy
 from fipray.experiments._common import (
-    build_model, clone, device_of, load_bundle, mean_std, model_spec, progress_bar, tensors,
-    train_base, write_outputs,
+    build_model,
+    clone,
+    device_of,
+    load_bundle,
+    mean_std,
+    model_spec,
+    progress_bar,
+    tensors,
+    train_base,
+    write_outputs,
 )
 from fipray.ops.continual import (
-    TaskTensors, accuracy_along_path, evaluate_row, fip_continual_phases, seen_classes,
+    TaskTensors,
+    accuracy_along_path,
+    evaluate_row,
+    fip_continual_phases,
+    seen_classes,
 )
 from fipray.path import run_path
 

@@ -22,8 +22,17 @@ from fipray.ensemble import Ensemble, save_ensemble
 from fipray.eval.diversity import coherence, pairwise_disagreement, representation_diversity
 from fipray.eval.robustness import robustness_curve, sanity_flags
 from fipray.experiments._common import (
-    accuracy, build_model, clone, device_of, load_bundle, mean_std, model_spec, progress_bar, tensors,
-    train_base, write_outputs,
+    accuracy,
+    build_model,
+    clone,
+    device_of,
+    load_bundle,
+    mean_std,
+    model_spec,
+    progress_bar,
+    tensors,
+    train_base,
+    write_outputs,
 )
 from fipray.ops.undirected import select_members, undirected_phase
 from fipray.path import run_path
@@ -131,12 +140,12 @@ def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
             "disagreement": mean_std([r["disagreement"] for r in sel])[0],
             "seconds": float(np.mean([r["seconds"] for r in sel])),
             "gradient_steps": sel[0]["gradient_steps"]}
-    sanity_summary = {m: {k: all(bool(f["flags"][k]) for f in fl) for k in fl[0]["flags"]}
+    sanity_summary = {m: {k: all(f["flags"][k] is not False for f in fl) for k in fl[0]["flags"]}
                       for m, fl in sanity.items()}
     summary = {"operation": "ensemble", "members": ec.members, "seeds": list(cfg.seeds), "eps": eps_keys,
                "pgd_steps": ec.pgd_steps, "eval_examples": len(x_eval), "surrogate": "base network w0",
                "methods": summary_methods, "sanity": sanity_summary,
-               "sanity_measurements": {m: [f["measurements"] for f in fl] for m, fl in sanity.items()}}
+               "sanity_measurements": {m: [f["measured"] for f in fl] for m, fl in sanity.items()}}
     report.plot_lines({f"{m} white-box": ([float(e) for e in eps_keys], list(v["whitebox"].values()))
                        for m, v in summary_methods.items()}
                       | {f"{m} transfer": ([float(e) for e in eps_keys], list(v["transfer"].values()))

@@ -17,11 +17,20 @@ from fipray.core.distances import get_distance
 from fipray.core.step import Anchor
 from fipray.eval.sparsity import sparsity
 from fipray.experiments._common import (
-    accuracy, build_model, clone, device_of, load_bundle, mean_std, model_spec, progress_bar, tensors,
-    train_base, write_outputs,
+    accuracy,
+    build_model,
+    clone,
+    device_of,
+    load_bundle,
+    mean_std,
+    model_spec,
+    progress_bar,
+    tensors,
+    train_base,
+    write_outputs,
 )
 from fipray.ops._common import supervised_phase
-from fipray.ops.sparsify import counted_tensors, apply_masks, counted, fip_sparsify_phases, magnitude_masks
+from fipray.ops.sparsify import apply_masks, counted, counted_tensors, fip_sparsify_phases, magnitude_masks
 from fipray.path import run_path
 
 
@@ -59,8 +68,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
                             out_dir=out / "paths" / cfg.run_id() / f"seed{seed}" / f"p{p:g}",
                             record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
                             heldout=xte[: cfg.path.heldout], distance=get_distance(cfg.path.distance),
-                            evaluate=lambda m: {"accuracy": accuracy(m, xte, yte),
-                                                "sparsity": sparsity(m, names)},
+                            evaluate=lambda m, names=names: {"accuracy": accuracy(m, xte, yte),
+                                                             "sparsity": sparsity(m, names)},
                             progress=bar)
                         path_rows += [{"seed": seed, "target": p, **r} for r in res.records]
                     else:
@@ -69,7 +78,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
                         if method == "magnitude_ft":
                             phase = supervised_phase(
                                 "finetune", xtr, ytr, cfg.train, seed, steps=ft_steps,
-                                after_step=lambda m, s, masks=masks: apply_masks(counted_tensors(m, names), masks))
+                                after_step=lambda m, s, masks=masks, names=names: apply_masks(
+                                    counted_tensors(m, names), masks))
                             run_path(model, [phase], record_every=10**9, checkpoint_every=10**9, progress=bar)
                     rows.append({"method": method, "seed": seed, "target": p,
                                  "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
