@@ -29,10 +29,10 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 def model_device(model: nn.Module, fallback: torch.device | None = None) -> torch.device:
     """Device of the first parameter (or buffer) of ``model``; ``fallback`` or CPU when it has none."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return fallback if fallback is not None else torch.device("cpu")
 
 

@@ -89,7 +89,7 @@ def pgd_attack(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if eps == 0:
-        return x.detach().clone()
+        return x.detach().clone().to(model_device(model, x.device))
     alpha = 2.5 * eps / steps if alpha is None else alpha
     attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
     return _run_attack(attack, model, x, y, seed)
@@ -111,7 +111,7 @@ def fgsm_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
 
     _check_attack_args(x, y, eps)
     if eps == 0:
-        return x.detach().clone()
+        return x.detach().clone().to(model_device(model, x.device))
     return _run_attack(torchattacks.FGSM(model, eps=eps), model, x, y, seed=0)
 
 
@@ -134,7 +134,7 @@ def _autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_class
     import torchattacks
 
     if eps == 0:
-        return x.detach().clone()
+        return x.detach().clone().to(model_device(model, x.device))
     if x.ndim != 4:
         wrapped = _AsImage(model, x.shape[1:])
         adv = _autoattack(
