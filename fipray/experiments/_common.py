@@ -128,8 +128,13 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
-def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Run the experiment named by `cfg.operation`, write everything to `out_dir`, return the summary."""
+def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True, bundle: Any = None) -> dict:
+    """Run the experiment named by `cfg.operation`, write everything to `out_dir`, return the summary.
+
+    Args:
+        bundle: a `fipray.data.DataBundle` built from the user's own datasets; None loads
+            `cfg.data` through the dataset registry.
+    """
     import importlib
 
     module = {"continual": "continual", "sparsify": "sparsify", "ensemble": "ensemble",
@@ -141,7 +146,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True) -
         # process competes for the cores (OpenMP spin-waits); the config decides.
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    summary = runner(cfg, out, progress=progress)
+    summary = runner(cfg, out, progress=progress, bundle=bundle)
     summary["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", {**json.loads((out / "summary.json").read_text()),
                                              "seconds_total": summary["seconds_total"]})

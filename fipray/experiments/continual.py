@@ -18,6 +18,7 @@ from fipray import report
 from fipray._batches import mix_seed
 from fipray.baselines.continual import CONTINUAL_BASELINES
 from fipray.config import Config, ConfigError
+from fipray.core.distances import get_distance
 from fipray.eval.continual import cl_metrics, task_accuracy
 from fipray.experiments._common import (
     build_model,
@@ -76,9 +77,9 @@ def build_tasks(cfg: Config, bundle, device: torch.device, seed: int) -> list[Ta
     return tasks
 
 
-def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
+def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     dev = device_of(cfg)
-    bundle = load_bundle(cfg)
+    bundle = bundle if bundle is not None else load_bundle(cfg)
     spec = model_spec(cfg, bundle)
     methods = ["fip", *cfg.continual.baselines]
     T = cfg.continual.num_tasks
@@ -105,8 +106,10 @@ def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
                 phases = METHOD_PHASES[method](tasks, cfg, seed)
                 ckpt = out / "paths" / cfg.run_id() / method / f"seed{seed}" if method == "fip" else None
                 t0 = time.perf_counter()
+                heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
                 res = run_path(model, phases, out_dir=ckpt, record_every=cfg.path.record_every,
-                               checkpoint_every=cfg.path.checkpoint_every,
+                               checkpoint_every=cfg.path.checkpoint_every, heldout=heldout,
+                               distance=get_distance(cfg.path.distance),
                                evaluate=accuracy_along_path(tasks) if method == "fip" else None,
                                progress=bar)
                 seconds[method].append(base_seconds + time.perf_counter() - t0)

@@ -38,9 +38,9 @@ from fipray.ops.undirected import select_members, undirected_phase
 from fipray.path import run_path
 
 
-def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
+def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     dev = device_of(cfg)
-    bundle = load_bundle(cfg)
+    bundle = bundle if bundle is not None else load_bundle(cfg)
     spec = model_spec(cfg, bundle)
     ec = cfg.ensemble
     methods = ["fip", *ec.baselines]

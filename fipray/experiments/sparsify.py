@@ -34,9 +34,9 @@ from fipray.ops.sparsify import apply_masks, counted, counted_tensors, fip_spars
 from fipray.path import run_path
 
 
-def run(cfg: Config, out: Path, *, progress: bool = True) -> dict:
+def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     dev = device_of(cfg)
-    bundle = load_bundle(cfg)
+    bundle = bundle if bundle is not None else load_bundle(cfg)
     spec = model_spec(cfg, bundle)
     sc = cfg.sparsify
     methods = ["fip", *sc.baselines]
