@@ -110,6 +110,7 @@ class EnsembleConfig:
     eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
     pgd_steps: int = 20
     eval_examples: int = 300
+    autoattack: bool = False  # also run torchattacks' AutoAttack on each deployed model (slow)
     baselines: tuple[str, ...] = ("deep", "base")
 
 
@@ -153,7 +154,7 @@ CHOICES = {
 }
 BASELINE_CHOICES = {
     ("continual", "baselines"): ("naive", "er", "ewc"),
-    ("sparsify", "baselines"): ("magnitude", "magnitude_ft"),
+    ("sparsify", "baselines"): ("magnitude", "magnitude_ft", "imp"),
     ("ensemble", "baselines"): ("deep", "base"),
 }
 

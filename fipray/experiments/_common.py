@@ -123,6 +123,15 @@ def write_outputs(out: Path, cfg: Config, summary: dict, tables: dict[str, list[
     atomic_write_text(out / "report.md", report)
 
 
+def path_summary(records: list[dict]) -> dict:
+    """PROTOCOLS.md path numbers from a path's records: FIP length, straight distance, mean drift."""
+    if not records:
+        return {}
+    drift = [r["heldout_distance"] for r in records if "heldout_distance" in r]
+    return {"fip_length": records[-1]["fip_length"], "straight_distance": records[-1]["weight_distance"],
+            "heldout_distance_mean": float(sum(drift) / len(drift)) if drift else float("nan")}
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0

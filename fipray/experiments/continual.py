@@ -27,6 +27,7 @@ from fipray.experiments._common import (
     load_bundle,
     mean_std,
     model_spec,
+    path_summary,
     progress_bar,
     tensors,
     train_base,
@@ -87,6 +88,7 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     matrices: list[dict] = []
     path_rows: list[dict] = []
     seconds: dict[str, list[float]] = {m: [] for m in methods}
+    geometry: list[dict] = []
     total = len(cfg.seeds) * (cfg.train.steps + len(methods) * (T - 1) * cfg.path.steps)
     with progress_bar(total, "continual", progress) as bar:
         for seed in cfg.seeds:
@@ -115,6 +117,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                 seconds[method].append(base_seconds + time.perf_counter() - t0)
                 for r in res.records:
                     path_rows.append({"method": method, "seed": seed, **r})
+                if method == "fip":
+                    geometry.append(path_summary(res.records))
                 for setting in ("class", "task"):
                     R = np.array([row0[setting]] + [res.phase_results[f"task{i}"][setting] for i in range(1, T)])
                     m = cl_metrics(R, np.array(rand[setting]))
@@ -144,6 +148,7 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
         "operation": "continual", "setting": setting, "memory_per_task": cfg.continual.memory_per_task,
         "distance": cfg.path.distance, "seeds": list(cfg.seeds), "num_tasks": T,
         "methods": {m: {**agg(m, setting), f"{other}_incremental": agg(m, other)} for m in methods},
+        "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]},
     }
     report.plot_path_accuracy([r for r in path_rows if r["method"] == "fip" and r["seed"] == cfg.seeds[0]],
                               out / "path_accuracy.png")

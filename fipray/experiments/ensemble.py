@@ -29,6 +29,7 @@ from fipray.experiments._common import (
     load_bundle,
     mean_std,
     model_spec,
+    path_summary,
     progress_bar,
     tensors,
     train_base,
@@ -58,6 +59,7 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     curve_rows: list[dict] = []
     path_rows: list[dict] = []
     sanity: dict = {}
+    geometry: list[dict] = []
     n_train = 1 + (ec.members if "deep" in methods else 0)
     total = len(cfg.seeds) * (n_train * cfg.train.steps + cfg.path.steps)
     with progress_bar(total, "ensemble", progress) as bar:
@@ -76,6 +78,7 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                            heldout=xte[: cfg.path.heldout], distance=get_distance(cfg.path.distance),
                            evaluate=lambda m: {"accuracy": accuracy(m, xte, yte)}, progress=bar)
             path_rows += [{"seed": seed, **r} for r in res.records]
+            geometry.append(path_summary(res.records))
             candidates = []
             for s in res.samples:
                 m = clone(base)
@@ -103,7 +106,9 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                 targets["base"] = (base.eval(), [base], base_seconds, cfg.train.steps)
             for name, (target, members, secs, grad_steps) in targets.items():
                 curve = robustness_curve(target, x_eval, y_eval, list(ec.eps), surrogate=base,
-                                         steps=ec.pgd_steps, seed=seed)
+                                         steps=ec.pgd_steps, seed=seed, autoattack=ec.autoattack)
+                member_wb = {e: float(np.mean([r["whitebox"] for m in members for r in robustness_curve(
+                    m, x_eval, y_eval, [e], steps=ec.pgd_steps, seed=seed)])) for e in ec.eps}
                 for r in curve:
                     curve_rows.append({"method": name, "seed": seed, **r})
                 flags = sanity_flags(curve, target=target, x=x_eval, y=y_eval, eps=max(ec.eps))
@@ -118,7 +123,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                     "diversity": float(div["mean"]),
                     "coherence": coherence(members, base, x_eval, y_eval),
                     "disagreement": pairwise_disagreement(members, x_eval) if len(members) > 1 else 0.0,
-                    "seconds": secs, "gradient_steps": grad_steps, "members": len(members)})
+                    "seconds": secs, "gradient_steps": grad_steps, "members": len(members),
+                    **{f"member_whitebox_{e:g}": v for e, v in member_wb.items()}})
 
     eps_keys = [f"{e:g}" for e in ec.eps]
 
@@ -135,6 +141,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
             "member_clean_mean": mean_std([r["member_clean_mean"] for r in sel])[0],
             "member_clean_min": min(r["member_clean_min"] for r in sel),
             "whitebox": curve_mean(m, "whitebox"), "transfer": curve_mean(m, "transfer"),
+            "autoattack": curve_mean(m, "autoattack"),
+            "member_whitebox": {f"{e:g}": float(np.mean([r[f"member_whitebox_{e:g}"] for r in sel])) for e in ec.eps},
             "diversity": mean_std([r["diversity"] for r in sel])[0],
             "coherence": mean_std([r["coherence"] for r in sel])[0],
             "disagreement": mean_std([r["disagreement"] for r in sel])[0],
@@ -145,6 +153,7 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     summary = {"operation": "ensemble", "members": ec.members, "seeds": list(cfg.seeds), "eps": eps_keys,
                "pgd_steps": ec.pgd_steps, "eval_examples": len(x_eval), "surrogate": "base network w0",
                "methods": summary_methods, "sanity": sanity_summary,
+               "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]},
                "sanity_measurements": {m: [f["measured"] for f in fl] for m, fl in sanity.items()}}
     report.plot_lines({f"{m} white-box": ([float(e) for e in eps_keys], list(v["whitebox"].values()))
                        for m, v in summary_methods.items()}

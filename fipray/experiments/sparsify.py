@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from fipray import report
+from fipray.baselines.sparsify import iterative_magnitude, magnitude_finetune, one_shot
 from fipray.config import Config
 from fipray.core.distances import get_distance
 from fipray.core.step import Anchor
@@ -24,13 +25,13 @@ from fipray.experiments._common import (
     load_bundle,
     mean_std,
     model_spec,
+    path_summary,
     progress_bar,
     tensors,
     train_base,
     write_outputs,
 )
-from fipray.ops._common import supervised_phase
-from fipray.ops.sparsify import apply_masks, counted, counted_tensors, fip_sparsify_phases, magnitude_masks
+from fipray.ops.sparsify import counted, fip_sparsify_phases
 from fipray.path import run_path
 
 
@@ -44,7 +45,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     rows: list[dict] = []
     path_rows: list[dict] = []
     dense: list[float] = []
-    per_p = cfg.path.steps + sc.invariance_steps + (ft_steps if "magnitude_ft" in methods else 0)
+    geometry: dict[str, list[dict]] = {}
+    per_p = cfg.path.steps + sc.invariance_steps + ft_steps * len({"magnitude_ft", "imp"} & set(methods))
     total = len(cfg.seeds) * (cfg.train.steps + len(sc.targets) * per_p)
     with progress_bar(total, "sparsify", progress) as bar:
         xtr, ytr = tensors(bundle.train, dev)
@@ -72,15 +74,13 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                                                              "sparsity": sparsity(m, names)},
                             progress=bar)
                         path_rows += [{"seed": seed, "target": p, **r} for r in res.records]
+                        geometry.setdefault(f"{p:g}", []).append(path_summary(res.records))
+                    elif method == "magnitude":
+                        one_shot(model, names, p)
+                    elif method == "magnitude_ft":
+                        magnitude_finetune(model, names, p, xtr, ytr, cfg.train, seed, ft_steps, progress=bar)
                     else:
-                        masks = magnitude_masks(counted_tensors(model, names), p)
-                        apply_masks(counted_tensors(model, names), masks)
-                        if method == "magnitude_ft":
-                            phase = supervised_phase(
-                                "finetune", xtr, ytr, cfg.train, seed, steps=ft_steps,
-                                after_step=lambda m, s, masks=masks, names=names: apply_masks(
-                                    counted_tensors(m, names), masks))
-                            run_path(model, [phase], record_every=10**9, checkpoint_every=10**9, progress=bar)
+                        iterative_magnitude(model, names, p, xtr, ytr, cfg.train, seed, ft_steps, progress=bar)
                     rows.append({"method": method, "seed": seed, "target": p,
                                  "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
                                  "dense_accuracy": dense[-1],
@@ -98,7 +98,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                 "seconds": sum(r["seconds"] for r in sel) / len(sel)}
     summary = {"operation": "sparsify", "dense_accuracy": mean_std(dense)[0], "dense_accuracy_std": mean_std(dense)[1],
                "seeds": list(cfg.seeds), "counted": names, "exclude_head": sc.exclude_head,
-               "targets": [f"{p:g}" for p in sc.targets], "methods": methods_summary}
+               "targets": [f"{p:g}" for p in sc.targets], "methods": methods_summary,
+               "fip_path": {p: {k: float(sum(g[k] for g in v) / len(v)) for k in v[0]} for p, v in geometry.items()}}
     series = {m: ([v["sparsity"] for v in methods_summary[m].values()],
                   [v["accuracy_mean"] for v in methods_summary[m].values()]) for m in methods}
     report.plot_lines(series, "sparsity (fraction of counted weights = 0)", "test accuracy",
@@ -109,7 +110,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
         f"# Sparsification: {cfg.model.name} on {cfg.data.name}", "",
         f"Dense accuracy {summary['dense_accuracy']:.4f}; seeds {list(cfg.seeds)} (mean ± std). Counted tensors "
         f"({'head excluded' if sc.exclude_head else 'head included'}): {', '.join(names)}. "
-        f"magnitude_ft fine-tunes {ft_steps} steps (= FIP path + invariance phase).", "",
+        f"magnitude_ft and imp fine-tune {ft_steps} steps in all (= FIP path + invariance phase); "
+        f"imp prunes 20% of the remaining weights per round.", "",
         report.md_table(["method", "target", "sparsity", "accuracy"], table), "",
         "Plot: `accuracy_vs_sparsity.png`. Tables: `results.parquet`, `path.parquet`.", ""])
     write_outputs(out, cfg, summary, {"results": rows, "path": path_rows}, md)
