@@ -35,8 +35,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, w)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN/inf -> None, so the file is strict JSON (NaN marks 'not measured')."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def _json_default(o: Any) -> Any:

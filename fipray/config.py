@@ -290,19 +290,25 @@ def _validate(cfg: Config) -> None:
         "path.checkpoint_every": cfg.path.checkpoint_every, "continual.num_tasks": cfg.continual.num_tasks,
         "continual.memory_per_task": cfg.continual.memory_per_task, "ensemble.members": cfg.ensemble.members,
         "ensemble.sample_every": cfg.ensemble.sample_every, "ensemble.pgd_steps": cfg.ensemble.pgd_steps,
+        "continual.ewc_samples": cfg.continual.ewc_samples, "ensemble.eval_examples": cfg.ensemble.eval_examples,
     }
     for k, v in positive.items():
         if not v > 0:
             raise ConfigError(f"config key {k!r} must be > 0, got {v!r}")
     nonneg = {"path.steps": cfg.path.steps, "path.lam": cfg.path.lam, "path.beta": cfg.path.beta,
+              "train.weight_decay": cfg.train.weight_decay, "path.weight_decay": cfg.path.weight_decay,
+              "continual.ewc_lambda": cfg.continual.ewc_lambda, "ensemble.noise": cfg.ensemble.noise,
+              "ensemble.fgsm_eps": cfg.ensemble.fgsm_eps, "ensemble.delta": cfg.ensemble.delta,
               "path.memory_batch_size": cfg.path.memory_batch_size, "path.heldout": cfg.path.heldout,
               "sparsify.invariance_steps": cfg.sparsify.invariance_steps}
     for k, v in nonneg.items():
-        if v < 0:
+        if not v >= 0:  # also rejects NaN
             raise ConfigError(f"config key {k!r} must be >= 0, got {v!r}")
     for p in cfg.sparsify.targets:
         if not 0.0 < p < 1.0:
             raise ConfigError(f"config key 'sparsify.targets': {p!r} must be a fraction in (0, 1)")
+    if not cfg.ensemble.eps:
+        raise ConfigError("config key 'ensemble.eps' must list at least one radius")
     for e in cfg.ensemble.eps:
         if e < 0:
             raise ConfigError(f"config key 'ensemble.eps': {e!r} must be >= 0")

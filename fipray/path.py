@@ -123,6 +123,17 @@ class _Tracker:
         self.w0, self.prev, self.length, self.logits0 = s["w0"], s["prev"], s["length"], s["logits0"]
 
 
+def _to(obj: Any, device: torch.device) -> Any:
+    """Move the tensors of a (nested) checkpointed structure to `device`."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
+
+
 def _rng_state() -> dict:
     s = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -200,11 +211,13 @@ def run_path(
             )
         model.load_state_dict(ckpt["model"])
         start_phase, start_step, global_step = ckpt["phase"], ckpt["phase_step"], ckpt["global_step"]
-        resume_state, resume_optim = ckpt["phase_state"], ckpt["optimizer"]
+        # Checkpoints load on the CPU; the phase state (anchors, masks) must follow the model.
+        dev = next(model.parameters()).device
+        resume_state, resume_optim = _to(ckpt["phase_state"], dev), ckpt["optimizer"]
         result.records, result.samples = list(ckpt["records"]), list(ckpt["samples"])
         result.phase_results = dict(ckpt["phase_results"])
         result.resumed_from = global_step
-        tracker.load_state_dict(ckpt["tracker"])
+        tracker.load_state_dict(_to(ckpt["tracker"], dev))
         _set_rng_state(ckpt["rng"])
         if progress is not None:
             progress.update(global_step)

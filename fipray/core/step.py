@@ -95,8 +95,9 @@ def penalty_step(
         model, anchor, distance=distance, lam=lam, beta=beta, secondary=secondary, x_new=x_new
     )
     optimizer.zero_grad(set_to_none=True)
-    s.backward()
-    if grad_hook is not None:
-        grad_hook()
-    optimizer.step()
+    if s.requires_grad:  # λ = 0 with no secondary: nothing to follow (a pure random walk, if kicked)
+        s.backward()
+        if grad_hook is not None:
+            grad_hook()
+        optimizer.step()
     return StepOutput(s.detach(), d.detach(), sec.detach())

@@ -16,7 +16,7 @@ import torch
 
 from fipray import report
 from fipray._batches import mix_seed
-from fipray.config import Config
+from fipray.config import Config, ConfigError
 from fipray.core.distances import get_distance
 from fipray.ensemble import Ensemble, save_ensemble
 from fipray.eval.diversity import coherence, pairwise_disagreement, representation_diversity
@@ -46,8 +46,6 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     ec = cfg.ensemble
     methods = ["fip", *ec.baselines]
     if cfg.path.steps // ec.sample_every < ec.members:
-        from fipray.config import ConfigError
-
         raise ConfigError(f"path.steps // ensemble.sample_every = {cfg.path.steps // ec.sample_every} sampled "
                           f"networks < ensemble.members = {ec.members}")
     xtr, ytr = tensors(bundle.train, dev)
@@ -84,8 +82,11 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                 m = clone(base)
                 m.load_state_dict(s["state"])
                 candidates.append(m.eval())
-            keep, h = select_members(candidates, xtr[sel_idx], ytr[sel_idx], members=ec.members,
-                                     eps=ec.fgsm_eps, delta=ec.delta, distance=cfg.path.distance)
+            try:
+                keep, h = select_members(candidates, xtr[sel_idx], ytr[sel_idx], members=ec.members,
+                                         eps=ec.fgsm_eps, delta=ec.delta, distance=cfg.path.distance)
+            except ValueError as e:
+                raise ConfigError(f"config key 'ensemble.delta': {e}") from None
             fip_members = [candidates[i] for i in keep]
             fip_seconds = base_seconds + time.perf_counter() - t0
             targets["fip"] = (Ensemble(fip_members), fip_members, fip_seconds, cfg.train.steps + cfg.path.steps)

@@ -32,7 +32,7 @@ def counted_tensors(model: nn.Module, names: list[str]) -> list[Tensor]:
 
 
 def keep_count(total: int, p: float) -> int:
-    """How many weights survive at sparsity p: exactly round((1 − p)·N)."""
+    """How many weights survive at sparsity p: N − round(p·N), so the sparsity is within 1/(2N) of p."""
     return total - int(round(p * total))
 
 
