@@ -57,6 +57,8 @@ class PathConfig:
     """The FIP itself: S = lam * d(f(x_mem; w), f(x_mem; w_anchor)) + beta * L(w).
 
     `step: penalty` minimises S with the optimizer at rate `lr` (the paper's Algorithms 1-3).
+    `step: metric` solves eq. 4 on the sphere ‖dw‖ = `trust_radius` each step with a matrix-free
+    Krylov trust-region solver of `cg_iters` g·v products (`fipray.core.step.metric_step`).
     """
 
     distance: str = "bhattacharyya"
@@ -72,6 +74,8 @@ class PathConfig:
     record_every: int = 25
     checkpoint_every: int = 100
     heldout: int = 256  # held-out inputs on which output drift to w0 is recorded
+    trust_radius: float = 0.01  # step: metric — the weight distance ‖dw‖ of every step
+    cg_iters: int = 10  # step: metric — Krylov dimension (g·v products) of the trust-region solve
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,31 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
+class SpectrumConfig:
+    """Spectrum of the metric g at the trained network (`fipray spectrum`), matrix-free."""
+
+    points: int = 256  # N training inputs on which g = JᵀJ / N is taken
+    top_k: int = 20
+    lanczos_iters: int = 0  # 0: max(3 top_k, top_k + 30)
+    slq_probes: int = 4  # stochastic Lanczos quadrature probes for the density (0: skip it)
+    slq_iters: int = 40
+    thresholds: tuple[float, ...] = (1e-3,)  # report the fraction of eigenvalues below each
+    metric: str = "euclidean"  # euclidean: g = JᵀJ on logits; distance: Gauss-Newton of path.distance
+    along: str = ""  # a network-set folder (fipray compose): also the spectrum at its nodes
+    max_networks: int = 6  # at most this many nodes of `along`, evenly spaced
+    precision: str = "float32"  # float64: g·v in double precision, resolves eigenvalues ≪ λ_max·1e-6
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    """Operations applied in sequence (`fipray compose`), e.g. continual then sparsify and back."""
+
+    orders: tuple[str, ...] = ("continual>sparsify", "sparsify>continual")
+    target: float = 0.8  # the sparsify operation's sparsity
+    sample_every: int = 0  # also a node every k steps of a phase (0: one node per phase end)
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole fipray run."""
 
@@ -129,6 +158,8 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
+    compose: ComposeConfig = field(default_factory=ComposeConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -144,13 +175,15 @@ class Config:
         return from_dict(_merge(self.to_dict(), _expand(overrides)))
 
 
-OPERATIONS = ("continual", "sparsify", "ensemble", "undirected")
+OPERATIONS = ("continual", "sparsify", "ensemble", "undirected", "spectrum", "compose")
 CHOICES = {
     ("operation",): OPERATIONS,
-    ("path", "step"): ("penalty",),
+    ("path", "step"): ("penalty", "metric"),
     ("path", "optimizer"): ("adam", "adamw", "sgd"),
     ("train", "optimizer"): ("adam", "adamw", "sgd"),
     ("continual", "setting"): ("class", "task"),
+    ("spectrum", "metric"): ("euclidean", "distance"),
+    ("spectrum", "precision"): ("float32", "float64"),
 }
 BASELINE_CHOICES = {
     ("continual", "baselines"): ("naive", "er", "ewc"),
@@ -291,6 +324,7 @@ def _validate(cfg: Config) -> None:
         "continual.memory_per_task": cfg.continual.memory_per_task, "ensemble.members": cfg.ensemble.members,
         "ensemble.sample_every": cfg.ensemble.sample_every, "ensemble.pgd_steps": cfg.ensemble.pgd_steps,
         "continual.ewc_samples": cfg.continual.ewc_samples, "ensemble.eval_examples": cfg.ensemble.eval_examples,
+        "path.trust_radius": cfg.path.trust_radius, "path.cg_iters": cfg.path.cg_iters,
     }
     for k, v in positive.items():
         if not v > 0:
@@ -312,6 +346,24 @@ def _validate(cfg: Config) -> None:
     for e in cfg.ensemble.eps:
         if e < 0:
             raise ConfigError(f"config key 'ensemble.eps': {e!r} must be >= 0")
+    for k, v in {"spectrum.points": cfg.spectrum.points, "spectrum.top_k": cfg.spectrum.top_k,
+                 "spectrum.slq_iters": cfg.spectrum.slq_iters, "spectrum.max_networks": cfg.spectrum.max_networks,
+                 }.items():
+        if not v > 0:
+            raise ConfigError(f"config key {k!r} must be > 0, got {v!r}")
+    for k, v in {"spectrum.lanczos_iters": cfg.spectrum.lanczos_iters, "spectrum.slq_probes": cfg.spectrum.slq_probes,
+                 "compose.sample_every": cfg.compose.sample_every}.items():
+        if not v >= 0:
+            raise ConfigError(f"config key {k!r} must be >= 0, got {v!r}")
+    if not 0.0 < cfg.compose.target < 1.0:
+        raise ConfigError(f"config key 'compose.target': {cfg.compose.target!r} must be a fraction in (0, 1)")
+    for o in cfg.compose.orders:
+        ops = o.split(">")
+        if not all(op in ("continual", "sparsify") for op in ops):
+            raise ConfigError(f"config key 'compose.orders': {o!r} must chain continual and sparsify with '>' "
+                              "(e.g. continual>sparsify)")
+    if not cfg.compose.orders:
+        raise ConfigError("config key 'compose.orders' must list at least one order")
     if cfg.threads < 0:
         raise ConfigError(f"config key 'threads' must be >= 0, got {cfg.threads}")
     if not cfg.seeds:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from fipray._batches import BatchStream, mix_seed
 from fipray.config import PathConfig, TrainConfig
 from fipray.core.distances import get_distance
-from fipray.core.step import Anchor, StepOutput, penalty_step
+from fipray.core.step import Anchor, StepOutput, metric_step, penalty_step
 from fipray.path import Phase, PhaseState, make_optimizer
 
 Extra = Callable[[nn.Module, int, PhaseState], Tensor]
@@ -117,6 +117,13 @@ def fip_phase(
             before_step(model, t)
         sec = (lambda logits: secondary(model, logits, x_new, y_new, state)) if secondary is not None else None
         hook = (lambda: grad_hook(model)) if grad_hook is not None else None
+        if path.step == "metric":
+            # The optimizer is unused: the step is the solution of eq. 4 on ‖dw‖ = trust_radius.
+            # The generator only seeds the solver's start when ∇S = 0; (seed, step) keeps resumes exact.
+            gen = torch.Generator().manual_seed(mix_seed(seed, 3, _tag(name), t))
+            so, _ = metric_step(model, anchor, distance=dist, lam=lam, beta=beta, radius=path.trust_radius,
+                                iters=path.cg_iters, secondary=sec, x_new=x_new, grad_hook=hook, generator=gen)
+            return so
         return penalty_step(model, opt, anchor, distance=dist, lam=lam, beta=beta, secondary=sec,
                             x_new=x_new, grad_hook=hook)
 

@@ -1,0 +1,116 @@
+"""A stored set of networks: nodes (networks with their metrics) and edges (weight-space distances).
+
+The paper composes operations (continual learning, sparsification) into one path-connected set
+of networks — a submanifold of weight space that can later be queried with unseen data. On disk a
+set is a folder:
+
+    set.json             model spec (for `create_model`), node count, free metadata
+    nodes.parquet        one row per network: node id, where it came from, its metrics
+    edges.parquet        (src, dst, weight_distance): consecutive networks of a path
+    weights/<node>.safetensors
+
+Weights are safetensors (no pickle). `nodes.parquet` rows always carry `node` (str) and
+`weights` (the file, relative to the folder).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fipray._io import atomic_write, atomic_write_json, write_parquet
+
+SET_FILE = "set.json"
+
+
+def flat_weights(state: dict[str, Tensor]) -> Tensor:
+    """All floating tensors of a state dict as one float64 vector (for distances)."""
+    return torch.cat([v.detach().reshape(-1).double().cpu() for v in state.values() if v.is_floating_point()])
+
+
+@dataclass
+class NetworkSetWriter:
+    """Collects nodes and edges, writes weights as they come, and the tables at `close()`."""
+
+    root: Path
+    model_spec: dict
+    metadata: dict = field(default_factory=dict)
+    nodes: list[dict] = field(default_factory=list)
+    edges: list[dict] = field(default_factory=list)
+    _flat: dict[str, Tensor] = field(default_factory=dict)
+
+    def add_node(self, node: str, state: dict[str, Tensor], *, parent: str | None = None, **metrics: Any) -> None:
+        """Store one network; with `parent`, also the edge parent -> node (its weight distance)."""
+        if any(n["node"] == node for n in self.nodes):
+            raise ValueError(f"node {node!r} is already in the set")
+        from safetensors.torch import save_file
+
+        rel = f"weights/{node}.safetensors"
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+        atomic_write(self.root / rel, lambda tmp: save_file(tensors, tmp))
+        self._flat[node] = flat_weights(state)
+        self.nodes.append({"node": node, "weights": rel, **metrics})
+        if parent is not None:
+            self.add_edge(parent, node)
+
+    def add_edge(self, src: str, dst: str) -> float:
+        d = float((self._flat[src] - self._flat[dst]).norm())
+        self.edges.append({"src": src, "dst": dst, "weight_distance": d})
+        return d
+
+    def distance(self, a: str, b: str) -> float:
+        return float((self._flat[a] - self._flat[b]).norm())
+
+    def close(self) -> None:
+        write_parquet(self.root / "nodes.parquet", self.nodes)
+        if self.edges:
+            write_parquet(self.root / "edges.parquet", self.edges)
+        atomic_write_json(self.root / SET_FILE, {"model_spec": self.model_spec, "num_nodes": len(self.nodes),
+                                                 "num_edges": len(self.edges), **self.metadata})
+
+
+@dataclass(frozen=True)
+class NetworkSet:
+    """A stored set, read back: spec, node rows, edge rows."""
+
+    root: Path
+    model_spec: dict
+    nodes: list[dict]
+    edges: list[dict]
+    metadata: dict
+
+    def model(self, node: str, device: torch.device | str = "cpu") -> nn.Module:
+        """The network of `node`, in eval mode."""
+        from safetensors.torch import load_file
+
+        from fipray.experiments._common import build_model
+
+        row = next((n for n in self.nodes if n["node"] == node), None)
+        if row is None:
+            raise KeyError(f"node {node!r} is not in the set {self.root}; nodes: {', '.join(self.node_ids())}")
+        model = build_model(self.model_spec, 0, torch.device(device))
+        model.load_state_dict(load_file(str(self.root / row["weights"]), device=str(device)))
+        return model.eval()
+
+    def node_ids(self) -> list[str]:
+        return [n["node"] for n in self.nodes]
+
+
+def load_set(root: str | Path) -> NetworkSet:
+    """Read a set folder; raises FileNotFoundError naming what is missing."""
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    meta_file = root / SET_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{str(root)!r} is not a network set: no {SET_FILE} (make one with `fipray compose`)")
+    meta = json.loads(meta_file.read_text())
+    nodes = pq.read_table(root / "nodes.parquet").to_pylist()
+    edges = pq.read_table(root / "edges.parquet").to_pylist() if (root / "edges.parquet").is_file() else []
+    spec = meta.pop("model_spec")
+    return NetworkSet(root=root, model_spec=spec, nodes=nodes, edges=edges, metadata=meta)
