@@ -4,12 +4,19 @@ The head returns log-probabilities rather than probabilities on purpose (PROTOCO
 that applies cross-entropy to probabilities sees flattened gradients and reports fake robustness,
 while cross-entropy on log-probabilities is exact because ``log_softmax(log p) = log p``.
 
-Members are evaluated with a plain Python loop, measured against ``torch.func.stack_module_state``
-+ ``vmap`` on CPU (2 busy cores, torch 2.14, 1 thread, 10 members, best of 7, forward + input
-gradient; vmap/loop time ratio): MLP 64-128-128-10 batch 1: 0.76, batch 256: 1.15; CNN on 28x28
-batch 1: 0.63, batch 256: 2.22 (no-grad forward: 1.21, 1.45, 0.73, 1.96). vmap only wins at batch 1,
-where Python overhead dominates; evaluation and attacks run at batch 256, where the loop is faster.
-The loop also never holds a stale stacked copy of the member weights.
+Members whose architecture is a (nested) ``nn.Sequential`` of Linear / Conv2d / pooling / Flatten /
+elementwise layers run *fused*: their weights are stacked once, the first layer sees the shared input
+through one wide matmul or convolution, later convolutions become one grouped convolution with K
+groups and later Linear layers one batched matmul. ``benchmarks/bench_serve.py`` measures the fused
+forward against a Python loop over members and ``torch.func`` vmap (numbers in
+``benchmarks/results/bench_serve.txt``): fused wins at small batches (serving), vmap never wins on
+CPU, and on large CPU batches the loop is as fast or faster (a K-group convolution clearly loses), so
+CPU batches over ``CPU_FUSED_MAX_BATCH`` take the loop. Other architectures (BatchNorm, timm,
+transformers) always use the loop. GPUs always take the fused path (not measured here).
+The stacked copy is rebuilt whenever a member tensor changes (tensor version counters), and while
+autograd tracks member parameters it is rebuilt differentiably on every call, so gradients with
+respect to member weights stay exact. The cached copy costs memory: about once more the members'
+weights (twice for Linear layers after the first, kept pre-transposed for the batched matmul).
 
 Saved ensembles are a folder with ``members.safetensors`` (keys ``m{k}.{name}``) and
 ``ensemble.json`` (model spec, member count, metadata, checksum of the weights). Nothing is pickled.
@@ -26,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fipray._io import _json_default, atomic_write, atomic_write_json
 
@@ -34,6 +42,58 @@ META_FILE = "ensemble.json"
 _FORMAT = "fipray.ensemble"
 _VERSION = 1
 _SPEC_KEYS = ("name", "kwargs", "num_classes", "input_shape")
+
+
+CPU_FUSED_MAX_BATCH = 32  # larger CPU batches use the loop (see Ensemble.__init__)
+_ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Identity, nn.Dropout)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+class _Unfusable(Exception):
+    """Raised inside the fused forward when a layer meets a layout it cannot handle."""
+
+
+def _flat_layers(module: nn.Module) -> list[nn.Module] | None:
+    """The layers of a nested ``nn.Sequential`` the fused forward supports, or None."""
+    if type(module) is nn.Sequential:
+        out: list[nn.Module] = []
+        for child in module:
+            sub = _flat_layers(child)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    if type(module) is nn.Linear:
+        return [module]
+    if type(module) is nn.Conv2d and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
+        return [module]
+    if type(module) is nn.Flatten and module.start_dim == 1 and module.end_dim == -1:
+        return [module]
+    if isinstance(module, _ELEMENTWISE + _POOLS) and not list(module.parameters()):
+        return [module]
+    return None
+
+
+def _fusion_plan(members: Sequence[nn.Module]) -> list[list[nn.Module]] | None:
+    """Per-position layer lists (``plan[i][k]`` = layer i of member k) when every member is fusable.
+
+    Members must agree on every layer's type and hyper-parameters (``extra_repr``), not just on
+    tensor shapes: a different stride or activation would otherwise be silently replaced by member 0's.
+    """
+    per_member = [_flat_layers(m) for m in members]
+    if any(layers is None for layers in per_member):
+        return None
+    ref = per_member[0]
+    assert ref is not None
+    for layers in per_member[1:]:
+        assert layers is not None
+        if len(layers) != len(ref) or any(
+            type(a) is not type(b) or a.extra_repr() != b.extra_repr() for a, b in zip(layers, ref)
+        ):
+            return None
+    if not any(isinstance(layer, (nn.Linear, nn.Conv2d)) for layer in ref):
+        return None
+    return [list(col) for col in zip(*per_member)]  # type: ignore[arg-type]
 
 
 class Ensemble(nn.Module):
@@ -45,12 +105,14 @@ class Ensemble(nn.Module):
     Args:
         members: K >= 1 modules of identical architecture (same class, same state-dict names and
             shapes), each mapping ``(B, *input_shape)`` to logits ``(B, C)``.
+        fused: Evaluate all members in one fused pass when their architecture allows it (see the
+            module docstring); False forces the plain loop over members.
 
     Raises:
         ValueError: no members, or members whose architectures differ.
     """
 
-    def __init__(self, members: Sequence[nn.Module]):
+    def __init__(self, members: Sequence[nn.Module], *, fused: bool = True):
         super().__init__()
         members = list(members)
         if not members:
@@ -65,10 +127,30 @@ class Ensemble(nn.Module):
                 diff = sorted(set(shapes.items()) ^ set(ref.items()))[:3]
                 raise ValueError(f"member {k} differs in architecture from member 0, e.g. {diff}")
         self.members = nn.ModuleList(members)
+        # Plain attributes, not submodules: the plan references the members' own layers.
+        self._plan = _fusion_plan(members) if fused else None
+        # The layers are listed once; their tensors are read live from `_parameters` on every call
+        # (cheap), so reassigned parameters and torch.func.functional_call's swaps are seen too.
+        self._fused_params = (
+            [] if self._plan is None else [m._parameters for col in self._plan for m in col if m._parameters]
+        )
+        self._stack_key: tuple | None = None
+        self._stack: list[tuple[Tensor, Tensor | None] | None] = []
+        self._stack_t: dict[int, tuple[Tensor, Tensor]] = {}
+        # Fusing removes per-member Python and dispatch overhead, which dominates small batches; on
+        # large CPU batches the arithmetic dominates and K plain GEMMs / convolutions are as fast or
+        # faster than one batched matmul / K-group convolution (bench_serve.py, 10 members, 1 thread,
+        # fused/loop: 0.43-0.49 at batch 1; 1.1-1.25 (MLP) and 1.4-1.55 (CNN) at batch 256).
+        self._cpu_fused_max_batch: float = CPU_FUSED_MAX_BATCH
         self.train(False)
 
     def __len__(self) -> int:
         return len(self.members)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the members are evaluated in one fused pass (False: a loop over members)."""
+        return self._plan is not None
 
     def train(self, mode: bool = True) -> Ensemble:
         """Set the ensemble's own training flag; members stay in eval mode whatever ``mode`` is."""
@@ -76,6 +158,93 @@ class Ensemble(nn.Module):
         for m in self.members:
             m.eval()
         return self
+
+    def _stacked(self) -> list[tuple[Tensor, Tensor | None] | None]:
+        """Per layer, the members' weights stacked ``(K, ...)`` and biases ``(K, out)`` (None: no params).
+
+        Cached while no member tensor changes (data pointer and in-place version counter) and autograd
+        does not track member weights; otherwise stacked afresh, differentiably.
+        """
+        assert self._plan is not None
+        params = [t for d in self._fused_params for t in d.values() if t is not None]
+        track = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if not track:
+            key = tuple([p._version for p in params] + [p.data_ptr() for p in params])
+            if key == self._stack_key:
+                return self._stack
+        stack: list[tuple[Tensor, Tensor | None] | None] = []
+        for col in self._plan:
+            layer = col[0]
+            if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                w = torch.stack([m.weight for m in col])
+                b = None if layer.bias is None else torch.stack([m.bias for m in col])
+                if not track:
+                    w, b = w.detach(), None if b is None else b.detach()
+                stack.append((w, b))
+            else:
+                stack.append(None)
+        if not track:
+            self._stack_key, self._stack = key, stack
+        return stack
+
+    def _transposed(self, i: int, w: Tensor) -> Tensor:
+        """``w`` ``(K, out, in)`` as ``(K, in, out)``; contiguous (and cached) for the cached stack, where
+        batched matmuls on a transposed view measured ~1.5x slower at batch 1."""
+        if w.requires_grad:
+            return w.transpose(1, 2)
+        wt = self._stack_t.get(i)
+        if wt is None or wt[0] is not w:
+            wt = (w, w.transpose(1, 2).contiguous())
+            self._stack_t[i] = wt
+        return wt[1]
+
+    def _fused_logits(self, x: Tensor) -> Tensor:
+        # Layouts: "shared" (B, ...) is the same input for every member; "chan" (B, K*C, H, W) holds
+        # member k's channels in block k; "flat" (K, B, F) holds member k's features in row k.
+        assert self._plan is not None
+        K, B = len(self.members), x.shape[0]
+        h, mode = x, "shared"
+        for i, (col, wb) in enumerate(zip(self._plan, self._stacked())):
+            layer = col[0]
+            if isinstance(layer, nn.Conv2d):
+                assert wb is not None
+                w, b = wb
+                w = w.reshape(-1, *w.shape[2:])  # (K*out, in/groups, kh, kw)
+                bias = None if b is None else b.reshape(-1)
+                if mode == "shared" and layer.groups == 1 and h.ndim == 4:
+                    groups = 1
+                elif mode == "chan":
+                    groups = K * layer.groups
+                else:
+                    raise _Unfusable(f"Conv2d on a {mode} input of rank {h.ndim}")
+                h = F.conv2d(h, w, bias, layer.stride, layer.padding, layer.dilation, groups)
+                mode = "chan"
+            elif isinstance(layer, nn.Linear):
+                assert wb is not None
+                w, b = wb  # (K, out, in), (K, out)
+                if mode == "shared" and h.ndim == 2:
+                    out = F.linear(h, w.reshape(-1, w.shape[-1]), None if b is None else b.reshape(-1))
+                    h = out.view(B, K, -1).transpose(0, 1)
+                elif mode == "flat":
+                    wt = self._transposed(i, w)
+                    h = torch.bmm(h, wt) if b is None else torch.baddbmm(b.unsqueeze(1), h, wt)
+                else:
+                    raise _Unfusable(f"Linear on a {mode} input of rank {h.ndim}")
+                mode = "flat"
+            elif isinstance(layer, nn.Flatten):
+                if mode == "chan":
+                    h, mode = h.reshape(B, K, -1).transpose(0, 1), "flat"
+                elif mode == "shared":
+                    h = h.flatten(1)
+            else:
+                if mode == "flat" and isinstance(layer, _POOLS):
+                    raise _Unfusable("pooling after the member axis moved to the front")
+                h = layer(h)
+        if mode == "shared":
+            h = h.unsqueeze(0).expand(K, *h.shape)
+        elif mode == "chan":
+            raise _Unfusable("the network ends in a convolution, not in (B, C) logits")
+        return h
 
     def member_logits(self, x: Tensor) -> Tensor:
         """Outputs of every member.
@@ -86,6 +255,12 @@ class Ensemble(nn.Module):
         Returns:
             Logits ``(K, B, C)``.
         """
+        if self._plan is not None and not (x.shape[0] > self._cpu_fused_max_batch and x.device.type == "cpu"):
+            try:
+                return self._fused_logits(x)
+            except _Unfusable:
+                # A layout the plan cannot express (e.g. Linear on a 3-D input): use the loop from now on.
+                self._plan, self._fused_params, self._stack_key, self._stack, self._stack_t = None, [], None, [], {}
         return torch.stack([m(x) for m in self.members])
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,35 +365,21 @@ def save_ensemble(
     return directory
 
 
-def load_ensemble(
-    directory: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    create_fn: Callable[..., nn.Module] | None = None,
-) -> Ensemble:
-    """Rebuild an ensemble written by :func:`save_ensemble`.
-
-    Args:
-        directory: Folder holding ``ensemble.json`` and ``members.safetensors``.
-        device: Where to put the weights.
-        create_fn: Builds one member as ``create_fn(name, num_classes=..., input_shape=..., **kwargs)``;
-            defaults to ``fipray.models.create_model``. Pass your own for architectures outside the
-            registry.
+def read_ensemble_meta(directory: str | Path) -> dict[str, Any]:
+    """The validated ``ensemble.json`` of a saved ensemble, without reading the weights.
 
     Returns:
-        An :class:`Ensemble` (members in eval mode) on ``device``.
+        ``{"num_members", "model_spec", "metadata", "members_sha256", ...}`` with ``model_spec``
+        normalised (``name``, ``kwargs``, ``num_classes``, ``input_shape``).
 
     Raises:
-        FileNotFoundError: the folder or one of its two files is missing (the message names it).
-        ValueError: a file is corrupt or the two files do not match (the message names the file).
+        FileNotFoundError: the folder or ``ensemble.json`` is missing.
+        ValueError: ``ensemble.json`` is not a well-formed fipray ensemble file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"ensemble directory not found: {directory}")
-    meta_path, weights_path = directory / META_FILE, directory / MEMBERS_FILE
+    meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"ensemble metadata file not found: {meta_path}")
     try:
@@ -228,17 +389,73 @@ def load_ensemble(
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
         raise ValueError(f"{meta_path} is not a fipray ensemble file (format != {_FORMAT!r})")
     try:
-        spec = _check_spec(meta["model_spec"])
-        num_members = int(meta["num_members"])
-        expected_sha = str(meta["members_sha256"])
+        meta["model_spec"] = _check_spec(meta["model_spec"])
+        meta["num_members"] = int(meta["num_members"])
+        meta["members_sha256"] = str(meta["members_sha256"])
+        if not isinstance(meta.get("metadata", {}), dict):
+            raise TypeError("'metadata' is not a mapping")
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{meta_path} is malformed: {e}") from None
+    if meta["num_members"] < 1:
+        raise ValueError(f"{meta_path} is malformed: num_members = {meta['num_members']} < 1")
+    return meta
+
+
+def load_ensemble(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    create_fn: Callable[..., nn.Module] | None = None,
+    members: Sequence[int] | None = None,
+    fused: bool = True,
+) -> Ensemble:
+    """Rebuild an ensemble written by :func:`save_ensemble`.
+
+    Args:
+        directory: Folder holding ``ensemble.json`` and ``members.safetensors``.
+        device: Where to put the weights.
+        create_fn: Builds one member as ``create_fn(name, num_classes=..., input_shape=..., **kwargs)``;
+            defaults to ``fipray.models.create_model``. Pass your own for architectures outside the
+            registry.
+        members: Indices of the members to load (a shard of a large ensemble), in that order; only
+            their tensors are read from the file. None loads all of them.
+        fused: Passed to :class:`Ensemble`.
+
+    Returns:
+        An :class:`Ensemble` (members in eval mode) on ``device``.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing (the message names it).
+        ValueError: a file is corrupt or the two files do not match (the message names the file), or
+            ``members`` names a member the file does not hold.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    meta = read_ensemble_meta(directory)
+    spec, num_members = meta["model_spec"], meta["num_members"]
+    weights_path = directory / MEMBERS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"ensemble weights file not found: {weights_path}")
-    if _sha256(weights_path) != expected_sha:
-        raise ValueError(f"{weights_path} is corrupt or does not belong to {meta_path} (SHA-256 mismatch)")
+    wanted = list(range(num_members)) if members is None else [int(k) for k in members]
+    bad = [k for k in wanted if not 0 <= k < num_members]
+    if bad or not wanted or len(set(wanted)) != len(wanted):
+        raise ValueError(f"members must be distinct indices in [0, {num_members}), got {list(wanted)}")
+    if _sha256(weights_path) != meta["members_sha256"]:
+        raise ValueError(
+            f"{weights_path} is corrupt or does not belong to {directory / META_FILE} (SHA-256 mismatch)"
+        )
+    slot = {k: i for i, k in enumerate(wanted)}
+    per_member: list[dict[str, Tensor]] = [{} for _ in wanted]
     try:
-        tensors = load_file(str(weights_path), device="cpu")
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                head, _, name = key.partition(".")
+                k = int(head[1:]) if head[:1] == "m" and head[1:].isdigit() else -1
+                if not 0 <= k < num_members:
+                    raise ValueError(f"{weights_path} holds unexpected tensor {key!r} for {num_members} members")
+                if k in slot:
+                    per_member[slot[k]][name] = f.get_tensor(key)
     except (SafetensorError, OSError) as e:
         raise ValueError(f"cannot read {weights_path}: {e}") from None
 
@@ -247,15 +464,8 @@ def load_ensemble(
 
         create_fn = create_model
 
-    per_member: list[dict[str, Tensor]] = [{} for _ in range(num_members)]
-    for key, t in tensors.items():
-        head, _, name = key.partition(".")
-        k = int(head[1:]) if head[:1] == "m" and head[1:].isdigit() else -1
-        if not 0 <= k < num_members:
-            raise ValueError(f"{weights_path} holds unexpected tensor {key!r} for {num_members} members")
-        per_member[k][name] = t
-    members = []
-    for k, state in enumerate(per_member):
+    loaded = []
+    for k, state in zip(wanted, per_member):
         model = create_fn(
             spec["name"],
             num_classes=spec["num_classes"],
@@ -268,5 +478,5 @@ def load_ensemble(
             raise ValueError(
                 f"member {k} in {weights_path} does not fit model {spec['name']!r}: {e}"
             ) from None
-        members.append(model.to(device))
-    return Ensemble(members)
+        loaded.append(model.to(device))
+    return Ensemble(loaded, fused=fused)

@@ -1,0 +1,230 @@
+"""Adversarial evaluation of a served, sharded ensemble through Ray handles (``fipray attack``).
+
+:class:`RemoteEnsemble` presents the Serve app's ingress as an ``nn.Module`` returning log(mean
+softmax). Its forward asks the ingress for the shards' log softmax sums; its backward sends the
+upstream gradient back, and the ingress assembles the exact input gradient from the shards'
+vector-Jacobian products (``fipray.ray.serve_engine``). Any torch code can therefore attack the
+sharded ensemble as if it were in-process: the attack command reuses ``fipray.eval.robustness``
+unchanged (torchattacks PGD, the ε curve, the sanity flags), so its table matches ``fipray ensemble``'s
+for the same seed, ε, steps and examples.
+
+This module does not import Ray at import time; :func:`main_attack` does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class _RemoteLogProbs(torch.autograd.Function):
+    """log p(x) from the ingress; backward = the ingress's assembled VJP."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, handle: Any) -> Tensor:  # type: ignore[override]
+        xc = x.detach().cpu()
+        logp, parts = handle.log_probs_parts.remote(xc).result()
+        ctx.handle, ctx.x, ctx.parts = handle, xc, parts
+        return logp.to(x.device)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        grad = ctx.handle.vjp.remote(ctx.x, g.detach().cpu(), ctx.parts).result()
+        return grad.to(g.device), None
+
+
+class RemoteEnsemble(nn.Module):
+    """The served ensemble as a module: ``(B, *input_shape)`` in [0, 1] -> log(mean softmax) ``(B, C)``.
+
+    Args:
+        handle: A Serve ``DeploymentHandle`` of ``EnsembleIngress`` (anything whose methods
+            ``log_probs_parts`` and ``vjp`` have ``.remote(...).result()``).
+
+    Gradients flow to the input only (the members live in the shards). A zero-size parameter keeps
+    the module's device discoverable (torchattacks reads it from ``model.parameters()``).
+    """
+
+    def __init__(self, handle: Any):
+        super().__init__()
+        self.handle = handle
+        self._device_anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _RemoteLogProbs.apply(x, self.handle)
+        logp, _ = self.handle.log_probs_parts.remote(x.detach().cpu()).result()
+        return logp.to(x.device)
+
+
+def _find_config(ensemble_dir: Path, config: Path | None, config_hash: str | None):
+    """The run config that made the ensemble: ``--config`` or ``<run>/config.yaml`` two levels up."""
+    from fipray.config import ConfigError, load_config
+
+    path = config if config is not None else ensemble_dir.resolve().parents[1] / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"no run config at {path}; pass --config (the config `fipray ensemble` ran with) so the "
+            "attack uses the same data, examples, steps and ε"
+        )
+    cfg = load_config(path)
+    if config is None and config_hash and cfg.run_id() != config_hash:
+        raise ConfigError(f"{path} has run id {cfg.run_id()} but the ensemble was made by run {config_hash} "
+                          f"(pass --config {path} to use it anyway, e.g. after config defaults changed)")
+    return cfg
+
+
+def attack_table(rows: list[dict], flags: dict, reference: list[dict] | None) -> str:
+    """Markdown: the robustness rows (with ``fipray ensemble``'s numbers beside them when known) and flags."""
+    from fipray import report
+
+    header = ["ε", "clean", "white-box", "transfer", "steps", "n"]
+    ref = {round(r["eps"], 9): r for r in reference or []}
+    if ref:
+        header += ["white-box (fipray ensemble)", "transfer (fipray ensemble)"]
+    table = []
+    for r in rows:
+        row = [r["eps"], r["clean"], r["whitebox"], r["transfer"], r["steps"], r["n"]]
+        if ref:
+            m = ref.get(round(r["eps"], 9))
+            row += [m["whitebox"], m["transfer"]] if m else ["-", "-"]
+        table.append(row)
+    flag_rows = [[k, "ok" if v else ("n/a" if v is None else "FAILED")] for k, v in flags["flags"].items()]
+    return "\n".join([report.md_table(header, table), "", "## Sanity flags", "",
+                      report.md_table(["flag", "verdict"], flag_rows), ""])
+
+
+def main_attack(
+    ensemble: str | Path,
+    *,
+    eps: Sequence[float] | None = None,
+    shards: int = 1,
+    steps: int | None = None,
+    seed: int | None = None,
+    examples: int | None = None,
+    config: str | Path | None = None,
+    surrogate: str | Path | None = None,
+    out: str | Path | None = None,
+    address: str | None = None,
+    flags: bool = True,
+) -> dict:
+    """``fipray attack``: white-box and transfer PGD on the sharded ensemble through Ray handles.
+
+    Defaults (ε list, PGD steps, number of examples, seed) come from the run config that made the
+    ensemble, so that the numbers are comparable with that run's ``robustness.parquet``. The transfer
+    surrogate is ``surrogate`` (an ensemble folder, evaluated in-process) or, by default, the run's
+    base network w0 retrained deterministically from the config (as ``fipray ensemble`` trained it).
+
+    Returns:
+        The summary written to ``out/summary.json``.
+    """
+    from fipray.config import ConfigError
+    from fipray.ensemble import load_ensemble, read_ensemble_meta
+    from fipray.eval.robustness import robustness_curve, sanity_flags
+    from fipray.experiments import _common as common
+
+    t_start = time.perf_counter()
+    ens_dir = Path(ensemble)
+    meta = read_ensemble_meta(ens_dir)
+    info = meta.get("metadata", {})
+    cfg = _find_config(ens_dir, None if config is None else Path(config), info.get("config_hash"))
+    seed = int(info.get("seed", cfg.seeds[0]) if seed is None else seed)
+    eps_list = [float(e) for e in (cfg.ensemble.eps if eps is None else eps)]
+    if not eps_list or any(not e >= 0 for e in eps_list):
+        raise ConfigError(f"--eps must list radii >= 0, got {eps_list}")
+    steps = int(cfg.ensemble.pgd_steps if steps is None else steps)
+    n_examples = int(cfg.ensemble.eval_examples if examples is None else examples)
+    if steps < 1 or n_examples < 1:
+        raise ConfigError(f"--steps and --examples must be >= 1, got {steps} and {n_examples}")
+    from fipray.ray.serve_engine import split_members
+
+    split_members(meta["num_members"], shards)  # too many shards fails before any work
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    dev = torch.device("cpu")
+    bundle = common.load_bundle(cfg)
+    xte, yte = common.tensors(bundle.test, dev)
+    x_eval, y_eval = xte[:n_examples], yte[:n_examples]
+    t0 = time.perf_counter()
+    if surrogate is not None:
+        sur: nn.Module = load_ensemble(surrogate)
+        surrogate_name = f"ensemble {surrogate}"
+    else:
+        spec = common.model_spec(cfg, bundle)
+        xtr, ytr = common.tensors(bundle.train, dev)
+        sur = common.build_model(spec, seed, dev)
+        common.train_base(sur, xtr, ytr, cfg, seed)
+        sur.eval()
+        surrogate_name = "base network w0 (retrained from the run config)"
+    surrogate_seconds = time.perf_counter() - t0
+
+    from ray import serve
+
+    from fipray.ray._local import init_local
+    from fipray.ray.serve import start
+
+    init_local(address=address)
+    app = "fipray-attack"
+    try:
+        t0 = time.perf_counter()
+        handle = start({"ensemble": str(ens_dir), "shards": shards, "name": app}, http=False)
+        deploy_seconds = time.perf_counter() - t0
+        target = RemoteEnsemble(handle)
+        t0 = time.perf_counter()
+        rows = robustness_curve(target, x_eval, y_eval, eps_list, surrogate=sur, steps=steps, seed=seed)
+        curve_seconds = time.perf_counter() - t0
+        fl = (sanity_flags(rows, target=target, x=x_eval, y=y_eval, eps=max(eps_list), seed=seed)
+              if flags else {"flags": {}, "measured": {}})
+    finally:
+        serve.delete(app)
+
+    reference = _reference_rows(ens_dir, seed, rows)
+    summary = {
+        "operation": "attack", "ensemble": str(ens_dir.resolve()), "members": meta["num_members"],
+        "shards": shards, "seed": seed, "eps": eps_list, "pgd_steps": steps, "eval_examples": len(x_eval),
+        "surrogate": surrogate_name, "rows": rows, "sanity": fl["flags"], "sanity_measurements": fl["measured"],
+        "reference_rows": reference, "config_run_id": cfg.run_id(),
+        "seconds": {"surrogate": surrogate_seconds, "deploy": deploy_seconds, "curve": curve_seconds,
+                    "total": time.perf_counter() - t_start},
+    }
+    if out is None:
+        out = Path("runs") / f"attack-{cfg.run_id()}-seed{seed}-s{shards}"
+    out = Path(out)
+    from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+
+    md = "\n".join([
+        f"# Attack on the served ensemble {ens_dir} ({meta['num_members']} members, {shards} shard(s))", "",
+        f"PGD with {steps} steps and random start, seed {seed}; white-box through the shards (input gradient "
+        f"assembled from the shards' VJPs); transfer crafted on the {surrogate_name}. {len(x_eval)} test examples.",
+        "", attack_table(rows, fl, reference)])
+    write_parquet(out / "robustness.parquet", [{"method": "served", "seed": seed, **r} for r in rows])
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "report.md", md)
+    summary["report"] = md
+    summary["out"] = str(out)
+    return summary
+
+
+def _reference_rows(ens_dir: Path, seed: int, rows: list[dict]) -> list[dict] | None:
+    """``fipray ensemble``'s own FIP rows for this seed, when its ``robustness.parquet`` is beside the ensemble."""
+    path = ens_dir.resolve().parents[1] / "robustness.parquet"
+    if ens_dir.resolve().name != f"fip_seed{seed}" or not path.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    ref = [r for r in pq.read_table(path).to_pylist() if r.get("method") == "fip" and r.get("seed") == seed]
+    steps = {r["steps"] for r in rows}
+    ref = [r for r in ref if r.get("steps") in steps]
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in ref] or None
+
+
+def format_brief(summary: dict) -> str:
+    return json.dumps({f"{r['eps']:g}": {"whitebox": r["whitebox"], "transfer": r["transfer"]}
+                       for r in summary["rows"]})

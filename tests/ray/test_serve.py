@@ -1,0 +1,201 @@
+"""The ensemble server on local Ray: exact predictions and gradients through shards, bad input, bounded load."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from fipray.ensemble import load_ensemble, save_ensemble
+from fipray.models import create_model
+
+pytestmark = pytest.mark.ray
+
+SHAPE = (1, 8, 8)
+MAX_INPUTS, MAX_BODY = 16, 64 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ens_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("served")
+    ms = []
+    for i in range(6):
+        torch.manual_seed(i)
+        ms.append(create_model("small_cnn", num_classes=10, input_shape=SHAPE, width=0.5, fc=32))
+    spec = {"name": "small_cnn", "kwargs": {"width": 0.5, "fc": 32}, "num_classes": 10, "input_shape": list(SHAPE)}
+    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "ensemble", "seed": 0, "config_hash": "abc123",
+                                                    "path_ids": [0] * 6, "steps": [10, 20, 30, 40, 50, 60]})
+    return d
+
+
+@pytest.fixture(scope="module")
+def served(ray_2cpus, ens_dir):
+    """The app with 2 shard deployments on a free loopback port; Serve always shut down afterwards."""
+    from ray import serve
+
+    from fipray.ray.serve import start
+
+    port = _free_port()
+    try:
+        handle = start({"ensemble": str(ens_dir), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY},
+                       host="127.0.0.1", port=port)
+        yield {"port": port, "handle": handle, "ensemble": load_ensemble(ens_dir)}
+    finally:
+        serve.shutdown()
+
+
+def _request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _predict(port: int, x: torch.Tensor) -> dict:
+    status, data = _request(port, "POST", "/predict", json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200, data
+    return json.loads(data)
+
+
+def test_predict_equals_in_process_and_metadata(served):
+    torch.manual_seed(1)
+    x = torch.rand(5, *SHAPE)
+    out = _predict(served["port"], x)
+    with torch.no_grad():
+        ref = served["ensemble"](x).exp()
+    assert out["members"] == 6
+    assert out["labels"] == ref.argmax(-1).tolist()
+    assert torch.allclose(torch.tensor(out["probs"]), ref, atol=1e-5)
+
+    status, data = _request(served["port"], "GET", "/healthz")
+    assert status == 200 and json.loads(data)["status"] == "ok"
+    status, data = _request(served["port"], "GET", "/metadata")
+    meta = json.loads(data)
+    assert status == 200
+    assert meta["input_shape"] == list(SHAPE) and meta["num_classes"] == 10 and meta["members"] == 6
+    assert meta["shards"] == 2
+    assert meta["source"] == {"operation": "ensemble", "path_ids": [0] * 6, "steps": [10, 20, 30, 40, 50, 60],
+                              "config_hash": "abc123", "seed": 0}
+
+
+def _inputs(n: int, value: float = 0.5) -> list:
+    return [[[[value] * 8] * 8]] * n
+
+
+BAD = [
+    ("malformed JSON", b'{"inputs": [1, 2', 400, "malformed JSON"),
+    ("missing field", json.dumps({"data": _inputs(1)}).encode(), 400, "missing field 'inputs'"),
+    ("wrong shape", json.dumps({"inputs": [[[[0.5] * 7] * 8]]}).encode(), 400, "must have shape"),
+    ("wrong rank", json.dumps({"inputs": [[0.5] * 64]}).encode(), 400, "must have shape"),
+    ("strings", json.dumps({"inputs": [[[["x"] * 8] * 8]]}).encode(), 400, "numbers only"),
+    ("nested junk", json.dumps({"inputs": [[{"a": [1]}, None]]}).encode(), 400, "numbers only"),
+    ("NaN", b'{"inputs": [[[[NaN]]]]}', 400, "NaN"),
+    ("inf", b'{"inputs": [[[[1e999]]]]}', 400, None),
+    ("out of range", json.dumps({"inputs": _inputs(1, 2.0)}).encode(), 400, "must lie in"),
+    ("empty batch", json.dumps({"inputs": []}).encode(), 400, "empty batch"),
+    ("batch over maximum", json.dumps({"inputs": _inputs(MAX_INPUTS + 1)}).encode(), 413, "exceeds the maximum"),
+    ("oversized body", b"[" + b" " * (MAX_BODY + 10) + b"]", 413, "exceeds the limit"),
+]
+
+
+def test_bad_inputs_get_4xx_naming_the_problem_and_server_stays_up(served):
+    port = served["port"]
+    for name, body, status, match in BAD:
+        got, data = _request(port, "POST", "/predict", body)
+        assert got == status, (name, got, data)
+        msg = json.loads(data)["error"]
+        assert match is None or match in msg, (name, msg)
+    # Wrong method and unknown path are answered too.
+    assert _request(port, "GET", "/predict")[0] == 405
+    assert _request(port, "POST", "/nope", b"{}")[0] == 404
+    # A chunked oversized body (no Content-Length) is cut off at the limit.
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b" " * 16384
+    for _ in range(MAX_BODY // len(chunk) + 2):
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    conn.send(b"0\r\n\r\n")
+    resp = conn.getresponse()
+    assert resp.status == 413 and "exceeds the limit" in json.loads(resp.read())["error"]
+    conn.close()
+    # The next valid request is answered correctly.
+    x = torch.rand(3, *SHAPE)
+    out = _predict(port, x)
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(out["probs"]), served["ensemble"](x).exp(), atol=1e-5)
+
+
+def test_whitebox_gradient_from_shards_equals_in_process(served):
+    from fipray.ray.attack import RemoteEnsemble
+
+    remote, ens = RemoteEnsemble(served["handle"]), served["ensemble"]
+    torch.manual_seed(2)
+    x, y = torch.rand(9, *SHAPE), torch.randint(0, 10, (9,))
+    grads = []
+    for model in (ens, remote):
+        xg = x.clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(xg), y)  # what torchattacks' PGD differentiates
+        (g,) = torch.autograd.grad(loss, xg)
+        grads.append(g)
+    assert grads[0].abs().max() > 0
+    assert (grads[0] - grads[1]).abs().max() <= 1e-5
+
+
+def test_pgd_through_shards_matches_in_process(served):
+    from fipray.eval.robustness import robustness_curve
+    from fipray.ray.attack import RemoteEnsemble
+
+    torch.manual_seed(3)
+    x = torch.rand(24, *SHAPE)
+    with torch.no_grad():
+        y = served["ensemble"](x).argmax(-1)  # all clean-correct, so the attack has work to do
+    kw = {"steps": 5, "seed": 7}
+    local = robustness_curve(served["ensemble"], x, y, [0.05, 0.2], **kw)
+    remote = robustness_curve(RemoteEnsemble(served["handle"]), x, y, [0.05, 0.2], **kw)
+    assert [r["whitebox"] for r in remote] == [r["whitebox"] for r in local]
+    assert local[0]["clean"] == remote[0]["clean"] == 1.0
+
+
+def test_single_deployment_app_equals_in_process(served, ens_dir):
+    from ray import serve
+
+    from fipray.ray.serve import start
+
+    handle = start({"ensemble": str(ens_dir), "shards": 1, "name": "one"}, http=False)
+    try:
+        x = torch.rand(4, *SHAPE)
+        logp, parts = handle.log_probs_parts.remote(x).result()
+        assert parts.shape == (1, 4, 10)
+        with torch.no_grad():
+            assert torch.allclose(logp, served["ensemble"](x), atol=1e-5)
+    finally:
+        serve.delete("one")
+
+
+def test_bounded_load_test_has_no_errors(served):
+    from fipray.ray.serve_load import load_test
+
+    torch.manual_seed(4)
+    bodies = [json.dumps({"inputs": torch.rand(1, *SHAPE).tolist()}).encode() for _ in range(16)]
+    res = load_test(f"http://127.0.0.1:{served['port']}/predict", bodies, requests=500, concurrency=8,
+                    time_limit_s=90)
+    assert res["errors"] == 0, res["error_samples"]
+    assert res["ok"] == 500 and not res["stopped_by_time_limit"]
+    assert res["p50_ms"] <= res["p99_ms"]
+    with pytest.raises(ValueError, match="loopback"):
+        load_test("http://10.0.0.1:8000/predict", bodies)
