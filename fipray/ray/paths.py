@@ -1,0 +1,445 @@
+"""`fipray paths`: P FIP paths at once on Ray, each its own unit of scheduling and of failure.
+
+    run_paths(job, out) -> summary
+
+1. check everything that can be checked before work starts (paths, storage, resources);
+2. train the shared base network w0 once (a Ray task), into `<storage>/base/`;
+3. launch one unit per path: `backend: worker` runs the core loop in a Ray task (retried in a fresh
+   process when its process dies, resuming from the path's checkpoint); `backend: train` runs a
+   `TorchTrainer` per path (DDP over `workers_per_path` ranks, Train's FailureConfig and checkpoint
+   restore). Ranks of one trainer fail together, so paths never share a trainer (RAY_NOTES.md);
+4. merge: the record rows of every path into `<out>/path.parquet` (column `path`), the sampled networks
+   of every path into one ensemble folder `<out>/ensemble/` (`fipray.ensemble.load_ensemble`).
+
+Paths push their record rows to a collector actor at most every `ray.report_every_s` seconds (and at
+each checkpoint); rows re-sent by a restarted path are dropped by key (path, phase, phase_step), so the
+driver's progress display and the merged table never count a row twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+from fipray.config import ConfigError, save_config
+from fipray.ray._local import init_local
+from fipray.ray.paths_config import JobConfig
+from fipray.ray.paths_unit import (
+    base_path,
+    load_final,
+    load_path_result,
+    load_samples,
+    path_steps,
+    run_one_path,
+    train_shared_base,
+)
+
+
+def quiet_ray() -> None:
+    """Keep Ray's console noise out of the user's way: one progress display per run is what they see."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0 the legacy reporter prints nothing
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/TensorBoard/JSON per trial
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _key(k: int, row: dict) -> tuple:
+    return (k, row["phase"], row["phase_step"])
+
+
+@ray.remote(num_cpus=0)
+class Collector:
+    """Receives the record rows and start events of every path; the driver polls it."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, dict] = {}
+        self.duplicates = 0
+        self.steps: dict[int, int] = {}
+        self.starts: dict[int, list[int]] = {}
+
+    def start(self, k: int, pid: int) -> int:
+        self.starts.setdefault(k, []).append(pid)
+        return len(self.starts[k])
+
+    def push(self, k: int, rows: list[dict], step: int) -> None:
+        for r in rows:
+            key = _key(k, r)
+            if key in self.rows:
+                self.duplicates += 1
+            self.rows[key] = r
+        self.steps[k] = max(self.steps.get(k, 0), step)
+
+    def progress(self) -> dict[int, int]:
+        return dict(self.steps)
+
+    def snapshot(self) -> dict:
+        return {"rows": [{"path": key[0], **r} for key, r in sorted(self.rows.items(), key=lambda kv: (
+            kv[0][0], kv[1]["step"]))], "duplicates": self.duplicates, "starts": self.starts}
+
+
+class Reporter:
+    """The core loop's callback inside a path: buffers record rows, pushes them every few seconds."""
+
+    def __init__(self, collector: Any, k: int, every_s: float, enabled: bool = True):
+        self.collector, self.k, self.every_s, self.enabled = collector, k, every_s, enabled
+        self.rows: list[dict] = []
+        self.step = 0
+        self.last = time.monotonic()
+
+    def __call__(self, event: str, payload: dict) -> None:
+        if event == "record":
+            self.rows.append(dict(payload))
+            self.step = max(self.step, int(payload["step"]))
+        elif event == "checkpoint":
+            self.step = max(self.step, int(payload["global_step"]))
+        if event == "checkpoint" or time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.enabled and (self.rows or self.step):
+            self.collector.push.remote(self.k, self.rows, self.step)
+        self.rows, self.last = [], time.monotonic()
+
+
+def _threads(job: JobConfig) -> int:
+    return job.cfg.threads or max(1, int(job.ray.cpus_per_path))
+
+
+def _base_task(cfg_dict: dict, storage: str, threads: int) -> str:
+    from fipray.config import from_dict
+
+    torch.set_num_threads(threads)
+    cfg = from_dict(cfg_dict)
+    return str(train_shared_base(cfg, storage, device=cfg.device))
+
+
+def _worker_path(cfg_dict: dict, k: int, base_file: str, path_dir: str, collector: Any, threads: int,
+                 every_s: float) -> dict:
+    """Backend `worker`: path k's core loop in this Ray worker process."""
+    from fipray.config import from_dict
+
+    torch.set_num_threads(threads)
+    cfg = from_dict(cfg_dict)
+    attempt = ray.get(collector.start.remote(k, os.getpid()))
+    # Where the fault-tolerance test finds the process to kill; also useful when debugging a cluster.
+    atomic_write_json(Path(path_dir) / "worker.json", {"pid": os.getpid(), "attempt": attempt,
+                                                        "node": ray.get_runtime_context().get_node_id()})
+    rep = Reporter(collector, k, every_s)
+    res = run_one_path(cfg, k, base_file, path_dir, callback=rep, device=cfg.device,
+                       extra={"attempts": attempt, "backend": "worker", "world": 1})
+    rep.flush()
+    return res
+
+
+def _train_loop(config: dict) -> None:
+    """Backend `train`: the per-rank loop of path k's TorchTrainer (DDP when world > 1)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from fipray.config import from_dict
+    from fipray.path import run_path
+    from fipray.ray.paths_unit import build_path, write_path_outputs
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    cfg = from_dict(config["cfg"])
+    k = config["k"]
+    # Each rank keeps its checkpoint in a private folder; rank 0's is handed to Train, which persists it
+    # in the run's storage and hands it back (get_checkpoint) to every rank of a restarted group.
+    local = Path(tempfile.mkdtemp(prefix=f"fipray-path{k}-rank{rank}-"))
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            shutil.copy(Path(d) / "checkpoint.pt", local / "checkpoint.pt")
+    attempt = ray.get(config["collector"].start.remote(k, os.getpid())) if rank == 0 else 0
+    if rank == 0:
+        atomic_write_json(Path(config["path_dir"]) / "worker.json", {"pid": os.getpid(), "attempt": attempt})
+    rep = Reporter(config["collector"], k, config["every_s"], enabled=rank == 0)
+
+    def callback(event: str, payload: dict) -> None:
+        rep(event, payload)
+        if event == "checkpoint":  # every rank reports (a collective); rank 0 brings the checkpoint
+            ckpt = Checkpoint.from_directory(str(local)) if rank == 0 else None
+            ray.train.report({"global_step": payload["global_step"]}, checkpoint=ckpt)
+
+    job = build_path(cfg, k, config["base_file"], device=ray.train.torch.get_device(), rank=rank, world=world,
+                     wrap=ray.train.torch.prepare_model if world > 1 else None)
+    res = run_path(job.model, job.phases, out_dir=local, callback=callback, **job.kwargs)
+    rep.flush()
+    if rank == 0:
+        write_path_outputs(config["path_dir"], k, job, res,
+                           extra={"attempts": attempt, "backend": "train", "world": world})
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def _train_path(cfg_dict: dict, k: int, base_file: str, path_dir: str, collector: Any, job_ray: dict,
+                storage: str, run_name: str, threads: int) -> dict:
+    """Drives one path's TorchTrainer (a zero-CPU task, so drivers never hold the CPUs workers need)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    gpus = float(job_ray["gpus_per_path"])
+    res = {"CPU": float(job_ray["cpus_per_path"]), **({"GPU": gpus} if gpus else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": cfg_dict, "k": k, "base_file": base_file, "path_dir": path_dir,
+                           "collector": collector, "threads": threads, "every_s": job_ray["report_every_s"]},
+        scaling_config=ScalingConfig(num_workers=int(job_ray["workers_per_path"]), use_gpu=gpus > 0,
+                                     resources_per_worker=res),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=int(job_ray["max_failures"])),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
+    return load_path_result(path_dir)
+
+
+def _check_writable(folder: Path, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {str(folder)!r} cannot be written: {e}") from None
+
+
+def storage_dir(job: JobConfig, out: Path) -> Path:
+    sp = job.ray.storage_path
+    if "://" in sp:
+        raise ConfigError(f"config key 'ray.storage_path': {sp!r} is a URI; fipray paths needs a folder every "
+                          "node can write (a shared filesystem mount), e.g. /mnt/shared/fipray")
+    return (Path(sp).expanduser() if sp else out / "storage").resolve()
+
+
+def joined_cluster(address: str | None) -> bool:
+    """Is this run on a cluster someone else started (which an autoscaler may still grow)?"""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_resources(job: JobConfig, what: str = "path", *, strict: bool = True) -> None:
+    """Fail before any work when one path (all its ranks) can never be placed on this cluster.
+
+    On a joined cluster (`strict=False`) an autoscaler may add the nodes later, so a shortfall is only
+    printed as a warning; on the local Ray started for this run it is an error.
+    """
+    try:
+        _check_resources(job, what)
+    except ConfigError as e:
+        if strict:
+            raise
+        import sys
+
+        print(f"fipray: warning: {e} (waiting for the cluster's autoscaler, if it has one)", file=sys.stderr)
+
+
+def _check_resources(job: JobConfig, what: str) -> None:
+    rc = job.ray
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    per_rank = {"CPU": rc.cpus_per_path, **({"GPU": rc.gpus_per_path} if rc.gpus_per_path else {})}
+    for r, v in per_rank.items():
+        if not any(n.get(r, 0) >= v for n in nodes):
+            raise ConfigError(f"one {what} rank needs {v:g} {r} on one node, but no node of this cluster has that "
+                              f"(cluster: {', '.join(f'{k} {v:g}' for k, v in total.items() if k in ('CPU', 'GPU'))})")
+        need = v * rc.workers_per_path
+        if total.get(r, 0) < need:
+            raise ConfigError(f"one {what} needs {rc.workers_per_path} workers x {v:g} {r} = {need:g} {r}, but the "
+                              f"cluster has {total.get(r, 0):g} {r}: lower ray.workers_per_path or ray.{r.lower()}s_per_path")
+
+
+def _members(out_paths: list[tuple[int, Path, dict]], spec: dict, seed: int) -> tuple[list, dict]:
+    from fipray.experiments._common import build_model
+
+    members: list = []
+    meta: dict[str, list[int]] = {"path_ids": [], "steps": [], "seeds": []}
+    for k, d, res in out_paths:
+        states = load_samples(d, len(res["samples"])) or [load_final(d)]
+        steps = [s["global_step"] for s in res["samples"]] or [res["steps"]]
+        for st, step in zip(states, steps):
+            m = build_model(spec, seed, torch.device("cpu"))
+            m.load_state_dict(st)
+            members.append(m.eval())
+            meta["path_ids"].append(k)
+            meta["steps"].append(step)
+            meta["seeds"].append(res["seed"])
+    return members, meta
+
+
+def merge(job: JobConfig, out: Path, storage: Path, results: list[dict]) -> dict:
+    """The merged path table and ensemble folder from the paths' folders."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fipray.ensemble import save_ensemble
+
+    cfg = job.cfg
+    dirs = [(r["path"], storage / "paths" / f"path{r['path']}", r) for r in results]
+    tables = [pq.read_table(d / "records.parquet") for _, d, _ in dirs if (d / "records.parquet").is_file()]
+    table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
+    write_parquet(out / "path.parquet", table)
+    spec = json.loads((storage / "base" / "spec.json").read_text())
+    members, meta = _members(dirs, spec, int(cfg.seeds[0]))
+    save_ensemble(members, out / "ensemble", model_spec=spec, metadata={
+        "operation": cfg.operation, "config_hash": cfg.run_id(), "num_paths": len(results),
+        "source": "fipray paths: the sampled networks of every path (the final network where a path samples none)",
+        **meta})
+    return {"rows": table.num_rows, "members": len(members)}
+
+
+def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address: str | None = None,
+              num_cpus: int | None = None, temp_dir: str | None = None) -> dict:
+    """Run `job.ray.num_paths` FIP paths on Ray and merge them into `out`. Returns the summary.
+
+    Starts a private local Ray (all the machine's CPUs unless `num_cpus`) when no cluster is named by
+    `address` or RAY_ADDRESS, and joins the running one otherwise (or uses Ray if already initialised).
+    """
+    from fipray.experiments._common import prepare_out
+
+    cfg = job.cfg
+    out = Path(out).resolve()
+    storage = storage_dir(job, out)
+    prepare_out(cfg, out)  # fails on an unwritable --out
+    _check_writable(storage, "storage path (ray.storage_path)")
+    atomic_write_text(out / "job.yaml", __import__("yaml").safe_dump(job.to_dict(), sort_keys=False))
+    t0 = time.perf_counter()
+    started = not ray.is_initialized()
+    quiet_ray()
+    init_local(num_cpus=num_cpus, address=address, temp_dir=temp_dir, logging_level=logging.ERROR)
+    ray_start = time.perf_counter() - t0
+    try:
+        check_resources(job, strict=not joined_cluster(address))
+        return _run(job, out, storage, progress=progress, ray_start=ray_start, t0=t0)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(job: JobConfig, out: Path, storage: Path, *, progress: bool, ray_start: float, t0: float) -> dict:
+    from tqdm.auto import tqdm
+
+    cfg, rc = job.cfg, job.ray
+    P, threads, cfg_dict = rc.num_paths, _threads(job), cfg.to_dict()
+    if (storage / "config.yaml").is_file():  # resuming: the checkpoints there must be this config's
+        from fipray.config import load_config
+
+        old = load_config(storage / "config.yaml")
+        if old.run_id() != cfg.run_id():
+            raise ConfigError(f"storage {str(storage)!r} holds paths of another config (run id {old.run_id()}, "
+                              f"this one {cfg.run_id()}): use another --out or ray.storage_path")
+    save_config(cfg, storage / "config.yaml")
+    per_rank = {"num_cpus": rc.cpus_per_path, "num_gpus": rc.gpus_per_path}
+    base_file = base_path(storage)
+    if not base_file.is_file():
+        ray.get(ray.remote(_base_task).options(**per_rank, max_retries=rc.max_failures)
+                .remote(cfg_dict, str(storage), threads))
+    collector = Collector.remote()  # type: ignore[attr-defined]
+    t_launch = time.perf_counter()
+    refs = {}
+    for k in range(P):
+        path_dir = storage / "paths" / f"path{k}"
+        path_dir.mkdir(parents=True, exist_ok=True)
+        if rc.backend == "worker":
+            wtask = ray.remote(_worker_path).options(**per_rank, max_retries=rc.max_failures,
+                                                      retry_exceptions=False)
+            refs[wtask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, threads,
+                             rc.report_every_s)] = k
+        else:
+            ttask = ray.remote(_train_path).options(num_cpus=0, max_retries=0)
+            refs[ttask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, _dict(rc),
+                             str(storage / "train"), f"{cfg.run_id()}-path{k}", threads)] = k
+    total = P * path_steps(cfg)
+    results: dict[int, dict] = {}
+    with tqdm(total=total, desc=f"{P} {cfg.operation} paths ({rc.backend})", disable=not progress,
+              dynamic_ncols=True, leave=False) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                results[refs[ref]] = ray.get(ref)
+            steps = ray.get(collector.progress.remote())
+            for k, r in results.items():
+                steps[k] = r["steps"]
+            n = min(total, sum(steps.values()))
+            if n != bar.n:
+                bar.update(n - bar.n)
+    paths_seconds = time.perf_counter() - t_launch
+    ordered = [results[k] for k in range(P)]
+    snap = ray.get(collector.snapshot.remote())
+    merged = merge(job, out, storage, ordered)
+    streamed = _dedup_check(snap["rows"], out / "path.parquet")
+    summary = {
+        "operation": cfg.operation, "backend": rc.backend, "num_paths": P, "seeds": [r["seed"] for r in ordered],
+        "workers_per_path": rc.workers_per_path, "seconds": time.perf_counter() - t0,
+        "ray_start_seconds": ray_start, "paths_seconds": paths_seconds, "storage": str(storage), "ensemble": str(out / "ensemble"),
+        "ensemble_members": merged["members"], "path_rows": merged["rows"],
+        "streamed_rows": len(snap["rows"]), "streamed_duplicates_dropped": snap["duplicates"],
+        "streamed_rows_match_table": streamed,
+        "paths": [{k: r[k] for k in ("path", "seed", "steps", "seconds", "resumed_from", "attempts", "world",
+                                     "records", "final") if k in r} for r in ordered],
+        "config_hash": cfg.run_id(),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    lines = [f"# {P} FIP paths: {cfg.operation}, backend {rc.backend}", "",
+             "| path | seed | steps | seconds | attempts | resumed from |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['path']} | {r['seed']} | {r['steps']} | {r['seconds']:.1f} | {r.get('attempts', 1)} | "
+              f"{r['resumed_from']} |" for r in ordered]
+    lines += ["", f"Merged path table: `path.parquet` ({merged['rows']} rows, column `path`). Ensemble of "
+              f"{merged['members']} networks: `ensemble/` (fipray.ensemble.load_ensemble).", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return summary
+
+
+def _dict(rc: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(rc)
+
+
+def _dedup_check(rows: list[dict], table_file: Path) -> bool:
+    """Do the streamed rows (after dropping re-sent ones) hold exactly the merged table's keys?"""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(table_file).to_pylist() if table_file.is_file() else []
+    return sorted(_key(r["path"], r) for r in rows) == sorted(_key(r["path"], r) for r in t)
+
+
+def main(args: Any) -> int:
+    """`fipray paths` (argparse namespace from fipray.cli)."""
+    import json
+    import sys
+
+    from fipray.ray.paths_config import load_job
+
+    over = list(args.overrides)
+    if args.num_paths is not None:
+        over.append(f"ray.num_paths={args.num_paths}")
+    if args.backend is not None:
+        over.append(f"ray.backend={args.backend}")
+    try:
+        job = load_job(args.config, over)
+        out = args.out or Path("runs") / f"paths-{job.cfg.operation}-{job.cfg.run_id()}"
+        summary = run_paths(job, out, progress=not args.no_progress, address=args.address)
+    except ConfigError as e:
+        print(f"fipray: error: {e}", file=sys.stderr)
+        return 2
+    print((Path(out) / "report.md").read_text())
+    print(f"results in {out}/ (summary.json, report.md, path.parquet, ensemble/)")
+    print(json.dumps({"paths": summary["num_paths"], "rows": summary["path_rows"],
+                      "members": summary["ensemble_members"], "seconds": round(summary["seconds"], 1)}))
+    return 0

@@ -1,0 +1,320 @@
+"""`fipray sweep`: search config fields (β, λ, η, ...) with Ray Tune and an ASHA scheduler.
+
+    run_sweep(job, out) -> summary
+
+Each trial is the core's FIP for one point of the search space (`sweep_trial.run_trial`), run directly
+in a Tune function trainable (cheap on small models), or with `sweep.trainable: train` inside a
+one-worker `TorchTrainer` (a GPU per trial on a cluster; TuneReportCallback forwards its reports).
+ASHA stops trials at rungs of the training iteration (one task phase, or one seed, per iteration).
+
+Measured pitfalls (RAY_NOTES.md) and what this does about them:
+- nested drivers deadlock the CPUs: a TorchTrainer trial's driver asks for 0.01 CPU and the number of
+  concurrent trials is capped at what the cluster can hold with every trial's workers placed;
+- ASHA-stopped Train trials leak their placement group without the dashboard's State API: the local
+  Ray of a `trainable: train` sweep starts the dashboard;
+- reports: one per iteration (a task phase = seconds of work), never per step.
+
+Outputs in `out`: `trials.parquet` (one row per trial: searched values, metric, iterations, seconds,
+status), `best_config.yaml` (a plain config `fipray continual|sparsify|ensemble|paths` accepts),
+`metric_vs_<field>.png`, `summary.json` and Tune's own experiment folder `tune/` (what `Tuner.restore`
+resumes from when the same command runs again after the driver was killed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+from fipray.config import Config, ConfigError, from_dict, save_config
+from fipray.ray._local import init_local
+from fipray.ray.paths import joined_cluster, quiet_ray
+from fipray.ray.paths_config import JobConfig, sweep_metric
+from fipray.ray.sweep_trial import iterations, run_trial
+
+TRAIN_DRIVER_CPU = 0.01  # a TorchTrainer trial's driver only waits; its workers hold the CPUs
+
+
+def search_space(search: dict) -> dict:
+    """YAML `sweep.search` -> Tune distributions (keys stay dotted config keys)."""
+    out = {}
+    for key, spec in search.items():
+        dist, args = next(iter(spec.items()))
+        out[key] = {"uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
+                    "loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
+                    "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+                    "choice": lambda a: tune.choice(list(a)),
+                    "grid": lambda a: tune.grid_search(list(a))}[dist](args)
+    return out
+
+
+def _plain(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def trial_config(cfg_dict: dict, params: dict) -> Config:
+    return from_dict(cfg_dict).replace(**{k: _plain(v) for k, v in params.items()})
+
+
+def _function_trainable(params: dict, cfg_dict: dict, eps: float, target: float) -> None:
+    run_trial(trial_config(cfg_dict, params), tune.report, eps=eps, target=target)
+
+
+def _trial_loop(config: dict) -> None:
+    import ray.train
+
+    run_trial(trial_config(config["cfg"], config["params"]), ray.train.report, eps=config["eps"],
+              target=config["target"])
+
+
+def _train_trainable(params: dict, cfg_dict: dict, eps: float, target: float, storage: str,
+                     cpus: float, gpus: float) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_id = tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        _trial_loop,
+        train_loop_config={"cfg": cfg_dict, "params": params, "eps": eps, "target": target},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
+        # A stable name per trial, so a restarted trial finds its own Train run.
+        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=storage,
+                             callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
+    )
+    trainer.fit()
+
+
+class _Progress(tune.Callback):
+    """One progress display: trials finished / started, best metric of the finished ones so far."""
+
+    def __init__(self, total: int, metric: str, mode: str, max_t: int, enabled: bool):
+        self.total, self.metric, self.mode, self.max_t, self.enabled = total, metric, mode, max_t, enabled
+        self.best: float | None = None
+        self.stopped = 0
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its callbacks into the experiment state; a live progress bar must not go with them.
+        return {**self.__dict__, "_bar": None}
+
+    @property
+    def bar(self) -> Any:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, desc="sweep trials", disable=not self.enabled, dynamic_ncols=True,
+                             leave=False)
+        return self._bar
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        if last.get("training_iteration", 0) >= self.max_t and self.metric in last:
+            v = float(last[self.metric])
+            if self.best is None or (v > self.best if self.mode == "max" else v < self.best):
+                self.best = v
+        else:
+            self.stopped += 1
+        self.bar.update(1)
+        self.bar.set_postfix({"best": None if self.best is None else round(self.best, 4), "stopped": self.stopped})
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def check_sweep_resources(job: JobConfig, *, strict: bool = True) -> int:
+    """The number of trials that can run at once without starving each other; fails if none can.
+
+    On a joined cluster (`strict=False`) an autoscaler may add nodes later: a shortfall is a warning and
+    the configured `sweep.max_concurrent_trials` stands.
+    """
+    rc, sc = job.ray, job.sweep
+    if not strict:
+        try:
+            return check_sweep_resources(job, strict=True)
+        except ConfigError as e:
+            import sys
+
+            print(f"fipray: warning: {e} (waiting for the cluster's autoscaler, if it has one)", file=sys.stderr)
+            return sc.max_concurrent_trials
+    total = ray.cluster_resources()
+    per_trial = rc.cpus_per_path + (TRAIN_DRIVER_CPU if sc.trainable == "train" else 0.0)
+    fit = math.floor(total.get("CPU", 0) / per_trial + 1e-9)
+    if rc.gpus_per_path:
+        fit = min(fit, math.floor(total.get("GPU", 0) / rc.gpus_per_path + 1e-9))
+    if fit < 1:
+        raise ConfigError(f"one trial needs {per_trial:g} CPU and {rc.gpus_per_path:g} GPU, but the cluster has "
+                          f"{total.get('CPU', 0):g} CPU and {total.get('GPU', 0):g} GPU")
+    return min(sc.max_concurrent_trials, fit)
+
+
+def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address: str | None = None,
+              num_cpus: int | None = None, temp_dir: str | None = None) -> dict:
+    """Run (or resume) the sweep of `job.sweep` into `out`; returns the summary."""
+    from fipray.experiments._common import prepare_out
+
+    cfg, rc, sc = job.cfg, job.ray, job.sweep
+    metric = sweep_metric(job)
+    if not sc.search:
+        raise ConfigError("config key 'sweep.search' is empty: name at least one field, e.g. "
+                          "path.lam: {loguniform: [1, 100]}")
+    if sc.trainable == "train" and rc.workers_per_path > 1:
+        raise ConfigError("sweep.trainable: train runs one worker per trial; ray.workers_per_path > 1 "
+                          "(DDP) is for `fipray paths` with ray.backend: train")
+    if job.cfg.operation in ("ensemble", "undirected") and cfg.path.steps // cfg.ensemble.sample_every < cfg.ensemble.members:
+        raise ConfigError(f"path.steps // ensemble.sample_every = {cfg.path.steps // cfg.ensemble.sample_every} "
+                          f"sampled networks < ensemble.members = {cfg.ensemble.members}")
+    out = Path(out).resolve()
+    prepare_out(cfg, out)
+    atomic_write_text(out / "job.yaml", __import__("yaml").safe_dump(job.to_dict(), sort_keys=False))
+    t0 = time.perf_counter()
+    started = not ray.is_initialized()
+    quiet_ray()
+    init_local(num_cpus=num_cpus, address=address, temp_dir=temp_dir,
+               include_dashboard=sc.trainable == "train", logging_level=logging.ERROR)
+    ray_start = time.perf_counter() - t0
+    try:
+        concurrent = check_sweep_resources(job, strict=not joined_cluster(address))
+        return _sweep(job, out, metric, concurrent, progress=progress, t0=t0, ray_start=ray_start)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress: bool, t0: float,
+           ray_start: float) -> dict:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    cfg, rc, sc = job.cfg, job.ray, job.sweep
+    cfg_dict = cfg.to_dict()
+    eps, target = sc.eps, sc.target
+    max_t = iterations(cfg)
+    storage = out / "tune"
+    if sc.trainable == "function":
+        trainable = tune.with_resources(
+            tune.with_parameters(_function_trainable, cfg_dict=cfg_dict, eps=eps, target=target),
+            {"cpu": rc.cpus_per_path, "gpu": rc.gpus_per_path})
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(_train_trainable, cfg_dict=cfg_dict, eps=eps, target=target,
+                                 storage=str(out / "train"), cpus=rc.cpus_per_path, gpus=rc.gpus_per_path),
+            {"cpu": TRAIN_DRIVER_CPU})
+    grid = any(next(iter(s)) == "grid" for s in sc.search.values())
+    total = sc.num_samples * math.prod(len(next(iter(s.values()))) for s in sc.search.values()
+                                       if next(iter(s)) == "grid")
+    points = [] if grid or not sc.include_base_config else [
+        {k: _get(cfg_dict, k) for k in sc.search}]
+    cb = _Progress(total, metric, sc.mode, max_t, progress)
+    run_config = tune.RunConfig(name=sc.name, storage_path=str(storage), verbose=0, callbacks=[cb])
+    exp = storage / sc.name
+    if tune.Tuner.can_restore(str(exp)):
+        tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, restart_errored=True)
+        resumed = True
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=search_space(sc.search),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=sc.mode, num_samples=sc.num_samples, max_concurrent_trials=concurrent,
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=sc.grace_period,
+                                        reduction_factor=sc.reduction_factor),
+                search_alg=BasicVariantGenerator(points_to_evaluate=points or None, random_state=sc.search_seed,
+                                                 max_concurrent=concurrent)),
+            run_config=run_config)
+        resumed = False
+    try:
+        grid_result = tuner.fit()
+    finally:
+        cb.close()
+    return _write(job, out, metric, grid_result, max_t, time.perf_counter() - t0, ray_start, resumed, concurrent)
+
+
+def _get(d: dict, key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, seconds: float, ray_start: float,
+           resumed: bool, concurrent: int) -> dict:
+    cfg, sc = job.cfg, job.sweep
+    keys = list(sc.search)
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        its = int(m.get("training_iteration", 0))
+        status = "error" if r.error is not None else ("completed" if its >= max_t else "stopped_early")
+        rows.append({"trial_id": m.get("trial_id", ""), **{k: _plain(r.config.get(k)) for k in keys},
+                     "metric": float(m[metric]) if metric in m else float("nan"), "iterations": its,
+                     "seconds": float(m.get("time_total_s", float("nan"))), "status": status,
+                     **{f"last_{k}": float(v) for k, v in m.items()
+                        if k in ("acc_mean", "task_acc_mean", "bwt_mean", "accuracy", "sparsity", "whitebox",
+                                 "transfer", "clean") and k != metric}})
+    rows.sort(key=lambda r: r["trial_id"])
+    write_parquet(out / "trials.parquet", rows)
+    done = [r for r in rows if r["status"] == "completed" and r["metric"] == r["metric"]]
+    if not done:
+        raise RuntimeError(f"no trial of the sweep in {out} completed all {max_t} iterations; see trials.parquet")
+    # Only trials that ran every iteration compete: a stopped trial's last value is a partial running mean.
+    best = (max if sc.mode == "max" else min)(done, key=lambda r: r["metric"])
+    best_params = {k: best[k] for k in keys}
+    best_cfg = cfg.replace(**best_params)
+    save_config(best_cfg, out / "best_config.yaml")
+    _plots(rows, keys, metric, out)
+    summary = {"metric": metric, "mode": sc.mode, "best_config": best_params, "best_metric": best["metric"],
+               "num_trials": len(rows), "num_stopped_early": sum(r["status"] == "stopped_early" for r in rows),
+               "seconds": seconds, "num_errors": sum(r["status"] == "error" for r in rows),
+               "best_trial_id": best["trial_id"], "max_iterations": max_t, "max_concurrent_trials": concurrent,
+               "trainable": sc.trainable, "resumed": resumed, "ray_start_seconds": ray_start,
+               "operation": cfg.operation, "best_config_file": str(out / "best_config.yaml"),
+               "seeds": list(cfg.seeds), "config_hash": cfg.run_id()}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
+    from fipray.report import _plt, _save
+
+    plt = _plt()
+    for k in keys:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for status, marker in (("completed", "o"), ("stopped_early", "x"), ("error", "s")):
+            sel = [r for r in rows if r["status"] == status and isinstance(r[k], (int, float))]
+            if sel:
+                ax.scatter([r[k] for r in sel], [r["metric"] for r in sel], marker=marker, label=status)
+        vals = [r[k] for r in rows if isinstance(r[k], (int, float)) and r[k] > 0]
+        if vals and max(vals) / min(vals) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(k)
+        ax.set_ylabel(f"{metric} (last report)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{metric} vs {k}")
+        _save(fig, out / f"metric_vs_{k}.png")
+
+
+def main(args: Any) -> int:
+    """`fipray sweep` (argparse namespace from fipray.cli)."""
+    import json
+    import sys
+
+    from fipray.ray.paths_config import load_job
+
+    try:
+        job = load_job(args.config, list(args.overrides))
+        out = args.out or Path("runs") / f"sweep-{job.cfg.operation}-{job.cfg.run_id()}"
+        summary = run_sweep(job, out, progress=not args.no_progress, address=args.address)
+    except ConfigError as e:
+        print(f"fipray: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("metric", "mode", "best_config", "best_metric", "num_trials",
+                                              "num_stopped_early", "seconds")}, indent=2))
+    print(f"results in {out}/ (summary.json, trials.parquet, best_config.yaml, metric_vs_*.png)")
+    return 0
