@@ -18,6 +18,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--config", type=Path, help=f"YAML config (e.g. jobs/configs/{name}_digits.yaml)")
         s.add_argument("--out", type=Path, help="output folder (default runs/<operation>-<run id>)")
         s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        if name == "ensemble":
+            s.add_argument("--ensemble", type=Path, dest="load",
+                           help="evaluate the networks of this ensemble folder (e.g. `fipray paths`' ensemble/) "
+                                "as the FIP candidates instead of walking a new path (= ensemble.load)")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. path.lam=0.5")
     # Ray commands (fipray.ray; Ray is imported only when one of them runs).
     for name, helptext in (("paths", "run P FIP paths in parallel on Ray, merge their tables and ensembles"),
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     from fipray.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, [*args.overrides, f"operation={args.command}"])
+        extra = [f"ensemble.load={json.dumps(str(args.load))}"] if getattr(args, "load", None) else []
+        cfg = load_config(args.config, [*args.overrides, *extra, f"operation={args.command}"])
         out = args.out or Path("runs") / f"{args.command}-{cfg.run_id()}"
         from fipray.experiments import run_experiment
 

@@ -115,6 +115,7 @@ class EnsembleConfig:
     pgd_steps: int = 20
     eval_examples: int = 300
     autoattack: bool = False  # also run torchattacks' AutoAttack on each deployed model (slow)
+    load: str = ""  # an ensemble folder (e.g. `fipray paths`' ensemble/) whose networks replace the walk's samples
     baselines: tuple[str, ...] = ("deep", "base")
 
 

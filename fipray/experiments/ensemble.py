@@ -39,13 +39,33 @@ from fipray.ops.undirected import select_members, undirected_phase
 from fipray.path import run_path
 
 
+def _loaded_candidates(directory: str, spec: dict, dev: torch.device):
+    """Networks of an ensemble folder as FIP candidates (e.g. the union of `fipray paths`' samples)."""
+    from fipray.ensemble import load_ensemble, read_ensemble_meta
+
+    try:
+        meta = read_ensemble_meta(directory)
+        loaded = load_ensemble(directory, device=dev)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key 'ensemble.load': {e}") from None
+    theirs = {k: meta["model_spec"][k] for k in ("name", "num_classes", "input_shape")}
+    ours = {k: spec[k] for k in ("name", "num_classes", "input_shape")}
+    if {**theirs, "input_shape": list(theirs["input_shape"])} != ours:
+        raise ConfigError(f"config key 'ensemble.load': {directory} holds {theirs}, the config builds {ours}")
+    md = meta.get("metadata", {})
+    n = len(loaded.members)
+    steps = list(md.get("steps") or [0] * n)
+    paths = list(md.get("path_ids") or [0] * n)
+    return [m.eval() for m in loaded.members], steps, paths, int(max(steps, default=0))
+
+
 def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     dev = device_of(cfg)
     bundle = bundle if bundle is not None else load_bundle(cfg)
     spec = model_spec(cfg, bundle)
     ec = cfg.ensemble
     methods = ["fip", *ec.baselines]
-    if cfg.path.steps // ec.sample_every < ec.members:
+    if not ec.load and cfg.path.steps // ec.sample_every < ec.members:
         raise ConfigError(f"path.steps // ensemble.sample_every = {cfg.path.steps // ec.sample_every} sampled "
                           f"networks < ensemble.members = {ec.members}")
     xtr, ytr = tensors(bundle.train, dev)
@@ -67,21 +87,26 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
             train_base(base, xtr, ytr, cfg, seed, progress=bar)
             base_seconds = time.perf_counter() - t0
             targets: dict[str, tuple[torch.nn.Module, list[torch.nn.Module], float, int]] = {}
-            # FIP: undirected walk from w0, then the δ rule picks the members.
+            # FIP: undirected walk from w0 (or networks loaded from a folder), then the δ rule picks the members.
             t0 = time.perf_counter()
-            walker = clone(base)
-            res = run_path(walker, [undirected_phase(xtr, ytr, cfg, seed)],
-                           out_dir=out / "paths" / cfg.run_id() / f"seed{seed}",
-                           record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
-                           heldout=xte[: cfg.path.heldout], distance=get_distance(cfg.path.distance),
-                           evaluate=lambda m: {"accuracy": accuracy(m, xte, yte)}, progress=bar)
-            path_rows += [{"seed": seed, **r} for r in res.records]
-            geometry.append(path_summary(res.records))
-            candidates = []
-            for s in res.samples:
-                m = clone(base)
-                m.load_state_dict(s["state"])
-                candidates.append(m.eval())
+            if ec.load:
+                candidates, sample_steps, path_ids, walk_steps = _loaded_candidates(ec.load, spec, dev)
+            else:
+                walker = clone(base)
+                res = run_path(walker, [undirected_phase(xtr, ytr, cfg, seed)],
+                               out_dir=out / "paths" / cfg.run_id() / f"seed{seed}",
+                               record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
+                               heldout=xte[: cfg.path.heldout], distance=get_distance(cfg.path.distance),
+                               evaluate=lambda m: {"accuracy": accuracy(m, xte, yte)}, progress=bar)
+                path_rows += [{"seed": seed, **r} for r in res.records]
+                geometry.append(path_summary(res.records))
+                candidates = []
+                for s in res.samples:
+                    m = clone(base)
+                    m.load_state_dict(s["state"])
+                    candidates.append(m.eval())
+                sample_steps = [s["global_step"] for s in res.samples]
+                path_ids, walk_steps = [seed] * len(candidates), cfg.path.steps
             try:
                 keep, h = select_members(candidates, xtr[sel_idx], ytr[sel_idx], members=ec.members,
                                          eps=ec.fgsm_eps, delta=ec.delta, distance=cfg.path.distance)
@@ -89,10 +114,10 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                 raise ConfigError(f"config key 'ensemble.delta': {e}") from None
             fip_members = [candidates[i] for i in keep]
             fip_seconds = base_seconds + time.perf_counter() - t0
-            targets["fip"] = (Ensemble(fip_members), fip_members, fip_seconds, cfg.train.steps + cfg.path.steps)
+            targets["fip"] = (Ensemble(fip_members), fip_members, fip_seconds, cfg.train.steps + walk_steps)
             save_ensemble(fip_members, out / "ensembles" / f"fip_seed{seed}", model_spec=spec, metadata={
                 "operation": "ensemble", "seed": seed, "config_hash": cfg.run_id(),
-                "path_ids": [seed] * len(keep), "steps": [res.samples[i]["global_step"] for i in keep],
+                "path_ids": [path_ids[i] for i in keep], "steps": [sample_steps[i] for i in keep],
                 "fgsm_shift": [h[i] for i in keep], "candidates": len(candidates)})
             if "deep" in methods:
                 t0 = time.perf_counter()
@@ -158,7 +183,8 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
     summary = {"operation": "ensemble", "members": ec.members, "seeds": list(cfg.seeds), "eps": eps_keys,
                "pgd_steps": ec.pgd_steps, "eval_examples": len(x_eval), "surrogate": "base network w0",
                "methods": summary_methods, "sanity": sanity_summary,
-               "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]},
+               "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]} if geometry else {},
+               "loaded_from": ec.load or None,
                "sanity_measurements": {m: [f["measured"] for f in fl] for m, fl in sanity.items()}}
     report.plot_lines({f"{m} white-box": ([float(e) for e in eps_keys], list(v["whitebox"].values()))
                        for m, v in summary_methods.items()}

@@ -173,6 +173,29 @@ def test_continual_values_checked_against_the_data_exit_2(capsys, tmp_path, over
     assert needle in err
 
 
+def test_ensemble_evaluates_a_loaded_folder(capsys, tmp_path):
+    """`fipray ensemble --ensemble DIR` takes an existing folder's networks as the FIP candidates."""
+    tiny = ["seeds=[0]", "train.steps=20", "path.steps=20", "ensemble.sample_every=5", "ensemble.eps=[0.1]",
+            "ensemble.pgd_steps=2", "ensemble.eval_examples=20", "ensemble.baselines=[base]",
+            "model.kwargs={hidden: [32]}"]
+    first = tmp_path / "first"
+    _run_ok(capsys, ["ensemble", "--no-progress", "--out", str(first), "ensemble.members=3", *tiny])
+    folder = first / "ensembles" / "fip_seed0"
+    again = tmp_path / "again"
+    _run_ok(capsys, ["ensemble", "--no-progress", "--out", str(again), "--ensemble", str(folder),
+                     "ensemble.members=2", *tiny])
+    s = json.loads((again / "summary.json").read_text())
+    assert s["loaded_from"] == str(folder) and s["members"] == 2
+    assert not (again / "paths").exists()  # no walk was run
+    meta = json.loads((again / "ensembles" / "fip_seed0" / "ensemble.json").read_text())
+    first_steps = json.loads((folder / "ensemble.json").read_text())["metadata"]["steps"]
+    assert set(meta["metadata"]["steps"]) <= set(first_steps)
+    # A folder of another architecture is refused, naming the key.
+    err = _fail(capsys, ["ensemble", "--no-progress", "--out", str(tmp_path / "bad"), "--ensemble", str(folder),
+                         "ensemble.members=2", *tiny, "model.name=lenet_300_100", "model.kwargs={}"])
+    assert "ensemble.load" in err
+
+
 def test_too_few_samples_for_the_ensemble_exit_2(capsys, tmp_path):
     err = _fail(capsys, ["ensemble", "--no-progress", "--out", str(tmp_path), "path.steps=10",
                          "ensemble.members=3", "ensemble.sample_every=5"])
