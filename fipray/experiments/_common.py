@@ -147,7 +147,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True, b
     import importlib
 
     module = {"continual": "continual", "sparsify": "sparsify", "ensemble": "ensemble",
-              "undirected": "ensemble"}[cfg.operation]
+              "undirected": "ensemble", "spectrum": "spectrum", "compose": "compose"}[cfg.operation]
     runner = importlib.import_module(f"fipray.experiments.{module}").run
     out = prepare_out(cfg, out_dir)
     if cfg.threads:

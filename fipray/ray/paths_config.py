@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fipray.config import Config, ConfigError, _build, _expand, _merge, from_dict, parse_override
+from fipray.config import (
+    Config,
+    ConfigError,
+    _build,
+    _expand,
+    _merge,
+    from_dict,
+    parse_override,
+    read_yaml_mapping,
+)
 
 BACKENDS = ("worker", "train")
 TRAINABLES = ("function", "train")
@@ -157,18 +164,7 @@ def job_from_dict(data: dict, overrides: dict | None = None) -> JobConfig:
 
 def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML file holding a core config and optional `ray:` / `sweep:` sections."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at top level")
-    return job_from_dict(data, dict(parse_override(o) for o in overrides))
+    return job_from_dict(read_yaml_mapping(path), dict(parse_override(o) for o in overrides))
 
 
 def sweep_metric(job: JobConfig) -> str:
