@@ -86,6 +86,7 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
             t0 = time.perf_counter()
             train_base(base, xtr, ytr, cfg, seed, progress=bar)
             base_seconds = time.perf_counter() - t0
+            base_clean = accuracy(base, xte, yte)
             targets: dict[str, tuple[torch.nn.Module, list[torch.nn.Module], float, int]] = {}
             # FIP: undirected walk from w0 (or networks loaded from a folder), then the δ rule picks the members.
             t0 = time.perf_counter()
@@ -144,12 +145,13 @@ def run(cfg: Config, out: Path, *, progress: bool = True, bundle=None) -> dict:
                 flags = sanity_flags(curve, target=target, x=x_eval[:100], y=y_eval[:100], eps=max(ec.eps))
                 sanity.setdefault(name, []).append(flags)
                 div = representation_diversity(members, x_eval) if len(members) > 1 else {"mean": 0.0}
+                member_clean = [accuracy(m, xte, yte) for m in members]
                 rows.append({
-                    "method": name, "seed": seed, "clean": accuracy(target, x_eval, y_eval),
+                    "method": name, "seed": seed, "clean": curve[0]["clean"],  # clean accuracy on x_eval
                     "clean_full_test": accuracy(target, xte, yte),
-                    "member_clean_mean": float(np.mean([accuracy(m, xte, yte) for m in members])),
-                    "member_clean_min": float(np.min([accuracy(m, xte, yte) for m in members])),
-                    "base_clean": accuracy(base, xte, yte),
+                    "member_clean_mean": float(np.mean(member_clean)),
+                    "member_clean_min": float(np.min(member_clean)),
+                    "base_clean": base_clean,
                     "diversity": float(div["mean"]),
                     "coherence": coherence(members, base, x_eval, y_eval),
                     "disagreement": pairwise_disagreement(members, x_eval) if len(members) > 1 else 0.0,

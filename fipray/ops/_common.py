@@ -106,8 +106,10 @@ def fip_phase(
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         anchor = Anchor(state["anchor_inputs"], state["anchor_logits"])
         if path.memory_batch_size and len(anchor) > path.memory_batch_size:
-            ms = mem_stream.setdefault(len(anchor), BatchStream(len(anchor), path.memory_batch_size,
-                                                                mix_seed(seed, 2, _tag(name))))
+            ms = mem_stream.get(len(anchor))
+            if ms is None:  # built once: it caches the current epoch's permutation
+                ms = mem_stream[len(anchor)] = BatchStream(len(anchor), path.memory_batch_size,
+                                                           mix_seed(seed, 2, _tag(name)))
             anchor = anchor.select(ms.indices(t))
         x_new = y_new = None
         if new_stream is not None and new_data is not None:
