@@ -26,7 +26,7 @@ import torch
 
 
 def _job(steps: int, paths: int, hidden: int):
-    from fipray.ray.paths_config import job_from_dict
+    from fipray.job import job_from_dict
 
     return job_from_dict({
         "operation": "undirected", "seeds": [0], "threads": 1,
@@ -48,7 +48,7 @@ def _ray_run(steps: int, paths: int, hidden: int) -> dict:
 
 
 def _serial(steps: int, paths: int, hidden: int) -> dict:
-    from fipray.ray.paths_unit import run_one_path, train_shared_base
+    from fipray.units import run_one_path, train_shared_base
 
     torch.set_num_threads(1)
     job = _job(steps, paths, hidden)

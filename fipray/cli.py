@@ -1,46 +1,160 @@
-"""`fipray` command line: `fipray continual|sparsify|ensemble --config FILE --out DIR [key=value ...]`."""
+"""`fipray` command line: one table of commands, one shared runner.
+
+    fipray <operation> --config FILE [--out DIR] [--smoke-test] [--no-progress] [key=value ...]
+    fipray paths|sweep --config FILE [--out DIR] [--address ADDR] [--smoke-test] [key=value ...]
+    fipray query --set DIR --data NAME [...]
+    fipray serve|attack --ensemble DIR [...]
+
+Every registered operation (`fipray.operation`) is a command of its own. Every command has
+`--smoke-test` (the same code path in seconds); a bad key, value, file or argument exits 2 with a
+message naming it. `jobs/*.py` (what `ray job submit` runs) call `main` with their command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-EXPERIMENTS = ("continual", "sparsify", "ensemble")
+from fipray.config import ConfigError
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fipray", description="Functionally invariant paths.")
-    sub = p.add_subparsers(dest="command", required=True)
-    for name in EXPERIMENTS:
-        s = sub.add_parser(name, help=f"run the {name} experiment (FIP vs its baselines over seeds)")
-        s.add_argument("--config", type=Path, help=f"YAML config (e.g. jobs/configs/{name}_digits.yaml)")
-        s.add_argument("--out", type=Path, help="output folder (default runs/<operation>-<run id>)")
-        s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-        if name == "ensemble":
-            s.add_argument("--ensemble", type=Path, dest="load",
-                           help="evaluate the networks of this ensemble folder (e.g. `fipray paths`' ensemble/) "
-                                "as the FIP candidates instead of walking a new path (= ensemble.load)")
-        s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. path.lam=0.5")
-    # Ray commands (fipray.ray; Ray is imported only when one of them runs).
-    for name, helptext in (("paths", "run P FIP paths in parallel on Ray, merge their tables and ensembles"),
-                           ("sweep", "search config fields with Ray Tune + ASHA (the YAML's sweep: section)")):
-        s = sub.add_parser(name, help=helptext)
-        s.add_argument("--config", type=Path, help="YAML config (e.g. jobs/configs/sweep_continual_digits.yaml)")
-        s.add_argument("--out", type=Path, help=f"output folder (default runs/{name}-<run id>)")
-        s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
-        s.add_argument("--no-progress", action="store_true", help="hide the progress display")
-        if name == "paths":
-            s.add_argument("--num-paths", type=int, help="number of paths P (default ray.num_paths, 1)")
-            s.add_argument("--backend", choices=("worker", "train"), help="default ray.backend (worker)")
-        s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. path.lam=0.5")
-    # Geometry commands (spectrum, compose, query): arguments and dispatch live in fipray._geometry_cli.
-    from fipray._geometry_cli import add_parsers
+@dataclass(frozen=True)
+class Command:
+    """One `fipray` subcommand.
 
-    add_parsers(sub)
-    # Serving commands (fipray.ray.serve / fipray.ray.attack; Ray is imported only when one runs).
-    s = sub.add_parser("serve", help="serve an ensemble folder over HTTP with Ray Serve (members sharded)")
+    Attributes:
+        name, help: the subcommand and its one-line help.
+        add_args: adds the command's own arguments to its parser.
+        run: the command (parsed arguments -> exit code); user errors raise ConfigError.
+        config: the command reads `--config`, `--out` and `key=value` overrides.
+        user_errors: further exception types that mean bad input here (exit 2, message printed).
+    """
+
+    name: str
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    config: bool = True
+    user_errors: tuple[type[Exception], ...] = ()
+
+
+def _no_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _overrides(args: argparse.Namespace, smoke: list[str] | tuple[str, ...], extra: list[str] | None = None) -> list[str]:
+    """`--smoke-test` overrides first, so the user's own overrides win."""
+    return [*(smoke if args.smoke_test else ()), *args.overrides, *(extra or [])]
+
+
+def _print_run(out: Path, brief: dict, files: str) -> None:
+    print((out / "report.md").read_text())
+    print(f"results in {out}/ ({files})")
+    print(json.dumps(brief))
+
+
+# Operations ---------------------------------------------------------------------------------------
+def _operation_command(name: str) -> Command:
+    from fipray.operation import get_operation
+
+    op = get_operation(name)
+
+    def add_args(p: argparse.ArgumentParser) -> None:
+        for flag, key, helptext in op.cli_options:
+            p.add_argument(flag, dest=key.replace(".", "__"), type=Path, help=f"{helptext} (= {key})")
+
+    def run(args: argparse.Namespace) -> int:
+        from fipray.config import load_config
+        from fipray.experiments import run_experiment
+
+        extra = [f"{key}={json.dumps(str(v))}" for _, key, _ in op.cli_options
+                 if (v := getattr(args, key.replace(".", "__"), None)) is not None]
+        cfg = load_config(args.config, _overrides(args, op.smoke, [*extra, f"operation={name}"]))
+        out = args.out or Path("runs") / f"{name}-{cfg.run_id()}"
+        summary = run_experiment(cfg, out, progress=not args.no_progress)
+        _print_run(Path(out), op.brief(summary), "summary.json, report.md, *.parquet, *.png")
+        return 0
+
+    return Command(name, op.help or f"run the {name} operation", add_args, run)
+
+
+# Ray: paths and sweeps ----------------------------------------------------------------------------
+def _add_paths_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-paths", type=int, help="number of paths P (default ray.num_paths, 1)")
+    p.add_argument("--backend", choices=("worker", "train"), help="default ray.backend (worker)")
+
+
+def _load_job(args: argparse.Namespace, sweep: bool, extra: list[str]) -> Any:
+    from fipray.config import from_dict, read_yaml_mapping
+    from fipray.job import load_job, smoke_overrides
+
+    data = {k: v for k, v in read_yaml_mapping(args.config).items() if k not in ("ray", "sweep")}
+    smoke = smoke_overrides(from_dict(data).operation, sweep) if args.smoke_test else []
+    return load_job(args.config, [*smoke, *args.overrides, *extra])
+
+
+def _run_paths(args: argparse.Namespace) -> int:
+    from fipray.ray.paths import run_paths
+
+    extra = ([f"ray.num_paths={args.num_paths}"] if args.num_paths is not None else []) + \
+        ([f"ray.backend={args.backend}"] if args.backend is not None else [])
+    job = _load_job(args, False, extra)
+    out = Path(args.out or Path("runs") / f"paths-{job.cfg.operation}-{job.cfg.run_id()}")
+    summary = run_paths(job, out, progress=not args.no_progress, address=args.address)
+    _print_run(out, {"paths": summary["num_paths"], "rows": summary["path_rows"],
+                     "members": summary["ensemble_members"], "seconds": round(summary["seconds"], 1)},
+               "summary.json, report.md, path.parquet, ensemble/")
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from fipray.ray.sweep import run_sweep
+
+    job = _load_job(args, True, [])
+    out = Path(args.out or Path("runs") / f"sweep-{job.cfg.operation}-{job.cfg.run_id()}")
+    summary = run_sweep(job, out, progress=not args.no_progress, address=args.address)
+    print(json.dumps({k: summary[k] for k in ("metric", "mode", "best_config", "best_metric", "num_trials",
+                                              "num_stopped_early", "seconds")}, indent=2))
+    print(f"results in {out}/ (summary.json, trials.parquet, best_config.yaml, metric_vs_*.png)")
+    return 0
+
+
+# Network sets ---------------------------------------------------------------------------------------
+def _add_query_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--set", dest="set_dir", type=Path, required=True, help="network set folder (fipray compose: OUT/set)")
+    q.add_argument("--data", required=True, help="dataset name (digits, cifar10, hf_disk, parquet, ...)")
+    q.add_argument("--data-kwargs", default="{}", help='JSON kwargs for get_data, e.g. \'{"seed": 1}\'')
+    q.add_argument("--split", choices=("test", "train"), default="test")
+    q.add_argument("--limit", type=int, default=0, help="use the first N examples (0: all; --smoke-test: 50)")
+    q.add_argument("--metric", default="auto", help="a query metric (fipray.query.QUERY_METRICS) or auto "
+                                                    "(accuracy with labels)")
+    q.add_argument("--no-labels", action="store_true", help="ignore the labels (label-free entropy_perplexity)")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    q.add_argument("--out", type=Path, help="output folder (default: SET/query-<data>)")
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    from fipray.query import run_query
+
+    if args.smoke_test and not args.limit:
+        args.limit = 50
+    md, brief, out = run_query(args.set_dir, args.data, data_kwargs=args.data_kwargs, split=args.split,
+                               limit=args.limit, metric=args.metric, labels=not args.no_labels, device=args.device,
+                               threads=args.threads, out=args.out)
+    print(md)
+    print(f"results in {out}/ (ranking.parquet, summary.json, report.md)")
+    print(json.dumps(brief))
+    return 0
+
+
+# Serving ----------------------------------------------------------------------------------------------
+def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ensemble", type=Path, required=True, help="ensemble folder (ensemble.json + members.safetensors)")
     s.add_argument("--shards", type=int, default=1, help="shard deployments the members are split over (1: one deployment)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
@@ -48,86 +162,90 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-inputs", type=int, default=256, help="largest batch one request may carry")
     s.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs each shard asks for")
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
-    s = sub.add_parser("attack", help="white-box and transfer PGD on a served (sharded) ensemble via Ray handles")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from fipray.ray.serve import main_serve
+
+    serve_args = {"ensemble": str(args.ensemble), "shards": args.shards, "max_inputs": args.max_inputs,
+                  "gpus_per_shard": args.gpus_per_shard}
+    return main_serve(serve_args, host=args.host, port=args.port, address=args.address, smoke_test=args.smoke_test)
+
+
+def _add_attack_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ensemble", type=Path, required=True, help="ensemble folder written by `fipray ensemble`")
     s.add_argument("--eps", type=float, nargs="+", help="L-inf radii (default: the run config's ensemble.eps)")
     s.add_argument("--shards", type=int, default=1, help="shard deployments the members are split over")
     s.add_argument("--steps", type=int, help="PGD steps (default: the run config's ensemble.pgd_steps)")
     s.add_argument("--seed", type=int, help="attack seed (default: the ensemble's seed)")
     s.add_argument("--examples", type=int, help="test examples (default: the run config's ensemble.eval_examples)")
-    s.add_argument("--config", type=Path, help="the run config (default: config.yaml of the run that made it)")
+    s.add_argument("--config", type=Path, dest="run_config",
+                   help="the run config (default: config.yaml of the run that made it)")
     s.add_argument("--surrogate", type=Path, help="ensemble folder to craft transfer attacks on (default: w0)")
     s.add_argument("--out", type=Path, help="output folder (default runs/attack-<run id>-seed<S>-s<shards>)")
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command in ("paths", "sweep"):
-        import importlib
+def _run_attack(args: argparse.Namespace) -> int:
+    from fipray.ray.attack import format_brief, main_attack
 
-        return importlib.import_module(f"fipray.ray.{args.command}").main(args)
-    if args.command in ("spectrum", "compose", "query"):
-        from fipray._geometry_cli import main as geometry_main
-
-        return geometry_main(args)
-    if args.command in ("serve", "attack"):
-        return _serve_or_attack(args)
-    from fipray.config import ConfigError, load_config
-
-    try:
-        extra = [f"ensemble.load={json.dumps(str(args.load))}"] if getattr(args, "load", None) else []
-        cfg = load_config(args.config, [*args.overrides, *extra, f"operation={args.command}"])
-        out = args.out or Path("runs") / f"{args.command}-{cfg.run_id()}"
-        from fipray.experiments import run_experiment
-
-        summary = run_experiment(cfg, out, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"fipray: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"fipray: error: {e}", file=sys.stderr)
-        return 2
-    print((out / "report.md").read_text())
-    print(f"results in {out}/ (summary.json, report.md, *.parquet, *.png)")
-    if args.command == "continual":
-        brief = {m: round(v["acc_mean"], 4) for m, v in summary["methods"].items()}
-    elif args.command == "sparsify":
-        brief = {m: {p: round(v["accuracy_mean"], 4) for p, v in d.items()} for m, d in summary["methods"].items()}
-    else:
-        brief = {m: round(v["clean_mean"], 4) for m, v in summary["methods"].items()}
-    print(json.dumps(brief))
-    return 0
-
-
-def _serve_or_attack(args: argparse.Namespace) -> int:
-    from fipray.config import ConfigError
-
-    try:
-        if args.command == "serve":
-            from fipray.ray.serve import main_serve
-
-            serve_args = {"ensemble": str(args.ensemble), "shards": args.shards, "max_inputs": args.max_inputs,
-                          "gpus_per_shard": args.gpus_per_shard}
-            return main_serve(serve_args, host=args.host, port=args.port, address=args.address)
-        import ray
-
-        from fipray.ray.attack import format_brief, main_attack
-
-        try:
-            summary = main_attack(args.ensemble, eps=args.eps, shards=args.shards, steps=args.steps, seed=args.seed,
-                                  examples=args.examples, config=args.config, surrogate=args.surrogate,
-                                  out=args.out, address=args.address)
-        finally:
-            ray.shutdown()
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"fipray: error: {e}", file=sys.stderr)
-        return 2
+    smoke = args.smoke_test
+    summary = main_attack(args.ensemble, eps=args.eps or ([0.1] if smoke else None), shards=args.shards,
+                          steps=args.steps or (2 if smoke else None), seed=args.seed,
+                          examples=args.examples or (20 if smoke else None), config=args.run_config,
+                          surrogate=args.surrogate, out=args.out, address=args.address, flags=not smoke)
     print(summary["report"])
     print(f"results in {summary['out']}/ (summary.json, report.md, robustness.parquet)")
     print(format_brief(summary))
     return 0
+
+
+def commands() -> dict[str, Command]:
+    """The command table: every registered operation, then the Ray, set and serving commands."""
+    from fipray.operation import OPERATIONS
+
+    table = {name: _operation_command(name) for name, cls in OPERATIONS.items() if cls.name == name}
+    table["paths"] = Command("paths", "run P FIP paths in parallel on Ray, merge their tables and ensembles",
+                             _add_paths_args, _run_paths)
+    table["sweep"] = Command("sweep", "search config fields with Ray Tune + ASHA (the YAML's sweep: section)",
+                             _no_args, _run_sweep)
+    table["query"] = Command("query", "score every network of a stored set on a dataset; rank them, best first",
+                             _add_query_args, _run_query, config=False, user_errors=(ValueError,))
+    table["serve"] = Command("serve", "serve an ensemble folder over HTTP with Ray Serve (members sharded)",
+                             _add_serve_args, _run_serve, config=False, user_errors=(ValueError,))
+    table["attack"] = Command("attack", "white-box and transfer PGD on a served (sharded) ensemble via Ray handles",
+                              _add_attack_args, _run_attack, config=False, user_errors=(ValueError,))
+    return table
+
+
+def _parser(table: dict[str, Command]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fipray", description="Functionally invariant paths.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, cmd in table.items():
+        s = sub.add_parser(name, help=cmd.help)
+        s.add_argument("--smoke-test", action="store_true", help="the same code path in seconds (tiny steps, one seed)")
+        if cmd.config:
+            s.add_argument("--config", type=Path, help="YAML config (e.g. jobs/configs/*.yaml)")
+            s.add_argument("--out", type=Path, help=f"output folder (default runs/{name}-<run id>)")
+            s.add_argument("--no-progress", action="store_true", help="hide the progress display")
+            if name in ("paths", "sweep"):
+                s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+        cmd.add_args(s)
+        if cmd.config:
+            s.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. path.lam=0.5")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "fipray") -> int:
+    """Parse `argv`, run the command; a user error prints `<prog>: error: <message>` and returns 2."""
+    table = commands()
+    args = _parser(table).parse_args(argv)
+    cmd = table[args.command]
+    try:
+        return cmd.run(args)
+    except (ConfigError, FileNotFoundError, *cmd.user_errors) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""Typed, frozen run configuration.
+"""Typed, frozen run configuration: one system for every section.
 
 One `Config` describes a whole run: the data, the model, how the base network is trained, the
-FIP path (distance, λ, β, η, steps), and the operation-specific section. It loads from YAML plus
-`key=value` overrides (`path.lam=0.5`, `seeds=[0,1]`), and every unknown key or badly typed value
-fails at once with a message that names it and lists what is valid. The run id is a hash of the
-non-default fields, so the same config always lands in the same place (open_lth's habit).
+FIP path (distance, λ, β, η, steps), and one section per registered operation (`continual`,
+`sparsify`, ... — each operation module declares its own dataclass, see `fipray.operation`).
+The Ray, sweep and serve sections (`fipray.job`, `fipray.serving`) are dataclasses built and
+validated by the same `build_section`.
+
+Every field is a `knob`: its type, range and valid choices sit next to it, so a bad value fails at
+once with one error type (`ConfigError`) naming the key and what is valid. Configs load from YAML
+plus `key=value` overrides (`path.lam=0.5`, `seeds=[0,1]`). The run id is a hash of the non-default
+fields, so the same config always lands in the same place (open_lth's habit).
 """
 
 from __future__ import annotations
@@ -12,17 +17,53 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fipray._registry import Registry
+
 
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message says which and what is valid."""
+
+
+Choices = tuple[str, ...] | Callable[[], list[str]]
+
+
+def knob(default: Any, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+         choices: Choices | None = None, nonempty: bool = False) -> Any:
+    """A config field with its constraints beside it.
+
+    Args:
+        default: the default value (a dict default is copied per instance).
+        gt, ge, lt: bounds on a number (on every element of a tuple of numbers).
+        choices: the valid strings, or a callable returning them (a registry's `names`), checked
+            on the value or on every element of a tuple.
+        nonempty: a tuple field must hold at least one element.
+    """
+    meta = {"gt": gt, "ge": ge, "lt": lt, "choices": choices, "nonempty": nonempty}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _distances() -> list[str]:
+    from fipray.core.distances import DISTANCES
+
+    return DISTANCES.names()
+
+
+def _optimizers() -> list[str]:
+    from fipray.optim import OPTIMIZERS
+
+    return OPTIMIZERS.names()
 
 
 @dataclass(frozen=True)
@@ -30,7 +71,7 @@ class DataConfig:
     """Which dataset; `kwargs` go to `fipray.data.get_data(name, **kwargs)`."""
 
     name: str = "digits"
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict = knob({})
 
 
 @dataclass(frozen=True)
@@ -38,18 +79,18 @@ class ModelConfig:
     """Which network; `kwargs` go to `fipray.models.create_model(name, **kwargs)`."""
 
     name: str = "mlp"
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict = knob({})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Plain supervised training (the base network w0, baselines, fine-tuning)."""
 
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
+    steps: int = knob(1000, gt=0)
+    batch_size: int = knob(64, gt=0)
+    lr: float = knob(1e-3, gt=0)
+    optimizer: str = knob("adam", choices=_optimizers)
+    weight_decay: float = knob(0.0, ge=0)
 
 
 @dataclass(frozen=True)
@@ -61,109 +102,66 @@ class PathConfig:
     Krylov trust-region solver of `cg_iters` g·v products (`fipray.core.step.metric_step`).
     """
 
-    distance: str = "bhattacharyya"
-    lam: float = 1.0
-    beta: float = 1.0
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    steps: int = 500
-    batch_size: int = 64
-    memory_batch_size: int = 0  # 0: the whole invariance memory every step
-    step: str = "penalty"
-    record_every: int = 25
-    checkpoint_every: int = 100
-    heldout: int = 256  # held-out inputs on which output drift to w0 is recorded
-    trust_radius: float = 0.01  # step: metric — the weight distance ‖dw‖ of every step
-    cg_iters: int = 10  # step: metric — Krylov dimension (g·v products) of the trust-region solve
+    distance: str = knob("bhattacharyya", choices=_distances)
+    lam: float = knob(1.0, ge=0)
+    beta: float = knob(1.0, ge=0)
+    lr: float = knob(1e-3, gt=0)
+    optimizer: str = knob("adam", choices=_optimizers)
+    weight_decay: float = knob(0.0, ge=0)
+    steps: int = knob(500, ge=0)
+    batch_size: int = knob(64, gt=0)
+    memory_batch_size: int = knob(0, ge=0)  # 0: the whole invariance memory every step
+    step: str = knob("penalty", choices=("penalty", "metric"))
+    record_every: int = knob(25, gt=0)
+    checkpoint_every: int = knob(100, gt=0)
+    heldout: int = knob(256, ge=0)  # held-out inputs on which output drift to w0 is recorded
+    trust_radius: float = knob(0.01, gt=0)  # step: metric — the weight distance ‖dw‖ of every step
+    cg_iters: int = knob(10, gt=0)  # step: metric — Krylov dimension (g·v products) of the trust-region solve
 
 
-@dataclass(frozen=True)
-class ContinualConfig:
-    """Split-task continual learning (paper Algorithm 1)."""
-
-    num_tasks: int = 5
-    classes_per_task: int = 0  # 0: num_classes // num_tasks
-    memory_per_task: int = 20
-    setting: str = "class"  # the setting summary.json headlines; both are always computed
-    baselines: tuple[str, ...] = ("naive", "er", "ewc")
-    ewc_lambda: float = 100.0
-    ewc_samples: int = 200
+# Operation sections (`continual:`, `sparsify:`, ...): each operation module registers its dataclass.
+SECTIONS: Registry[type] = Registry("config section", builtins="fipray.ops")
 
 
-@dataclass(frozen=True)
-class SparsifyConfig:
-    """Path to the p-sparse submanifold (paper Algorithm 2), then a masked invariance phase."""
+def _operations() -> list[str]:
+    from fipray.operation import OPERATIONS
 
-    targets: tuple[float, ...] = (0.5, 0.8, 0.9)
-    exclude_head: bool = False  # the classifier head counts unless this is set (PROTOCOLS.md)
-    invariance_steps: int = 200
-    baselines: tuple[str, ...] = ("magnitude", "magnitude_ft")
+    return OPERATIONS.names()
 
 
-@dataclass(frozen=True)
-class EnsembleConfig:
-    """Undirected path (L = 0) and member selection (paper Algorithm 3)."""
-
-    members: int = 10
-    sample_every: int = 20
-    fgsm_eps: float = 0.1
-    delta: float = 0.0  # 0: keep the `members` candidates whose outputs move least
-    noise: float = 0.02  # per-step random kick, relative to each tensor's RMS (drives the L = 0 walk)
-    diversity: bool = False  # add beta * input-gradient coherence with w0 to the path objective
-    eps: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
-    pgd_steps: int = 20
-    eval_examples: int = 300
-    autoattack: bool = False  # also run torchattacks' AutoAttack on each deployed model (slow)
-    load: str = ""  # an ensemble folder (e.g. `fipray paths`' ensemble/) whose networks replace the walk's samples
-    baselines: tuple[str, ...] = ("deep", "base")
+def _default_sections() -> dict[str, Any]:
+    return {name: cls() for name, cls in SECTIONS.items()}
 
 
-@dataclass(frozen=True)
-class SpectrumConfig:
-    """Spectrum of the metric g at the trained network (`fipray spectrum`), matrix-free."""
-
-    points: int = 256  # N training inputs on which g = JᵀJ / N is taken
-    top_k: int = 20
-    lanczos_iters: int = 0  # 0: max(3 top_k, top_k + 30)
-    slq_probes: int = 4  # stochastic Lanczos quadrature probes for the density (0: skip it)
-    slq_iters: int = 40
-    thresholds: tuple[float, ...] = (1e-3,)  # report the fraction of eigenvalues below each
-    metric: str = "euclidean"  # euclidean: g = JᵀJ on logits; distance: Gauss-Newton of path.distance
-    along: str = ""  # a network-set folder (fipray compose): also the spectrum at its nodes
-    max_networks: int = 6  # at most this many nodes of `along`, evenly spaced
-    precision: str = "float32"  # float64: g·v in double precision, resolves eigenvalues ≪ λ_max·1e-6
-
-
-@dataclass(frozen=True)
-class ComposeConfig:
-    """Operations applied in sequence (`fipray compose`), e.g. continual then sparsify and back."""
-
-    orders: tuple[str, ...] = ("continual>sparsify", "sparsify>continual")
-    target: float = 0.8  # the sparsify operation's sparsity
-    sample_every: int = 0  # also a node every k steps of a phase (0: one node per phase end)
+CORE_FIELDS = ("operation", "seeds", "device", "threads", "data", "model", "train", "path")
 
 
 @dataclass(frozen=True)
 class Config:
-    """A whole fipray run."""
+    """A whole fipray run: the core fields plus one section per registered operation (`cfg.continual`)."""
 
-    operation: str = "continual"
-    seeds: tuple[int, ...] = (0,)
+    operation: str = knob("continual", choices=_operations)
+    seeds: tuple[int, ...] = knob((0,), nonempty=True)
     device: str = "cpu"
-    threads: int = 0  # torch intra-op threads for the run; 0 keeps torch's default
+    threads: int = knob(0, ge=0)  # torch intra-op threads for the run; 0 keeps torch's default
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     path: PathConfig = field(default_factory=PathConfig)
-    continual: ContinualConfig = field(default_factory=ContinualConfig)
-    sparsify: SparsifyConfig = field(default_factory=SparsifyConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    spectrum: SpectrumConfig = field(default_factory=SpectrumConfig)
-    compose: ComposeConfig = field(default_factory=ComposeConfig)
+    sections: Mapping[str, Any] = field(default_factory=_default_sections, hash=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when ordinary lookup fails: `cfg.continual` is the registered section.
+        sections = self.__dict__.get("sections")
+        if sections is not None and name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no field or section {name!r}")
 
     def to_dict(self) -> dict:
-        return _to_plain(dataclasses.asdict(self))
+        out = {name: _to_plain(dataclasses.asdict(getattr(self, name)) if dataclasses.is_dataclass(
+            getattr(self, name)) else getattr(self, name)) for name in CORE_FIELDS}
+        out.update({name: _to_plain(dataclasses.asdict(sec)) for name, sec in self.sections.items()})
+        return out
 
     def run_id(self) -> str:
         """Hash of the fields that differ from the defaults (stable across key order)."""
@@ -173,24 +171,7 @@ class Config:
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with dotted-key overrides applied and validated."""
-        return from_dict(_merge(self.to_dict(), _expand(overrides)))
-
-
-OPERATIONS = ("continual", "sparsify", "ensemble", "undirected", "spectrum", "compose")
-CHOICES = {
-    ("operation",): OPERATIONS,
-    ("path", "step"): ("penalty", "metric"),
-    ("path", "optimizer"): ("adam", "adamw", "sgd"),
-    ("train", "optimizer"): ("adam", "adamw", "sgd"),
-    ("continual", "setting"): ("class", "task"),
-    ("spectrum", "metric"): ("euclidean", "distance"),
-    ("spectrum", "precision"): ("float32", "float64"),
-}
-BASELINE_CHOICES = {
-    ("continual", "baselines"): ("naive", "er", "ewc"),
-    ("sparsify", "baselines"): ("magnitude", "magnitude_ft", "imp"),
-    ("ensemble", "baselines"): ("deep", "base"),
-}
+        return from_dict(merge(self.to_dict(), expand(overrides)))
 
 
 def _to_plain(x: Any) -> Any:
@@ -213,17 +194,18 @@ def _diff(a: dict, b: dict) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge(base: dict, over: dict) -> dict:
+    """`over` laid onto `base`, section by section (`kwargs` mappings are replaced whole)."""
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
 
 
-def _expand(flat: dict) -> dict:
+def expand(flat: Mapping[str, Any]) -> dict:
     """{'path.lam': 1} -> {'path': {'lam': 1}}; `kwargs` sub-keys stay nested dicts."""
     out: dict = {}
     for key, value in flat.items():
@@ -237,8 +219,8 @@ def _expand(flat: dict) -> dict:
     return out
 
 
-def _check_value(where: str, value: Any, tp: Any) -> Any:
-    """Coerce YAML values to the field's type, or raise naming the field."""
+def _check_type(where: str, value: Any, tp: Any) -> Any:
+    """Coerce a YAML value to the field's type, or raise naming the field."""
     origin = typing.get_origin(tp)
     if tp is bool:
         if isinstance(value, bool):
@@ -266,115 +248,81 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"config key {where!r}: expected a mapping, got {value!r}")
     if origin is tuple:
-        (inner, _) = typing.get_args(tp)
+        inner = typing.get_args(tp)[0]
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {where!r}: expected a list, got {value!r}")
-        return tuple(_check_value(f"{where}[{i}]", v, inner) for i, v in enumerate(value))
+        return tuple(_check_type(f"{where}[{i}]", v, inner) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"config key {where!r}: unsupported union type")
     raise ConfigError(f"config key {where!r}: unsupported type {tp}")
 
 
-def _build(cls: type, data: dict, prefix: str) -> Any:
+def _check_constraints(where: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Range and choice constraints of a knob, on the value or on each element of a tuple."""
+    if meta.get("nonempty") and isinstance(value, tuple) and not value:
+        raise ConfigError(f"config key {where!r} must list at least one value")
+    items = value if isinstance(value, tuple) else (value,)
+    choices = meta.get("choices")
+    if choices is not None:
+        allowed = list(choices() if callable(choices) else choices)
+        for v in items:
+            if v not in allowed:
+                raise ConfigError(f"config key {where!r}: {v!r} is not one of {', '.join(allowed)}")
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        bad = math.isnan(v)
+        bounds = []
+        for key, op, text in (("gt", float.__gt__, ">"), ("ge", float.__ge__, ">="), ("lt", float.__lt__, "<")):
+            b = meta.get(key)
+            if b is not None:
+                bounds.append(f"{text} {b:g}")
+                bad = bad or not op(float(v), float(b))
+        if bad:
+            raise ConfigError(f"config key {where!r} must be {' and '.join(bounds)}, got {v!r}")
+
+
+def build_section(cls: type, data: Any, prefix: str) -> Any:
+    """A validated instance of the dataclass `cls` from a mapping; `prefix` names it in errors ('path.')."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(names)}"
+            f"unknown config key {prefix + str(unknown[0])!r}; valid keys here: {', '.join(fields)}"
         )
     kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp = hints[name]
-        where = prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], where + ".")
-        else:
-            kwargs[name] = _check_value(where, data[name], tp)
-    return cls(**kwargs)
+    for name, f in fields.items():
+        tp, where = hints[name], prefix + name
+        if name in data:
+            kwargs[name] = (build_section(tp, data[name], where + ".") if dataclasses.is_dataclass(tp)
+                            else _check_type(where, data[name], tp))
+    obj = cls(**kwargs)
+    for name, f in fields.items():
+        _check_constraints(prefix + name, getattr(obj, name), f.metadata)
+    return obj
 
 
-def _validate(cfg: Config) -> None:
-    plain = cfg.to_dict()
-    for keys, allowed in CHOICES.items():
-        node: Any = plain
-        for k in keys:
-            node = node[k]
-        if node not in allowed:
-            raise ConfigError(f"config key {'.'.join(keys)!r}: {node!r} is not one of {', '.join(allowed)}")
-    for keys, allowed in BASELINE_CHOICES.items():
-        for b in plain[keys[0]][keys[1]]:
-            if b not in allowed:
-                raise ConfigError(f"config key {'.'.join(keys)!r}: unknown baseline {b!r}; valid: {', '.join(allowed)}")
-    from fipray.core.distances import DISTANCES
-
-    if cfg.path.distance not in DISTANCES:
-        raise ConfigError(
-            f"config key 'path.distance': {cfg.path.distance!r} is not one of {', '.join(DISTANCES.names())}"
-        )
-    positive = {
-        "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
-        "path.lr": cfg.path.lr, "path.batch_size": cfg.path.batch_size, "path.record_every": cfg.path.record_every,
-        "path.checkpoint_every": cfg.path.checkpoint_every, "continual.num_tasks": cfg.continual.num_tasks,
-        "continual.memory_per_task": cfg.continual.memory_per_task, "ensemble.members": cfg.ensemble.members,
-        "ensemble.sample_every": cfg.ensemble.sample_every, "ensemble.pgd_steps": cfg.ensemble.pgd_steps,
-        "continual.ewc_samples": cfg.continual.ewc_samples, "ensemble.eval_examples": cfg.ensemble.eval_examples,
-        "path.trust_radius": cfg.path.trust_radius, "path.cg_iters": cfg.path.cg_iters,
-    }
-    for k, v in positive.items():
-        if not v > 0:
-            raise ConfigError(f"config key {k!r} must be > 0, got {v!r}")
-    nonneg = {"path.steps": cfg.path.steps, "path.lam": cfg.path.lam, "path.beta": cfg.path.beta,
-              "train.weight_decay": cfg.train.weight_decay, "path.weight_decay": cfg.path.weight_decay,
-              "continual.ewc_lambda": cfg.continual.ewc_lambda, "ensemble.noise": cfg.ensemble.noise,
-              "ensemble.fgsm_eps": cfg.ensemble.fgsm_eps, "ensemble.delta": cfg.ensemble.delta,
-              "path.memory_batch_size": cfg.path.memory_batch_size, "path.heldout": cfg.path.heldout,
-              "sparsify.invariance_steps": cfg.sparsify.invariance_steps}
-    for k, v in nonneg.items():
-        if not v >= 0:  # also rejects NaN
-            raise ConfigError(f"config key {k!r} must be >= 0, got {v!r}")
-    for p in cfg.sparsify.targets:
-        if not 0.0 < p < 1.0:
-            raise ConfigError(f"config key 'sparsify.targets': {p!r} must be a fraction in (0, 1)")
-    if not cfg.ensemble.eps:
-        raise ConfigError("config key 'ensemble.eps' must list at least one radius")
-    for e in cfg.ensemble.eps:
-        if e < 0:
-            raise ConfigError(f"config key 'ensemble.eps': {e!r} must be >= 0")
-    for k, v in {"spectrum.points": cfg.spectrum.points, "spectrum.top_k": cfg.spectrum.top_k,
-                 "spectrum.slq_iters": cfg.spectrum.slq_iters, "spectrum.max_networks": cfg.spectrum.max_networks,
-                 }.items():
-        if not v > 0:
-            raise ConfigError(f"config key {k!r} must be > 0, got {v!r}")
-    for k, v in {"spectrum.lanczos_iters": cfg.spectrum.lanczos_iters, "spectrum.slq_probes": cfg.spectrum.slq_probes,
-                 "compose.sample_every": cfg.compose.sample_every}.items():
-        if not v >= 0:
-            raise ConfigError(f"config key {k!r} must be >= 0, got {v!r}")
-    if not 0.0 < cfg.compose.target < 1.0:
-        raise ConfigError(f"config key 'compose.target': {cfg.compose.target!r} must be a fraction in (0, 1)")
-    for o in cfg.compose.orders:
-        ops = o.split(">")
-        if not all(op in ("continual", "sparsify") for op in ops):
-            raise ConfigError(f"config key 'compose.orders': {o!r} must chain continual and sparsify with '>' "
-                              "(e.g. continual>sparsify)")
-    if not cfg.compose.orders:
-        raise ConfigError("config key 'compose.orders' must list at least one order")
-    if cfg.threads < 0:
-        raise ConfigError(f"config key 'threads' must be >= 0, got {cfg.threads}")
-    if not cfg.seeds:
-        raise ConfigError("config key 'seeds' must list at least one seed")
-
-
-def from_dict(data: dict) -> Config:
+def from_dict(data: Mapping[str, Any] | None) -> Config:
     """Build and validate a Config from a nested mapping."""
-    cfg = _build(Config, data or {}, "")
-    _validate(cfg)
+    data = dict(data or {})
+    names = dict(SECTIONS.items())
+    core = {k: v for k, v in data.items() if k not in names}
+    unknown = [k for k in core if k not in CORE_FIELDS]
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys here: "
+                          f"{', '.join([*CORE_FIELDS, *names])}")
+    sections = {name: build_section(cls, data.get(name, {}) or {}, f"{name}.") for name, cls in names.items()}
+    cfg: Config = build_section(Config, core, "")
+    cfg = dataclasses.replace(cfg, sections=sections)
+    for sec in sections.values():
+        check = getattr(sec, "check", None)
+        if check is not None:  # cross-field checks a section declares (they may read other sections)
+            check(cfg)
     return cfg
 
 
@@ -410,7 +358,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Load a YAML config and apply `key=value` overrides."""
     data = read_yaml_mapping(path)
     over = dict(parse_override(o) for o in overrides)
-    return from_dict(_merge(data, _expand(over)))
+    return from_dict(merge(data, expand(over)))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

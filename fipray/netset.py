@@ -88,7 +88,7 @@ class NetworkSet:
         """The network of `node`, in eval mode."""
         from safetensors.torch import load_file
 
-        from fipray.experiments._common import build_model
+        from fipray.runtime import build_model
 
         row = next((n for n in self.nodes if n["node"] == node), None)
         if row is None:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from fipray._io import atomic_torch_save
 from fipray.core.step import StepOutput
+from fipray.optim import make_optimizer  # noqa: F401  (re-exported: phases build optimizers through it)
 
 PhaseState = dict[str, Any]
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, int, PhaseState], StepOutput]
@@ -67,17 +68,6 @@ class PathResult:
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
-
-
-def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The optimizers configs may name."""
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; available: adam, adamw, sgd")
 
 
 def _params(model: nn.Module) -> list[Tensor]:

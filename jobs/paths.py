@@ -1,53 +1,28 @@
-"""P FIP paths of a fipray config on Ray, for `ray job submit` (thin: parse, build config, call the library).
+"""`fipray paths` for `ray job submit`: a thin wrapper over the same command-line runner.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/paths.py --config jobs/configs/ensemble_digits.yaml --num-paths 8 --out /shared/runs/paths
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/paths.py [arguments of fipray paths]
 
-Inside a job RAY_ADDRESS names the cluster, so the paths run on it; run by hand, a local Ray starts.
+Inside a job RAY_ADDRESS names the cluster, so the work runs on it; run by hand, a local Ray starts.
+Every argument is `fipray paths`'s (`--smoke-test` included); see `fipray paths --help`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the submitted working dir's fipray, not whatever the node has installed
+DEFAULT_CONFIG = "jobs/configs/ensemble_digits.yaml"  # used when no --config is given
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, default=ROOT / "jobs" / "configs" / "ensemble_digits.yaml")
-    p.add_argument("--num-paths", type=int, help="number of paths P (default ray.num_paths)")
-    p.add_argument("--backend", choices=("worker", "train"), help="default ray.backend (worker)")
-    p.add_argument("--out", type=Path, help="output folder (default runs/paths-<operation>-<run id>)")
-    p.add_argument("--address", help="Ray cluster (default RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--smoke-test", action="store_true", help="tiny steps, 2 paths: seconds")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args(argv)
+    from fipray.cli import main as fipray_main
 
-    from fipray.config import ConfigError
-    from fipray.ray.paths import run_paths
-    from fipray.ray.paths_config import load_job, smoke_overrides
-
-    try:
-        over = (smoke_overrides(args.config, sweep=False) if args.smoke_test else []) + list(args.overrides)
-        if args.num_paths is not None:
-            over.append(f"ray.num_paths={args.num_paths}")
-        if args.backend is not None:
-            over.append(f"ray.backend={args.backend}")
-        job = load_job(args.config, over)
-        out = args.out or Path("runs") / f"paths-{job.cfg.operation}-{job.cfg.run_id()}"
-        summary = run_paths(job, out, progress=False, address=args.address)
-    except ConfigError as e:
-        print(f"jobs/paths.py: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: summary[k] for k in ("operation", "backend", "num_paths", "path_rows",
-                                              "ensemble_members", "seconds")}))
-    print(f"results in {Path(out).resolve()}")
-    return 0
+    args = list(sys.argv[1:] if argv is None else argv)
+    if DEFAULT_CONFIG and "--config" not in args and not any(a.startswith("--config=") for a in args):
+        args = ["--config", str(ROOT / DEFAULT_CONFIG), *args]
+    return fipray_main(["paths", *args], prog="jobs/paths.py")
 
 
 if __name__ == "__main__":

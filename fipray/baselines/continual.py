@@ -11,10 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fipray._batches import BatchStream, mix_seed
+from fipray._registry import Registry
 from fipray.config import Config, TrainConfig
-from fipray.ops._common import supervised_phase
 from fipray.ops.continual import TaskTensors, evaluate_row, memory_upto
 from fipray.path import Phase
+from fipray.phases import supervised_phase
+
+# name -> (tasks, cfg, seed) -> phases for tasks 1..T−1; `continual.baselines` names them.
+CONTINUAL_BASELINES: Registry = Registry("continual baseline")
 
 
 def _train_cfg(cfg: Config) -> TrainConfig:
@@ -24,6 +28,7 @@ def _train_cfg(cfg: Config) -> TrainConfig:
                        weight_decay=p.weight_decay)
 
 
+@CONTINUAL_BASELINES.register("naive")
 def naive_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     tc = _train_cfg(cfg)
     return [supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed,
@@ -31,6 +36,7 @@ def naive_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase
             for i in range(1, len(tasks))]
 
 
+@CONTINUAL_BASELINES.register("er")
 def er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """New-task cross-entropy plus cross-entropy on a replay batch from the same memory FIP uses."""
     tc = _train_cfg(cfg)
@@ -62,6 +68,7 @@ def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]
     return {k: g.pow(2).mean(0) for k, g in grads.items()}
 
 
+@CONTINUAL_BASELINES.register("ewc")
 def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """EWC (Kirkpatrick et al. 2017): λ/2 Σ_t Σ F_t (w − w*_t)², Fisher at the end of each task.
 
@@ -100,5 +107,3 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
                              prepare=make_prepare(i), finish=lambda m, s, i=i: evaluate_row(m, tasks, i))
             for i in range(1, len(tasks))]
 
-
-CONTINUAL_BASELINES = {"naive": naive_phases, "er": er_phases, "ewc": ewc_phases}

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import math
 
+from typing import Any
+
 from torch import Tensor, nn
 
-from fipray.config import TrainConfig
-from fipray.ops._common import supervised_phase
+from fipray._registry import Registry
+from fipray.config import Config, TrainConfig
 from fipray.ops.sparsify import apply_masks, counted_tensors, magnitude_masks
 from fipray.path import run_path
+from fipray.phases import supervised_phase
+
+# name -> (model, names, p, x, y, cfg, seed, progress) -> None: prunes `model` in place to exactly p.
+# `sparsify.baselines` names them; fine-tuning ones get path.steps + sparsify.invariance_steps steps.
+SPARSIFY_BASELINES: Registry = Registry("sparsify baseline")
+
+
+def finetune_steps(cfg: Config) -> int:
+    """Steps a fine-tuning baseline gets: as many as the FIP path takes in all."""
+    return cfg.path.steps + cfg.sparsify.invariance_steps
 
 
 def one_shot(model: nn.Module, names: list[str], p: float) -> list[Tensor]:
@@ -54,3 +66,21 @@ def iterative_magnitude(model: nn.Module, names: list[str], p: float, x: Tensor,
     for k, q in enumerate(schedule):
         masks = one_shot(model, names, q)  # magnitudes of the survivors: earlier zeros stay zero
         _masked_finetune(model, names, masks, x, y, train, seed + k, per_round, f"imp{k}", progress)
+
+
+@SPARSIFY_BASELINES.register("magnitude")
+def _magnitude(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
+               progress: Any = None) -> None:
+    one_shot(model, names, p)
+
+
+@SPARSIFY_BASELINES.register("magnitude_ft")
+def _magnitude_ft(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
+                  progress: Any = None) -> None:
+    magnitude_finetune(model, names, p, x, y, cfg.train, seed, finetune_steps(cfg), progress=progress)
+
+
+@SPARSIFY_BASELINES.register("imp")
+def _imp(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
+         progress: Any = None) -> None:
+    iterative_magnitude(model, names, p, x, y, cfg.train, seed, finetune_steps(cfg), progress=progress)

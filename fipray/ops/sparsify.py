@@ -1,21 +1,50 @@
-"""Sparsification along a FIP (paper Algorithm 2), ending at an exactly p-sparse network.
+"""The `sparsify` operation: sparsification along a FIP (paper Algorithm 2), ending exactly p-sparse.
 
 Phase 1 follows S = λ·d(f(x; w), f(x; w0)) + β·‖w − project_p(w)‖², where project_p zeroes the
 p fraction of smallest-magnitude counted weights (global over the counted tensors). Phase 2
 applies the projection as a mask (the network is now exactly p-sparse) and runs a short masked
 invariance phase back towards w0's outputs, re-applying the mask after every update.
+
+Protocol (shared/PROTOCOLS.md): counted tensors are the Linear/Conv weights (head included unless
+`sparsify.exclude_head`), every final network is exactly p-sparse over them (masks applied),
+accuracy vs sparsity over a sweep of p, against the baselines of `fipray.baselines.sparsify`
+(fine-tuning ones take as many steps as the FIP path takes in all).
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fipray.config import Config
+from fipray import report
+from fipray.config import Config, knob
 from fipray.core.step import Anchor
 from fipray.eval.sparsity import counted_parameters, sparsity
-from fipray.ops._common import fip_phase
-from fipray.path import Phase, PhaseState
+from fipray.operation import Operation, Report, register_operation
+from fipray.path import Phase, PhaseState, run_path
+from fipray.phases import fip_phase
+from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
+
+
+def _baselines() -> list[str]:
+    from fipray.baselines.sparsify import SPARSIFY_BASELINES
+
+    return SPARSIFY_BASELINES.names()
+
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """Path to the p-sparse submanifold (paper Algorithm 2), then a masked invariance phase."""
+
+    targets: tuple[float, ...] = knob((0.5, 0.8, 0.9), gt=0, lt=1, nonempty=True)
+    exclude_head: bool = False  # the classifier head counts unless this is set (PROTOCOLS.md)
+    invariance_steps: int = knob(200, ge=0)
+    baselines: tuple[str, ...] = knob(("magnitude", "magnitude_ft"), choices=_baselines)
 
 
 def counted(model: nn.Module, exclude_head: bool = False) -> list[str]:
@@ -98,3 +127,146 @@ def fip_sparsify_phases(x_mem: Tensor, dense_anchor: Anchor, p: float, cfg: Conf
                   steps=cfg.sparsify.invariance_steps, prepare_extra=project, after_step=remask,
                   finish=finish),
     ]
+
+
+@register_operation
+class Sparsify(Operation):
+    """FIP sparsification vs one-shot magnitude pruning, with and without masked fine-tuning, and IMP."""
+
+    name = "sparsify"
+    help = "run the sparsify experiment (FIP vs magnitude pruning baselines over seeds)"
+    section = SparsifyConfig
+    metrics = ("accuracy", "sparsity")
+    smoke = ("seeds=[0]", "train.steps=40", "path.steps=30", "sparsify.invariance_steps=10",
+             "path.record_every=10", "path.checkpoint_every=20")
+    supports_paths = True
+
+    # The experiment -------------------------------------------------------------------------------
+    def run(self, ctx: RunContext) -> dict:
+        from fipray.baselines.sparsify import finetune_steps
+
+        cfg, sc = ctx.cfg, ctx.cfg.sparsify
+        methods = ["fip", *sc.baselines]
+        per_p = cfg.path.steps + sc.invariance_steps + finetune_steps(cfg) * len({"magnitude_ft", "imp"} & set(methods))
+        rows: dict[str, list] = {"results": [], "path": [], "dense": [], "geometry": [], "names": []}
+        with ctx.progress(len(cfg.seeds) * (cfg.train.steps + len(sc.targets) * per_p), "sparsify"):
+            ctx.train_tensors(), ctx.test_tensors()
+            for seed in cfg.seeds:
+                for k, v in self.run_seed(ctx, seed, methods).items():
+                    rows[k] += v
+        summary = self.aggregate(cfg, methods, rows)
+        self.report(ctx, summary, methods, rows)
+        return summary
+
+    def run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
+        """Base network, then every method to every target from it."""
+        cfg, sc = ctx.cfg, ctx.cfg.sparsify
+        (xtr, ytr), (xte, yte) = ctx.train_tensors(), ctx.test_tensors()
+        base = ctx.model(seed)
+        t0 = time.perf_counter()
+        train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
+        base_seconds = time.perf_counter() - t0
+        dense = accuracy(base, xte, yte)
+        names = counted(base, sc.exclude_head)
+        anchor = Anchor.from_model(base, xtr)
+        out: dict[str, list] = {"results": [], "path": [], "dense": [dense], "geometry": [], "names": [names]}
+        for p in sc.targets:
+            for method in methods:
+                model = clone(base)
+                t0 = time.perf_counter()
+                if method == "fip":
+                    res = run_path(model, fip_sparsify_phases(xtr, anchor, p, cfg, seed, names),
+                                   out_dir=ctx.checkpoint_dir(f"seed{seed}", f"p{p:g}"),
+                                   **ctx.path_kwargs(xte[: cfg.path.heldout], _evaluator(xte, yte, names)))
+                    out["path"] += [{"seed": seed, "target": p, **r} for r in res.records]
+                    out["geometry"].append((f"{p:g}", path_summary(res.records)))
+                else:
+                    from fipray.baselines.sparsify import SPARSIFY_BASELINES
+
+                    SPARSIFY_BASELINES.get(method)(model, names, p, xtr, ytr, cfg, seed, progress=ctx.bar)
+                out["results"].append({"method": method, "seed": seed, "target": p,
+                                       "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
+                                       "dense_accuracy": dense, "seconds": time.perf_counter() - t0 + base_seconds})
+        return out
+
+    @staticmethod
+    def aggregate(cfg: Config, methods: list[str], rows: dict[str, list]) -> dict:
+        sc, results = cfg.sparsify, rows["results"]
+        per_method: dict = {}
+        for m in methods:
+            per_method[m] = {}
+            for p in sc.targets:
+                sel = [r for r in results if r["method"] == m and r["target"] == p]
+                acc = mean_std([r["accuracy"] for r in sel])
+                per_method[m][f"{p:g}"] = {
+                    "accuracy_mean": acc[0], "accuracy_std": acc[1],
+                    "sparsity": min(r["sparsity"] for r in sel), "sparsity_max": max(r["sparsity"] for r in sel),
+                    "seconds": sum(r["seconds"] for r in sel) / len(sel)}
+        geometry: dict[str, list[dict]] = {}
+        for p, g in rows["geometry"]:
+            geometry.setdefault(p, []).append(g)
+        dense = mean_std(rows["dense"])
+        return {"operation": "sparsify", "dense_accuracy": dense[0], "dense_accuracy_std": dense[1],
+                "seeds": list(cfg.seeds), "counted": rows["names"][-1], "exclude_head": sc.exclude_head,
+                "targets": [f"{p:g}" for p in sc.targets], "methods": per_method,
+                "fip_path": {p: {k: float(sum(g[k] for g in v) / len(v)) for k in v[0]} for p, v in geometry.items()}}
+
+    @staticmethod
+    def report(ctx: RunContext, summary: dict, methods: list[str], rows: dict[str, list]) -> None:
+        from fipray.baselines.sparsify import finetune_steps
+
+        cfg, out, sc = ctx.cfg, ctx.out, ctx.cfg.sparsify
+        assert out is not None
+        per_method = summary["methods"]
+        series = {m: ([v["sparsity"] for v in per_method[m].values()],
+                      [v["accuracy_mean"] for v in per_method[m].values()]) for m in methods}
+        report.plot_lines(series, "sparsity (fraction of counted weights = 0)", "test accuracy",
+                          f"Accuracy vs sparsity ({cfg.model.name} on {cfg.data.name})", out / "accuracy_vs_sparsity.png")
+        table = [[m, p, v["sparsity"], f"{v['accuracy_mean']:.4f} ± {v['accuracy_std']:.4f}"]
+                 for m in methods for p, v in per_method[m].items()]
+        md = "\n".join([
+            f"# Sparsification: {cfg.model.name} on {cfg.data.name}", "",
+            f"Dense accuracy {summary['dense_accuracy']:.4f}; seeds {list(cfg.seeds)} (mean ± std). Counted tensors "
+            f"({'head excluded' if sc.exclude_head else 'head included'}): {', '.join(summary['counted'])}. "
+            f"magnitude_ft and imp fine-tune {finetune_steps(cfg)} steps in all (= FIP path + invariance phase); "
+            f"imp prunes 20% of the remaining weights per round.", "",
+            report.md_table(["method", "target", "sparsity", "accuracy"], table), "",
+            "Plot: `accuracy_vs_sparsity.png`. Tables: `results.parquet`, `path.parquet`.", ""])
+        write_outputs(out, cfg, summary, {"results": rows["results"], "path": rows["path"]}, md)
+
+    def brief(self, summary: dict) -> dict:
+        return {m: {p: round(v["accuracy_mean"], 4) for p, v in d.items()} for m, d in summary["methods"].items()}
+
+    # FIP paths: the two phases to the largest target ----------------------------------------------------
+    def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
+             world: int = 1) -> tuple[list[Phase], dict]:
+        cfg = ctx.cfg
+        xs = ctx.train_tensors()[0][rank::world]
+        names = counted(model, cfg.sparsify.exclude_head)  # names as the (possibly wrapped) model has them
+        phases = fip_sparsify_phases(xs, Anchor.from_model(model, xs), max(cfg.sparsify.targets), cfg, seed, names)
+        xte, yte = ctx.test_tensors()
+        return phases, {"heldout": xte[: cfg.path.heldout], "evaluate": _evaluator(xte, yte, names)}
+
+    def path_steps(self, cfg: Config) -> int:
+        return cfg.path.steps + cfg.sparsify.invariance_steps
+
+    # Sweep trials: an iteration per seed, metrics at `target` (default the largest target) --------------
+    def trial(self, ctx: RunContext, report: Report, *, target: float = 0.0, **options: Any) -> None:
+        cfg = ctx.cfg
+        (xtr, ytr), (xte, yte) = ctx.train_tensors(), ctx.test_tensors()
+        p = target or max(cfg.sparsify.targets)
+        accs, sps = [], []
+        for seed in cfg.seeds:
+            base = ctx.model(seed)
+            train_base(base, xtr, ytr, cfg, seed)
+            names = counted(base, cfg.sparsify.exclude_head)
+            model = clone(base)
+            run_path(model, fip_sparsify_phases(xtr, Anchor.from_model(base, xtr), p, cfg, seed, names),
+                     record_every=10**9, checkpoint_every=10**9)
+            accs.append(accuracy(model, xte, yte))
+            sps.append(sparsity(model, names))
+            report({"accuracy": float(np.mean(accs)), "sparsity": float(np.mean(sps)), "seed": seed})
+
+
+def _evaluator(xte: Tensor, yte: Tensor, names: list[str]) -> Any:
+    return lambda m: {"accuracy": accuracy(m, xte, yte), "sparsity": sparsity(m, names)}

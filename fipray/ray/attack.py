@@ -3,7 +3,7 @@
 :class:`RemoteEnsemble` presents the Serve app's ingress as an ``nn.Module`` returning log(mean
 softmax). Its forward asks the ingress for the shards' log softmax sums; its backward sends the
 upstream gradient back, and the ingress assembles the exact input gradient from the shards'
-vector-Jacobian products (``fipray.ray.serve_engine``). Any torch code can therefore attack the
+vector-Jacobian products (``fipray.serving``). Any torch code can therefore attack the
 sharded ensemble as if it were in-process: the attack command reuses ``fipray.eval.robustness``
 unchanged (torchattacks PGD, the ε curve, the sanity flags), so its table matches ``fipray ensemble``'s
 for the same seed, ε, steps and examples.
@@ -127,7 +127,7 @@ def main_attack(
     from fipray.config import ConfigError
     from fipray.ensemble import load_ensemble, read_ensemble_meta
     from fipray.eval.robustness import robustness_curve, sanity_flags
-    from fipray.experiments import _common as common
+    from fipray import runtime as common
 
     t_start = time.perf_counter()
     ens_dir = Path(ensemble)
@@ -142,7 +142,7 @@ def main_attack(
     n_examples = int(cfg.ensemble.eval_examples if examples is None else examples)
     if steps < 1 or n_examples < 1:
         raise ConfigError(f"--steps and --examples must be >= 1, got {steps} and {n_examples}")
-    from fipray.ray.serve_engine import split_members
+    from fipray.serving import split_members
 
     split_members(meta["num_members"], shards)  # too many shards fails before any work
     if cfg.threads:
@@ -165,11 +165,13 @@ def main_attack(
         surrogate_name = "base network w0 (retrained from the run config)"
     surrogate_seconds = time.perf_counter() - t0
 
+    import ray
     from ray import serve
 
     from fipray.ray._local import init_local
     from fipray.ray.serve import start
 
+    started = not ray.is_initialized()  # the Ray this call starts, it also stops
     init_local(address=address)
     app = "fipray-attack"
     try:
@@ -184,6 +186,8 @@ def main_attack(
               if flags else {"flags": {}, "measured": {}})
     finally:
         serve.delete(app)
+        if started:
+            ray.shutdown()
 
     reference = _reference_rows(ens_dir, seed, rows)
     summary = {

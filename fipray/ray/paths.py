@@ -32,15 +32,19 @@ import torch
 from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import ConfigError, save_config
 from fipray.ray._local import init_local
-from fipray.ray.paths_config import JobConfig
-from fipray.ray.paths_unit import (
+from fipray.job import JobConfig
+from fipray.runtime import build_model, prepare_out
+from fipray.units import (
     base_path,
+    build_path,
     load_final,
     load_path_result,
     load_samples,
+    path_operation,
     path_steps,
     run_one_path,
     train_shared_base,
+    write_path_outputs,
 )
 
 
@@ -150,7 +154,6 @@ def _train_loop(config: dict) -> None:
 
     from fipray.config import from_dict
     from fipray.path import run_path
-    from fipray.ray.paths_unit import build_path, write_path_outputs
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -262,8 +265,6 @@ def _check_resources(job: JobConfig, what: str) -> None:
 
 
 def _members(out_paths: list[tuple[int, Path, dict]], spec: dict, seed: int) -> tuple[list, dict]:
-    from fipray.experiments._common import build_model
-
     members: list = []
     meta: dict[str, list[int]] = {"path_ids": [], "steps": [], "seeds": []}
     for k, d, res in out_paths:
@@ -309,9 +310,8 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
     Starts a private local Ray (all the machine's CPUs unless `num_cpus`) when no cluster is named by
     `address` or RAY_ADDRESS, and joins the running one otherwise (or uses Ray if already initialised).
     """
-    from fipray.experiments._common import prepare_out
-
     cfg = job.cfg
+    path_operation(cfg)  # an operation without FIP paths fails before Ray starts
     out = Path(out).resolve()
     storage = storage_dir(job, out)
     prepare_out(cfg, out)  # fails on an unwritable --out
@@ -417,29 +417,3 @@ def _dedup_check(rows: list[dict], table_file: Path) -> bool:
 
     t = pq.read_table(table_file).to_pylist() if table_file.is_file() else []
     return sorted(_key(r["path"], r) for r in rows) == sorted(_key(r["path"], r) for r in t)
-
-
-def main(args: Any) -> int:
-    """`fipray paths` (argparse namespace from fipray.cli)."""
-    import json
-    import sys
-
-    from fipray.ray.paths_config import load_job
-
-    over = list(args.overrides)
-    if args.num_paths is not None:
-        over.append(f"ray.num_paths={args.num_paths}")
-    if args.backend is not None:
-        over.append(f"ray.backend={args.backend}")
-    try:
-        job = load_job(args.config, over)
-        out = args.out or Path("runs") / f"paths-{job.cfg.operation}-{job.cfg.run_id()}"
-        summary = run_paths(job, out, progress=not args.no_progress, address=args.address)
-    except ConfigError as e:
-        print(f"fipray: error: {e}", file=sys.stderr)
-        return 2
-    print((Path(out) / "report.md").read_text())
-    print(f"results in {out}/ (summary.json, report.md, path.parquet, ensemble/)")
-    print(json.dumps({"paths": summary["num_paths"], "rows": summary["path_rows"],
-                      "members": summary["ensemble_members"], "seconds": round(summary["seconds"], 1)}))
-    return 0

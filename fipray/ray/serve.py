@@ -1,6 +1,6 @@
 """Serve an ensemble of path-sampled networks over HTTP with Ray Serve, members sharded over actors.
 
-Deployments (built by :func:`build_app` from validated :class:`~fipray.ray.serve_engine.ServeArgs`):
+Deployments (built by :func:`build_app` from validated :class:`~fipray.serving.ServeArgs`):
 
 - ``EnsembleShard`` (``shards`` > 1): holds a contiguous block of members, stacked so one call
   evaluates all of them, and returns their softmax sum (in log space) and, on request, its
@@ -33,13 +33,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from fipray.ensemble import read_ensemble_meta
-from fipray.ray.serve_engine import (
+from fipray.serving import (
     BadRequest,
     ServeArgs,
     ShardEngine,
@@ -214,8 +215,13 @@ def start(
     return serve.run(build_app(_asdict(a)), name=a.name, route_prefix="/" if http else None, blocking=False)
 
 
-def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | None = None) -> int:
-    """``fipray serve``: start local Ray (or join ``address``), deploy, wait for Ctrl-C, shut down."""
+def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | None = None,
+               smoke_test: bool = False) -> int:
+    """``fipray serve``: start local Ray (or join ``address``), deploy, wait for Ctrl-C, shut down.
+
+    With ``smoke_test`` it answers one ``/predict`` request (zeros of the members' input shape) over
+    HTTP on ``host:port``, prints the answer and shuts down instead of waiting.
+    """
     from fipray.ray._local import init_local
 
     ServeArgs.from_dict(args)  # bad args fail before Ray starts
@@ -234,6 +240,9 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         url = f"http://{host}:{port}"
         print(json.dumps({"url": url, "predict": f"{url}/predict", "healthz": f"{url}/healthz",
                           "metadata": f"{url}/metadata"}), flush=True)
+        if smoke_test:
+            print(json.dumps(_smoke_request(url, ServeArgs.from_dict(args).ensemble)), flush=True)
+            return 0
         print("serving; Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
@@ -243,3 +252,15 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _smoke_request(url: str, ensemble: str) -> dict[str, Any]:
+    """POST one all-zeros input to ``url``/predict; the answer's labels and shape."""
+    import urllib.request
+
+    shape = read_ensemble_meta(ensemble)["model_spec"]["input_shape"]
+    body = json.dumps({"inputs": [np.zeros(shape).tolist()]}).encode()
+    req = urllib.request.Request(f"{url}/predict", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        answer = json.loads(resp.read())
+    return {"smoke_test": "ok", "status": 200, "labels": answer["labels"], "members": answer.get("members")}

@@ -2,7 +2,7 @@
 
     run_sweep(job, out) -> summary
 
-Each trial is the core's FIP for one point of the search space (`sweep_trial.run_trial`), run directly
+Each trial is the core's FIP for one point of the search space (`fipray.units.run_trial`), run directly
 in a Tune function trainable (cheap on small models), or with `sweep.trainable: train` inside a
 one-worker `TorchTrainer` (a GPU per trial on a cluster; TuneReportCallback forwards its reports).
 ASHA stops trials at rungs of the training iteration (one task phase, or one seed, per iteration).
@@ -35,8 +35,10 @@ from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, from_dict, save_config
 from fipray.ray._local import init_local
 from fipray.ray.paths import joined_cluster, quiet_ray
-from fipray.ray.paths_config import JobConfig, sweep_metric
-from fipray.ray.sweep_trial import iterations, run_trial
+from fipray.job import JobConfig, sweep_metric
+from fipray.operation import get_operation
+from fipray.runtime import prepare_out
+from fipray.units import run_trial, trial_iterations
 
 TRAIN_DRIVER_CPU = 0.01  # a TorchTrainer trial's driver only waits; its workers hold the CPUs
 
@@ -62,19 +64,17 @@ def trial_config(cfg_dict: dict, params: dict) -> Config:
     return from_dict(cfg_dict).replace(**{k: _plain(v) for k, v in params.items()})
 
 
-def _function_trainable(params: dict, cfg_dict: dict, eps: float, target: float) -> None:
-    run_trial(trial_config(cfg_dict, params), tune.report, eps=eps, target=target)
+def _function_trainable(params: dict, cfg_dict: dict, options: dict) -> None:
+    run_trial(trial_config(cfg_dict, params), tune.report, **options)
 
 
 def _trial_loop(config: dict) -> None:
     import ray.train
 
-    run_trial(trial_config(config["cfg"], config["params"]), ray.train.report, eps=config["eps"],
-              target=config["target"])
+    run_trial(trial_config(config["cfg"], config["params"]), ray.train.report, **config["options"])
 
 
-def _train_trainable(params: dict, cfg_dict: dict, eps: float, target: float, storage: str,
-                     cpus: float, gpus: float) -> None:
+def _train_trainable(params: dict, cfg_dict: dict, options: dict, storage: str, cpus: float, gpus: float) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -82,7 +82,7 @@ def _train_trainable(params: dict, cfg_dict: dict, eps: float, target: float, st
     trial_id = tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         _trial_loop,
-        train_loop_config={"cfg": cfg_dict, "params": params, "eps": eps, "target": target},
+        train_loop_config={"cfg": cfg_dict, "params": params, "options": options},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         # A stable name per trial, so a restarted trial finds its own Train run.
@@ -159,8 +159,6 @@ def check_sweep_resources(job: JobConfig, *, strict: bool = True) -> int:
 def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address: str | None = None,
               num_cpus: int | None = None, temp_dir: str | None = None) -> dict:
     """Run (or resume) the sweep of `job.sweep` into `out`; returns the summary."""
-    from fipray.experiments._common import prepare_out
-
     cfg, rc, sc = job.cfg, job.ray, job.sweep
     metric = sweep_metric(job)
     if not sc.search:
@@ -169,9 +167,7 @@ def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address
     if sc.trainable == "train" and rc.workers_per_path > 1:
         raise ConfigError("sweep.trainable: train runs one worker per trial; ray.workers_per_path > 1 "
                           "(DDP) is for `fipray paths` with ray.backend: train")
-    if job.cfg.operation in ("ensemble", "undirected") and cfg.path.steps // cfg.ensemble.sample_every < cfg.ensemble.members:
-        raise ConfigError(f"path.steps // ensemble.sample_every = {cfg.path.steps // cfg.ensemble.sample_every} "
-                          f"sampled networks < ensemble.members = {cfg.ensemble.members}")
+    get_operation(cfg.operation).check_sweep(cfg)
     out = Path(out).resolve()
     prepare_out(cfg, out)
     atomic_write_text(out / "job.yaml", __import__("yaml").safe_dump(job.to_dict(), sort_keys=False))
@@ -196,16 +192,16 @@ def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress:
 
     cfg, rc, sc = job.cfg, job.ray, job.sweep
     cfg_dict = cfg.to_dict()
-    eps, target = sc.eps, sc.target
-    max_t = iterations(cfg)
+    options = sc.options()
+    max_t = trial_iterations(cfg)
     storage = out / "tune"
     if sc.trainable == "function":
         trainable = tune.with_resources(
-            tune.with_parameters(_function_trainable, cfg_dict=cfg_dict, eps=eps, target=target),
+            tune.with_parameters(_function_trainable, cfg_dict=cfg_dict, options=options),
             {"cpu": rc.cpus_per_path, "gpu": rc.gpus_per_path})
     else:
         trainable = tune.with_resources(
-            tune.with_parameters(_train_trainable, cfg_dict=cfg_dict, eps=eps, target=target,
+            tune.with_parameters(_train_trainable, cfg_dict=cfg_dict, options=options,
                                  storage=str(out / "train"), cpus=rc.cpus_per_path, gpus=rc.gpus_per_path),
             {"cpu": TRAIN_DRIVER_CPU})
     grid = any(next(iter(s)) == "grid" for s in sc.search.values())
@@ -247,6 +243,7 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
            resumed: bool, concurrent: int) -> dict:
     cfg, sc = job.cfg, job.sweep
     keys = list(sc.search)
+    reported = get_operation(cfg.operation).metrics
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -256,8 +253,7 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
                      "metric": float(m[metric]) if metric in m else float("nan"), "iterations": its,
                      "seconds": float(m.get("time_total_s", float("nan"))), "status": status,
                      **{f"last_{k}": float(v) for k, v in m.items()
-                        if k in ("acc_mean", "task_acc_mean", "bwt_mean", "accuracy", "sparsity", "whitebox",
-                                 "transfer", "clean") and k != metric}})
+                        if k in reported and k != metric}})
     rows.sort(key=lambda r: r["trial_id"])
     write_parquet(out / "trials.parquet", rows)
     done = [r for r in rows if r["status"] == "completed" and r["metric"] == r["metric"]]
@@ -298,23 +294,3 @@ def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
         ax.legend(fontsize=8)
         ax.set_title(f"{metric} vs {k}")
         _save(fig, out / f"metric_vs_{k}.png")
-
-
-def main(args: Any) -> int:
-    """`fipray sweep` (argparse namespace from fipray.cli)."""
-    import json
-    import sys
-
-    from fipray.ray.paths_config import load_job
-
-    try:
-        job = load_job(args.config, list(args.overrides))
-        out = args.out or Path("runs") / f"sweep-{job.cfg.operation}-{job.cfg.run_id()}"
-        summary = run_sweep(job, out, progress=not args.no_progress, address=args.address)
-    except ConfigError as e:
-        print(f"fipray: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: summary[k] for k in ("metric", "mode", "best_config", "best_metric", "num_trials",
-                                              "num_stopped_early", "seconds")}, indent=2))
-    print(f"results in {out}/ (summary.json, trials.parquet, best_config.yaml, metric_vs_*.png)")
-    return 0

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fipray.config import ConfigError
-from fipray.ray.paths_config import job_from_dict
+from fipray.job import job_from_dict
 
 pytestmark = pytest.mark.ray
 
@@ -32,7 +32,7 @@ def _job(**over):
 
 def _serial_reference(job, k: int, storage: Path, tmp: Path) -> tuple[dict, list[dict]]:
     """Path k run in this process without Ray (same base network), the uninterrupted reference."""
-    from fipray.ray.paths_unit import base_path, load_final, run_one_path
+    from fipray.units import base_path, load_final, run_one_path
 
     d = tmp / f"ref{k}"
     run_one_path(job.cfg, k, base_path(storage), d)
@@ -47,7 +47,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def test_two_paths_merge_into_one_table_and_one_ensemble(ray_2cpus, tmp_path):
     from fipray.ensemble import load_ensemble
     from fipray.ray.paths import run_paths
-    from fipray.ray.paths_unit import load_final
+    from fipray.units import load_final
 
     job = _job()
     s = run_paths(job, tmp_path / "out", progress=False)
@@ -74,7 +74,7 @@ def test_killed_path_resumes_from_its_checkpoint(ray_2cpus, tmp_path):
     """SIGKILL path 0's process mid-run: it restarts from its checkpoint, path 1 carries on, and the final
     weights and merged rows equal an uninterrupted run's."""
     from fipray.ray.paths import run_paths
-    from fipray.ray.paths_unit import load_final
+    from fipray.units import load_final
 
     job = _job(**{"path.steps": 4000, "path.checkpoint_every": 250, "path.record_every": 100,
                   "ensemble.sample_every": 1000})

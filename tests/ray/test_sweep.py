@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fipray.config import ConfigError, load_config
-from fipray.ray.paths_config import job_from_dict
+from fipray.job import job_from_dict
 
 pytestmark = pytest.mark.ray
 
@@ -94,10 +94,10 @@ def test_sweep_needing_more_than_the_cluster_fails_before_work(ray_2cpus, tmp_pa
 
 _DRIVER = r"""
 import sys
-from fipray.ray.paths_config import load_job, smoke_overrides
+from fipray.job import load_job, smoke_overrides
 from fipray.ray.sweep import run_sweep
 f = "jobs/configs/sweep_continual_digits.yaml"
-job = load_job(f, smoke_overrides(f, True) + ["sweep.num_samples=3", "sweep.include_base_config=false",
+job = load_job(f, smoke_overrides(load_job(f).cfg.operation, True) + ["sweep.num_samples=3", "sweep.include_base_config=false",
                                               "sweep.max_concurrent_trials=1", "path.steps=40"])
 s = run_sweep(job, sys.argv[1], progress=False, num_cpus=2, temp_dir=sys.argv[2])
 print("SUMMARY", s["num_trials"], s["resumed"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fipray.config import load_config
-from fipray.experiments.geometry import run_geometry
+from fipray.experiments import run_experiment as run_geometry
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -168,7 +168,7 @@ def _unvalidated(override, why):
     _unvalidated("continual.ewc_lambda=-1", "a negative EWC strength rewards drifting from w*"),
     _unvalidated("continual.ewc_samples=0", "ewc_phases draws 0 examples, fisher_diagonal's mean over an "
                  "empty batch is NaN, and the EWC baseline trains on a NaN loss"),
-    _unvalidated("ensemble.noise=-0.02", "ops/undirected.py:_kick silently turns a negative noise into "
+    _unvalidated("ensemble.noise=-0.02", "ops/ensemble.py:_kick silently turns a negative noise into "
                  "no kick, so the L = 0 walk hardly moves"),
     _unvalidated("ensemble.fgsm_eps=-0.1", "ensemble.eps is checked >= 0 but fgsm_eps is not"),
     _unvalidated("ensemble.eval_examples=0", "an empty evaluation set"),

@@ -11,7 +11,7 @@ from torch import nn
 from fipray.ensemble import load_ensemble, save_ensemble
 from fipray.models import create_model
 from fipray.ray.attack import RemoteEnsemble
-from fipray.ray.serve_engine import (
+from fipray.serving import (
     BadRequest,
     ServeArgs,
     ShardEngine,
@@ -148,15 +148,15 @@ def test_good_body_parses_to_float32_batch():
 def test_serve_args_validate_names_the_key(ens_dir):
     a = ServeArgs.from_dict({"ensemble": str(ens_dir), "shards": "2", "batch_wait_timeout_s": 0.01})
     assert a.shards == 2 and a.batch_wait_timeout_s == 0.01
-    with pytest.raises(ValueError, match="unknown serve arg.*'shard'"):
+    with pytest.raises(ValueError, match="unknown config key 'serve.shard'"):
         ServeArgs.from_dict({"ensemble": str(ens_dir), "shard": 2})
-    with pytest.raises(ValueError, match="'ensemble'.*required"):
+    with pytest.raises(ValueError, match="'serve.ensemble'.*required"):
         ServeArgs.from_dict({"shards": 2})
-    with pytest.raises(ValueError, match="'shards': expected int"):
+    with pytest.raises(ValueError, match="'serve.shards': expected an integer"):
         ServeArgs.from_dict({"ensemble": str(ens_dir), "shards": "two"})
     with pytest.raises(ValueError, match="shards must be in \\[1, 5\\]"):
         ServeArgs.from_dict({"ensemble": str(ens_dir), "shards": 6})
-    with pytest.raises(ValueError, match="'max_inputs' must be >= 1"):
+    with pytest.raises(ValueError, match="'serve.max_inputs' must be >= 1"):
         ServeArgs.from_dict({"ensemble": str(ens_dir), "max_inputs": 0})
     with pytest.raises(FileNotFoundError, match="nope"):
         ServeArgs.from_dict({"ensemble": str(ens_dir / "nope")})

@@ -172,8 +172,8 @@ def test_closed_form_output_hessians_match_autodiff(name):
 def test_metric_step_path_resumes_exactly(tmp_path, digits):
     """An interrupted `step: metric` path, resumed from its checkpoint, ends at the same weights."""
     from fipray.config import load_config
-    from fipray.experiments._common import build_model, train_base
-    from fipray.experiments.continual import build_tasks
+    from fipray.runtime import build_model, train_base
+    from fipray.ops.continual import build_tasks
     from fipray.ops.continual import fip_continual_phases
     from fipray.path import run_path
 

@@ -12,7 +12,7 @@ from fipray.config import ConfigError, load_config
 from fipray.core.distances import bhattacharyya
 from fipray.core.step import Anchor
 from fipray.eval.sparsity import sparsity
-from fipray.experiments._common import build_model, tensors, train_base
+from fipray.runtime import build_model, tensors, train_base
 from fipray.ops.sparsify import (
     counted,
     counted_tensors,
@@ -21,7 +21,7 @@ from fipray.ops.sparsify import (
     magnitude_masks,
     projection_loss,
 )
-from fipray.ops.undirected import fgsm_output_shift, select_members, undirected_phase
+from fipray.ops.ensemble import fgsm_output_shift, select_members, undirected_phase
 from fipray.path import run_path
 
 CPU = torch.device("cpu")

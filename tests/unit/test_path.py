@@ -9,8 +9,8 @@ import torch
 
 from fipray.config import load_config
 from fipray.core.distances import get_distance
-from fipray.experiments._common import build_model, train_base
-from fipray.experiments.continual import build_tasks
+from fipray.runtime import build_model, train_base
+from fipray.ops.continual import build_tasks
 from fipray.ops.continual import accuracy_along_path, fip_continual_phases
 from fipray.path import CHECKPOINT, load_checkpoint, run_path
 
@@ -212,7 +212,7 @@ def _interrupted_then_resumed(build_model_copy, build_phases, out_dir, threshold
 
 
 def test_undirected_walk_resumes_with_the_same_samples(setting, tmp_path):
-    from fipray.ops.undirected import undirected_phase
+    from fipray.ops.ensemble import undirected_phase
 
     cfg0, tasks, base, heldout = setting
     cfg = cfg0.replace(**{"path.steps": 20, "path.beta": 0.0, "ensemble.sample_every": 5,

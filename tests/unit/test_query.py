@@ -69,7 +69,7 @@ def test_query_without_labels_ranks_by_confidence(linear_set):
 def test_query_cli_on_digits(tmp_path, capsys, digits):
     from fipray.cli import main
     from fipray.config import load_config
-    from fipray.experiments._common import build_model, tensors, train_base
+    from fipray.runtime import build_model, tensors, train_base
 
     spec = {"name": "mlp", "kwargs": {"hidden": [16]}, "num_classes": 10, "input_shape": [1, 8, 8]}
     cfg = load_config(None, ["train.steps=80", "train.lr=0.01"])

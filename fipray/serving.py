@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fipray.config import ConfigError, build_section, knob
 from fipray.ensemble import load_ensemble, read_ensemble_meta
 
 
@@ -185,56 +186,47 @@ def parse_predict_body(
 class ServeArgs:
     """Validated arguments of the Serve application (``fipray.ray.serve:build_app``).
 
-    ``ensemble`` is the only required key. Unknown keys and wrongly typed values raise ``ValueError``
-    naming them, so a typo in a Serve config file fails at deploy time, not at the first request.
+    ``ensemble`` is the only required key. Built by the config system (``fipray.config.build_section``,
+    keys named ``serve.<arg>`` in errors): unknown keys and wrongly typed values raise ``ConfigError``
+    (a ``ValueError``) naming them, so a typo in a Serve config file fails at deploy time, not at the
+    first request.
     """
 
-    ensemble: str
-    shards: int = 1  # 1: the ingress holds every member (one deployment; fastest when they fit)
-    max_inputs: int = 256  # examples per request
-    max_body_bytes: int = 16 << 20
-    max_batch_requests: int = 16  # requests merged by @serve.batch
-    batch_wait_timeout_s: float = 0.005
-    max_ongoing_requests: int = 32  # the default 5 would cap @serve.batch at 5 (RAY_NOTES.md)
-    cpus_per_replica: float = 0.25
-    gpus_per_shard: float = 0.0
-    threads: int = 1  # torch threads per replica
+    ensemble: str = ""
+    shards: int = knob(1, ge=1)  # 1: the ingress holds every member (one deployment; fastest when they fit)
+    max_inputs: int = knob(256, ge=1)  # examples per request
+    max_body_bytes: int = knob(16 << 20, ge=1)
+    max_batch_requests: int = knob(16, ge=1)  # requests merged by @serve.batch
+    batch_wait_timeout_s: float = knob(0.005, ge=0)
+    max_ongoing_requests: int = knob(32, ge=1)  # the default 5 would cap @serve.batch at 5 (RAY_NOTES.md)
+    cpus_per_replica: float = knob(0.25, ge=0)
+    gpus_per_shard: float = knob(0.0, ge=0)
+    threads: int = knob(1, ge=0)  # torch threads per replica
     name: str = "fipray"  # Serve application name
 
     @classmethod
     def from_dict(cls, args: Mapping[str, Any]) -> ServeArgs:
         """Build from a mapping (a Serve config's ``args``; values may be strings from the command line)."""
         if not isinstance(args, Mapping):
-            raise ValueError(f"serve args must be a mapping, got {type(args).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(fields))
-        if unknown:
-            raise ValueError(f"unknown serve arg(s) {unknown}; valid: {', '.join(fields)}")
+            raise ConfigError(f"serve args must be a mapping, got {type(args).__name__}")
         if "ensemble" not in args:
-            raise ValueError("serve arg 'ensemble' (the ensemble folder) is required")
-        kw: dict[str, Any] = {}
-        for key, value in args.items():
-            tp = {"int": int, "float": float, "str": str}[str(fields[key].type)]
-            if isinstance(value, bool) or (tp is not str and not isinstance(value, (int, float, str))):
-                raise ValueError(f"serve arg {key!r}: expected {tp.__name__}, got {value!r}")
-            try:
-                kw[key] = tp(value)
-                if tp is int and isinstance(value, float) and value != int(value):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ValueError(f"serve arg {key!r}: expected {tp.__name__}, got {value!r}") from None
-        out = cls(**kw)
-        for key in ("shards", "max_inputs", "max_body_bytes", "max_batch_requests", "max_ongoing_requests"):
-            if getattr(out, key) < 1:
-                raise ValueError(f"serve arg {key!r} must be >= 1, got {getattr(out, key)}")
-        for key in ("batch_wait_timeout_s", "cpus_per_replica", "gpus_per_shard"):
-            if not getattr(out, key) >= 0:
-                raise ValueError(f"serve arg {key!r} must be >= 0, got {getattr(out, key)}")
-        if out.threads < 0:
-            raise ValueError(f"serve arg 'threads' must be >= 0, got {out.threads}")
+            raise ConfigError("config key 'serve.ensemble' (the ensemble folder) is required")
+        ints = {f.name for f in dataclasses.fields(cls) if f.type in (int, "int")}
+        data = {k: _int_text(v) if k in ints else v for k, v in args.items()}
+        out: ServeArgs = build_section(cls, data, "serve.")
         meta = read_ensemble_meta(out.ensemble)  # fails now, naming the folder or file
         split_members(meta["num_members"], out.shards)
         return dataclasses.replace(out, ensemble=str(Path(out.ensemble).resolve()))
+
+
+def _int_text(value: Any) -> Any:
+    """'2' -> 2 (command-line values); anything else is left for the type check to judge."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def metadata_doc(meta: Mapping[str, Any], shards: int) -> dict[str, Any]:

@@ -1,19 +1,26 @@
-"""One FIP path of `fipray paths`, without Ray: the shared base network w0 and path k from it.
+"""The units Ray runs, without Ray: one FIP path of `fipray paths`, and one trial of `fipray sweep`.
+
+Both dispatch to the operation (`fipray.operation`): any registered operation with FIP paths
+(`supports_paths`) runs as paths, any with a `trial` as sweep trials; nothing here names one.
+
+FIP paths: the shared base network w0 and path k from it.
 
 Path k of a run starts at the shared base network w0 (trained once with seed s = seeds[0], exactly as
 the core experiment trains it) and follows the core's phases with seed s + k: its own minibatch
 order, replay memory (continual), random kicks (undirected walk). Path 0 is therefore the core
-experiment's FIP path for seed s. Which phases run, per operation:
-
-- continual: the FIP phases of tasks 1..T-1 (paper Algorithm 1);
-- sparsify: the two phases to the largest of `sparsify.targets` (Algorithm 2);
-- ensemble / undirected: the undirected walk, sampling every `ensemble.sample_every` steps (Algorithm 3).
+experiment's FIP path for seed s. Which phases run is the operation's `path` (e.g. continual: the
+FIP phases of tasks 1..T-1; sparsify: the two phases to the largest target; ensemble: the walk).
 
 Everything a path leaves behind lives in its own folder (`checkpoint.pt` from the core loop, then
 `final.safetensors`, `samples.safetensors`, `records.parquet`, `result.json`), so a killed path that
 is started again resumes from its checkpoint, and the Ray driver merges folders, never processes.
 With `world > 1` (DDP ranks of a Train path) rank r trains on its own shard of the data and the
 gradients are averaged, so the effective batch is `world` times larger.
+
+Sweep trials: `run_trial(cfg, report)` runs exactly the FIP method of the operation's experiment
+(same data, base network, phases and seeds; baselines skipped), calling `report(metrics)` once per
+iteration (Tune's training iteration; ASHA stops trials at iterations), each metric a running mean
+over the work done so far; `trial_iterations(cfg)` says how many reports a full trial makes.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ import torch
 from torch import nn
 
 from fipray._io import atomic_write, atomic_write_json, write_parquet
-from fipray.config import Config
+from fipray.config import Config, ConfigError
+from fipray.operation import Operation, Report, get_operation
 from fipray.path import PathResult, Phase, run_path
+from fipray.runtime import RunContext, train_base
 
 BASE_DIR = "base"
 BASE_FILE = "model.safetensors"
@@ -40,13 +49,21 @@ def path_seed(cfg: Config, k: int) -> int:
     return int(cfg.seeds[0]) + k
 
 
+def path_operation(cfg: Config) -> Operation:
+    """The config's operation, which must run as FIP paths (a ConfigError names the ones that do)."""
+    from fipray.operation import OPERATIONS
+
+    op = get_operation(cfg.operation)
+    if not op.supports_paths:
+        able = [n for n in OPERATIONS.names() if OPERATIONS.get(n).supports_paths]
+        raise ConfigError(f"config key 'operation': {cfg.operation!r} has no FIP paths to run; operations with "
+                          f"paths: {', '.join(able)}")
+    return op
+
+
 def path_steps(cfg: Config) -> int:
     """Optimizer steps of one path (for progress displays)."""
-    if cfg.operation == "continual":
-        return (cfg.continual.num_tasks - 1) * cfg.path.steps
-    if cfg.operation == "sparsify":
-        return cfg.path.steps + cfg.sparsify.invariance_steps
-    return cfg.path.steps
+    return get_operation(cfg.operation).path_steps(cfg)
 
 
 def _save_state(path: Path, state: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -71,54 +88,23 @@ def _strip(state: dict) -> dict:
     return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
-@dataclass
-class _Setting:
-    """Data a path needs, on its device."""
-
-    spec: dict
-    tasks: Any = None  # continual: list[TaskTensors]
-    xtr: Any = None
-    ytr: Any = None
-    xte: Any = None
-    yte: Any = None
-
-
-def _setting(cfg: Config, seed: int, device: torch.device) -> _Setting:
-    from fipray.experiments._common import load_bundle, model_spec, tensors
-
-    bundle = load_bundle(cfg)
-    s = _Setting(model_spec(cfg, bundle))
-    if cfg.operation == "continual":
-        from fipray.experiments.continual import build_tasks
-
-        s.tasks = build_tasks(cfg, bundle, device, seed)
-    else:
-        s.xtr, s.ytr = tensors(bundle.train, device)
-        s.xte, s.yte = tensors(bundle.test, device)
-    return s
-
-
 def base_path(out: str | Path) -> Path:
     return Path(out) / BASE_DIR / BASE_FILE
 
 
 def train_shared_base(cfg: Config, out: str | Path, device: str | torch.device = "cpu") -> Path:
     """Train w0 with seed seeds[0] (as the core experiment does) into `out/base/`, once."""
-    from fipray.experiments._common import build_model, train_base
-
     target = base_path(out)
     if target.is_file():
         return target
-    dev = torch.device(device)
+    op = path_operation(cfg)
     seed = int(cfg.seeds[0])
-    s = _setting(cfg, seed, dev)
-    model = build_model(s.spec, seed, dev)
-    if cfg.operation == "continual":
-        train_base(model, s.tasks[0].x_train, s.tasks[0].y_train, cfg, seed)
-    else:
-        train_base(model, s.xtr, s.ytr, cfg, seed)
+    ctx = RunContext.create(cfg, device=device)
+    model = ctx.model(seed)
+    x, y = op.base_data(ctx, seed)
+    train_base(model, x, y, cfg, seed)
     _save_state(target, model.state_dict(), {"seed": str(seed), "config_hash": cfg.run_id()})
-    atomic_write_json(target.parent / "spec.json", s.spec)
+    atomic_write_json(target.parent / "spec.json", ctx.spec)
     return target
 
 
@@ -136,48 +122,16 @@ class PathJob:
 def build_path(cfg: Config, k: int, base_file: str | Path, *, device: str | torch.device = "cpu",
                rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None) -> PathJob:
     """Path k: the shared w0 loaded from `base_file`, the operation's phases with seed seeds[0] + k."""
-    from fipray.core.distances import get_distance
-    from fipray.experiments._common import accuracy, build_model
-
-    dev = torch.device(device)
+    op = path_operation(cfg)
     seed = path_seed(cfg, k)
-    s = _setting(cfg, seed, dev)
-    model = build_model(s.spec, seed, dev)
+    ctx = RunContext.create(cfg, device=device)
+    model = ctx.model(seed)
     model.load_state_dict(_load_state(Path(base_file)))
     if wrap is not None:
         model = wrap(model)
-    common = dict(record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
-                  distance=get_distance(cfg.path.distance))
-    if cfg.operation == "continual":
-        from fipray.ops.continual import accuracy_along_path, fip_continual_phases
-
-        tasks = s.tasks
-        if world > 1:  # each rank its own shard of the new tasks' data
-            tasks = [dataclasses.replace(t, x_train=t.x_train[rank::world], y_train=t.y_train[rank::world])
-                     for t in tasks]
-        phases = fip_continual_phases(tasks, cfg, seed)
-        heldout = torch.cat([t.x_test for t in s.tasks])[: cfg.path.heldout]
-        kwargs = dict(common, heldout=heldout, evaluate=accuracy_along_path(s.tasks))
-    elif cfg.operation == "sparsify":
-        from fipray.core.step import Anchor
-        from fipray.eval.sparsity import sparsity
-        from fipray.ops.sparsify import counted, fip_sparsify_phases
-
-        xs = s.xtr[rank::world]
-        names = counted(model, cfg.sparsify.exclude_head)  # names as the (possibly wrapped) model has them
-        anchor = Anchor.from_model(model, xs)
-        p = max(cfg.sparsify.targets)
-        phases = fip_sparsify_phases(xs, anchor, p, cfg, seed, names)
-        xte, yte = s.xte, s.yte
-        kwargs = dict(common, heldout=xte[: cfg.path.heldout],
-                      evaluate=lambda m: {"accuracy": accuracy(m, xte, yte), "sparsity": sparsity(m, names)})
-    else:
-        from fipray.ops.undirected import undirected_phase
-
-        phases = [undirected_phase(s.xtr[rank::world], s.ytr[rank::world], cfg, seed)]
-        xte, yte = s.xte, s.yte
-        kwargs = dict(common, heldout=xte[: cfg.path.heldout], evaluate=lambda m: {"accuracy": accuracy(m, xte, yte)})
-    return PathJob(model, phases, kwargs, s.spec, seed)
+    phases, extra = op.path(ctx, model, seed, rank=rank, world=world)
+    kwargs = {**ctx.path_kwargs(), "progress": None, **extra}
+    return PathJob(model, phases, kwargs, ctx.spec, seed)
 
 
 def write_path_outputs(path_dir: str | Path, k: int, job: PathJob, res: PathResult, extra: dict | None = None) -> dict:
@@ -226,3 +180,22 @@ def load_samples(path_dir: str | Path, n: int) -> list[dict[str, torch.Tensor]]:
 
 def load_final(path_dir: str | Path) -> dict[str, torch.Tensor]:
     return _load_state(Path(path_dir) / "final.safetensors")
+
+
+# Sweep trials -----------------------------------------------------------------------------------------
+def trial_iterations(cfg: Config) -> int:
+    """How many reports a full trial makes (ASHA's max_t)."""
+    return get_operation(cfg.operation).trial_iterations(cfg)
+
+
+def run_trial(cfg: Config, report: Report, **options: Any) -> None:
+    """One sweep trial: the operation's FIP over `cfg.seeds`, reporting once per iteration.
+
+    Args:
+        options: the sweep's operation options (`sweep.eps`, `sweep.target`); each operation reads
+            the ones it knows.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    op = get_operation(cfg.operation)
+    op.trial(RunContext.create(cfg), report, **options)

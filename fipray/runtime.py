@@ -1,12 +1,16 @@
-"""Shared plumbing of the experiments: data, models, base training, output folder, progress."""
+"""The public runtime every operation, unit and command builds on.
+
+Device, data loading, model building, base training, accuracy, the output folder, progress, result
+files, and `RunContext` (what an operation's run gets: config, device, data, model spec, output folder,
+progress). Nothing here knows which operations exist; it imports only the layers below it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import platform
-import time
+from dataclasses import dataclass, field
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from torch import Tensor, nn
 
 from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, save_config
-from fipray.ops._common import supervised_phase
+from fipray.phases import supervised_phase
 from fipray.path import PathResult, run_path
 
 
@@ -137,26 +141,72 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
 
 
-def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True, bundle: Any = None) -> dict:
-    """Run the experiment named by `cfg.operation`, write everything to `out_dir`, return the summary.
+@dataclass
+class RunContext:
+    """What an operation's run works with.
 
-    Args:
-        bundle: a `fipray.data.DataBundle` built from the user's own datasets; None loads
-            `cfg.data` through the dataset registry.
+    Attributes:
+        cfg: the validated config.
+        device: where tensors and models live.
+        bundle: the `fipray.data.DataBundle` (the user's own, or `cfg.data` through the registry).
+        spec: the model spec (`model_spec`): name, kwargs, classes, input shape.
+        out: the output folder (None: nothing is written, e.g. in a sweep trial).
+        show_progress: whether `progress(...)` shows a bar.
+        bar: the open progress bar (tqdm-like: update(n), set_postfix), or None.
     """
-    import importlib
 
-    module = {"continual": "continual", "sparsify": "sparsify", "ensemble": "ensemble",
-              "undirected": "ensemble", "spectrum": "spectrum", "compose": "compose"}[cfg.operation]
-    runner = importlib.import_module(f"fipray.experiments.{module}").run
-    out = prepare_out(cfg, out_dir)
-    if cfg.threads:
-        # Small networks on a few CPU cores run faster single-threaded, and far faster when another
-        # process competes for the cores (OpenMP spin-waits); the config decides.
-        torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    summary = runner(cfg, out, progress=progress, bundle=bundle)
-    summary["seconds_total"] = time.perf_counter() - t0
-    atomic_write_json(out / "summary.json", {**json.loads((out / "summary.json").read_text()),
-                                             "seconds_total": summary["seconds_total"]})
-    return summary
+    cfg: Config
+    device: torch.device
+    bundle: Any
+    spec: dict
+    out: Path | None = None
+    show_progress: bool = False
+    bar: Any = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def create(cls, cfg: Config, *, bundle: Any = None, out: Path | None = None, show_progress: bool = False,
+               device: str | torch.device | None = None) -> RunContext:
+        dev = torch.device(device) if device is not None else device_of(cfg)
+        bundle = bundle if bundle is not None else load_bundle(cfg)
+        return cls(cfg, dev, bundle, model_spec(cfg, bundle), out, show_progress)
+
+    @contextlib.contextmanager
+    def progress(self, total: int, desc: str) -> Iterator[Any]:
+        """A progress bar over `total` steps, also handed to every path of this run (`self.bar`)."""
+        with progress_bar(total, desc, self.show_progress) as bar:
+            self.bar = bar
+            try:
+                yield bar
+            finally:
+                self.bar = None
+
+    def train_tensors(self) -> tuple[Tensor, Tensor]:
+        """(N, ...) inputs and (N,) labels of the training split, on the device (built once)."""
+        if "train" not in self._cache:
+            self._cache["train"] = tensors(self.bundle.train, self.device)
+        return self._cache["train"]
+
+    def test_tensors(self) -> tuple[Tensor, Tensor]:
+        if "test" not in self._cache:
+            self._cache["test"] = tensors(self.bundle.test, self.device)
+        return self._cache["test"]
+
+    def model(self, seed: int) -> nn.Module:
+        """A fresh network of the config's spec, initialised from `seed`."""
+        return build_model(self.spec, seed, self.device)
+
+    def checkpoint_dir(self, *parts: str) -> Path | None:
+        """Where a FIP path of this run checkpoints (`out/paths/<run id>/...`); None without an output folder."""
+        if self.out is None:
+            return None
+        return self.out.joinpath("paths", self.cfg.run_id(), *parts)
+
+    def path_kwargs(self, heldout: Tensor | None = None, evaluate: Any = None) -> dict:
+        """`run_path` keyword arguments every FIP path of this config shares."""
+        from fipray.core.distances import get_distance
+
+        cfg = self.cfg
+        return dict(record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
+                    heldout=heldout, distance=get_distance(cfg.path.distance), evaluate=evaluate,
+                    progress=self.bar)

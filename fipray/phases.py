@@ -1,4 +1,4 @@
-"""Phases shared by every operation and baseline: supervised training and the FIP phase."""
+"""Phases shared by every operation and baseline: supervised training and the FIP phase (S = λ·d + β·L)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from fipray._batches import BatchStream, mix_seed
 from fipray.config import PathConfig, TrainConfig
 from fipray.core.distances import get_distance
 from fipray.core.step import Anchor, StepOutput, metric_step, penalty_step
-from fipray.path import Phase, PhaseState, make_optimizer
+from fipray.optim import make_optimizer
+from fipray.path import Phase, PhaseState
 
 Extra = Callable[[nn.Module, int, PhaseState], Tensor]
 

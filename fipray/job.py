@@ -1,0 +1,162 @@
+"""The Ray sections of a fipray YAML file: `ray:` (how paths run) and `sweep:` (what Tune searches).
+
+A fipray YAML file is a core `fipray.config.Config` plus, optionally, these two sections. They are
+split off here, so the core config stays exactly what `fipray <operation>` accepts and the same file
+runs on a laptop and on a cluster. Overrides address them as `ray.backend=train`,
+`sweep.num_samples=4`; every other key goes to the core config. Both are built and validated by the
+same code as every other section (`fipray.config.build_section`): ranges and choices sit next to the
+fields. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fipray.config import (
+    Config,
+    ConfigError,
+    build_section,
+    expand,
+    from_dict,
+    knob,
+    merge,
+    parse_override,
+    read_yaml_mapping,
+)
+from fipray.operation import get_operation
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How `fipray paths` (and TorchTrainer sweep trials) run on Ray.
+
+    `backend: worker` runs each path's core loop in one Ray worker process (cheap; right for CPUs and
+    small models). `backend: train` runs each path as its own Ray Train `TorchTrainer` with
+    `workers_per_path` DDP ranks. Either way each path is its own unit of scheduling and failure.
+    """
+
+    backend: str = knob("worker", choices=("worker", "train"))
+    num_paths: int = knob(1, ge=1)
+    cpus_per_path: float = knob(1.0, gt=0)  # per DDP rank with backend: train
+    gpus_per_path: float = knob(0.0, ge=0)  # per DDP rank with backend: train; > 0 also sets use_gpu
+    workers_per_path: int = knob(1, ge=1)  # DDP ranks of one path (backend: train only)
+    max_failures: int = knob(3, ge=0)  # restarts of one path after its process dies
+    storage_path: str = ""  # "" : <out>/storage; any local/shared folder (Train also takes s3://, gs://)
+    report_every_s: float = knob(2.0, ge=0)  # paths push their record rows to the driver at most this often
+
+    def check(self) -> None:
+        if self.workers_per_path > 1 and self.backend != "train":
+            raise ConfigError("config key 'ray.workers_per_path' > 1 needs ray.backend: train (DDP ranks)")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What `fipray sweep` searches and how (Ray Tune with ASHA)."""
+
+    metric: str = ""  # "" : the operation's default (the first of its `metrics`)
+    mode: str = knob("max", choices=("max", "min"))
+    num_samples: int = knob(8, ge=1)
+    max_concurrent_trials: int = knob(2, ge=1)
+    search: dict = knob({})  # {"path.lam": {"loguniform": [1, 100]}, ...}
+    grace_period: int = knob(1, ge=1)  # ASHA: iterations every trial gets before it may be stopped
+    reduction_factor: int = knob(3, ge=2)
+    trainable: str = knob("function", choices=("function", "train"))  # train: each trial a TorchTrainer
+    include_base_config: bool = False  # also evaluate the file's own values as the first trial
+    search_seed: int = 0
+    eps: float = knob(0.0, ge=0)  # ensemble metrics: the ε of the white-box accuracy (0: the largest of ensemble.eps)
+    target: float = knob(0.0, ge=0, lt=1)  # sparsify metrics: the sparsity target (0: the largest target)
+    name: str = "sweep"
+
+    def options(self) -> dict:
+        """What a trial passes on to the operation (`Operation.trial(**options)`)."""
+        return {"eps": self.eps, "target": self.target}
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A core config plus its Ray sections."""
+
+    cfg: Config
+    ray: RayConfig = field(default_factory=RayConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def to_dict(self) -> dict:
+        return {**self.cfg.to_dict(), "ray": dataclasses.asdict(self.ray),
+                "sweep": dataclasses.asdict(self.sweep)}
+
+
+def _validate_sweep(sc: SweepConfig, cfg: Config) -> None:
+    metrics = get_operation(cfg.operation).metrics
+    if sc.metric and sc.metric not in metrics:
+        raise ConfigError(f"config key 'sweep.metric': {cfg.operation} trials never report {sc.metric!r}; "
+                          f"they report {', '.join(metrics) or 'nothing (no sweep trial)'}")
+    _check_search(sc, cfg)
+
+
+def _check_search(sc: SweepConfig, cfg: Config) -> None:
+    plain = cfg.to_dict()
+    for key, spec in sc.search.items():
+        node: Any = plain
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"config key 'sweep.search': {key!r} is not a config field")
+            node = node[part]
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"config key 'sweep.search.{key}': expected one of "
+                              f"{{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+        dist, args = next(iter(spec.items()))
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"config key 'sweep.search.{key}.{dist}': expected a list, got {args!r}")
+        if dist in ("uniform", "loguniform", "randint") and len(args) != 2:
+            raise ConfigError(f"config key 'sweep.search.{key}.{dist}': expected [low, high], got {args!r}")
+        if dist == "loguniform" and not (0 < float(args[0]) < float(args[1])):
+            raise ConfigError(f"config key 'sweep.search.{key}.loguniform': need 0 < low < high, got {args!r}")
+        # Every value the search may draw must make a valid config (fails here, not in trial 7).
+        for probe in (args if dist in ("choice", "grid") else [args[0], args[1]]):
+            try:
+                cfg.replace(**{key: float(probe) if dist in ("uniform", "loguniform") else probe})
+            except ConfigError as e:
+                raise ConfigError(f"config key 'sweep.search.{key}': value {probe!r} is invalid: {e}") from None
+
+
+
+def job_from_dict(data: dict, overrides: dict | None = None) -> JobConfig:
+    """Split a mapping into the core config and the `ray` / `sweep` sections, validate all three."""
+    data = merge(dict(data or {}), expand(overrides or {}))
+    ray_part = data.pop("ray", {}) or {}
+    sweep_part = data.pop("sweep", {}) or {}
+    cfg = from_dict(data)
+    rc = build_section(RayConfig, ray_part, "ray.")
+    if cfg.device.startswith("cuda") and rc.gpus_per_path == 0:
+        rc = dataclasses.replace(rc, gpus_per_path=1.0)  # a CUDA config asks Ray for a GPU per path (rank)
+    rc.check()
+    sc = build_section(SweepConfig, sweep_part, "sweep.")
+    _validate_sweep(sc, cfg)
+    return JobConfig(cfg, rc, sc)
+
+
+def load_job(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Load a YAML file holding a core config and optional `ray:` / `sweep:` sections."""
+    return job_from_dict(read_yaml_mapping(path), dict(parse_override(o) for o in overrides))
+
+
+def sweep_metric(job: JobConfig) -> str:
+    metrics = get_operation(job.cfg.operation).metrics
+    if not job.sweep.metric and not metrics:
+        raise ConfigError(f"operation {job.cfg.operation!r} has no sweep trial")
+    return job.sweep.metric or metrics[0]
+
+
+# `--smoke-test` of `fipray paths|sweep` and their jobs: the operation's own smoke overrides, plus these.
+SMOKE_SWEEP = ("sweep.num_samples=2", "sweep.grace_period=1", "sweep.max_concurrent_trials=1")
+SMOKE_PATHS = ("ray.num_paths=2",)
+
+
+def smoke_overrides(operation: str, sweep: bool) -> list[str]:
+    """The overrides `--smoke-test` adds for an operation's paths or sweep."""
+    return [*get_operation(operation).smoke, *(SMOKE_SWEEP if sweep else SMOKE_PATHS)]

@@ -1,0 +1,113 @@
+"""The Operation protocol and its registry: what an operation is, declared once, in one module.
+
+An operation (continual, sparsify, ensemble, spectrum, compose, and every later one) is a subclass of
+`Operation` in its own module, registered with `@register_operation`. It declares:
+
+- `name`, `aliases` and `help` (the CLI command and its one-line help);
+- `section`: its config dataclass (knobs with ranges and choices), registered as `cfg.<section_name>`;
+- `run(ctx)`: the experiment — per-seed computation -> rows -> aggregation -> report — returning the
+  summary (the runner `fipray.experiments.run_experiment` writes config, timing and environment);
+- `brief(summary)`: the one-line JSON the CLI prints;
+- `smoke`: the overrides `--smoke-test` adds (tiny steps, one seed); `cli_options`: extra command-line
+  flags that set a config key;
+- optionally FIP paths (`fipray paths`, the per-path unit in `fipray.units`): `base_data`, `path`,
+  `path_steps`;
+- optionally sweep trials (`fipray sweep`): `metrics` (the first is the default), `trial`,
+  `trial_iterations`, `check_sweep`.
+
+Everything that dispatches on the operation (the experiment runner, the per-path unit, sweep trials,
+config validation, the CLI) looks it up here; no other module lists operation names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from fipray._registry import Registry
+from fipray.config import SECTIONS, Config, ConfigError
+from fipray.path import Phase
+from fipray.runtime import RunContext
+
+Report = Callable[[dict], None]
+
+
+class Operation:
+    """Base class of every operation; the optional capabilities raise a ConfigError naming the gap."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    help: ClassVar[str] = ""
+    section: ClassVar[type | None] = None
+    section_name: ClassVar[str] = ""  # "" : the operation's name
+    metrics: ClassVar[tuple[str, ...]] = ()  # what a sweep trial reports; metrics[0] is the default
+    smoke: ClassVar[tuple[str, ...]] = ()
+    cli_options: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (flag, config key, help): `--flag V` = key=V
+
+    # The experiment --------------------------------------------------------------------------------
+    def run(self, ctx: RunContext) -> dict:
+        """Run the experiment into `ctx.out` (tables, plots, report.md) and return the summary."""
+        raise NotImplementedError
+
+    def brief(self, summary: dict) -> dict:
+        """The few numbers the CLI prints as JSON after the report."""
+        return {}
+
+    # FIP paths (`fipray paths`) --------------------------------------------------------------------
+    supports_paths: ClassVar[bool] = False
+
+    def base_data(self, ctx: RunContext, seed: int) -> tuple[Tensor, Tensor]:
+        """(inputs, labels) the shared base network w0 trains on."""
+        return ctx.train_tensors()
+
+    def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
+             world: int = 1) -> tuple[list[Phase], dict]:
+        """The phases of one FIP path from `model` (= w0) with `seed`, and extra `run_path` kwargs
+        (heldout, evaluate). With `world > 1` rank r uses its own shard of the data."""
+        raise ConfigError(f"operation {self.name!r} has no FIP paths to run with `fipray paths`")
+
+    def path_steps(self, cfg: Config) -> int:
+        """Optimizer steps of one path (progress displays)."""
+        return cfg.path.steps
+
+    # Sweep trials (`fipray sweep`) -----------------------------------------------------------------
+    def trial(self, ctx: RunContext, report: Report, **options: Any) -> None:
+        """The operation's FIP over `ctx.cfg.seeds`, calling `report(metrics)` once per iteration."""
+        raise ConfigError(f"operation {self.name!r} has no sweep trial")
+
+    def trial_iterations(self, cfg: Config) -> int:
+        """How many reports a full trial makes (ASHA's max_t)."""
+        return len(cfg.seeds)
+
+    def check_sweep(self, cfg: Config) -> None:
+        """Checks of a config before any trial starts (raise ConfigError)."""
+
+
+OPERATIONS: Registry[type[Operation]] = Registry("operation", builtins="fipray.ops")
+
+
+def register_operation(cls: type[Operation]) -> type[Operation]:
+    """Class decorator: register an operation under its name and aliases, and its config section."""
+    for key in (cls.name, *cls.aliases):
+        OPERATIONS.register(key)(cls)
+    if cls.section is not None:
+        SECTIONS.register(cls.section_name or cls.name)(cls.section)
+    return cls
+
+
+def get_operation(name: str) -> Operation:
+    """The registered operation `name` (an instance); an unknown name raises ConfigError listing them."""
+    try:
+        return OPERATIONS.get(name)()
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+
+
+def unregister_operation(cls: type[Operation]) -> None:
+    """Remove an operation and its section (tests that define a toy operation clean up with this)."""
+    for key in (cls.name, *cls.aliases):
+        OPERATIONS.unregister(key)
+    if cls.section is not None:
+        SECTIONS.unregister(cls.section_name or cls.name)

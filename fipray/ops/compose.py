@@ -1,0 +1,292 @@
+"""The `compose` operation (`fipray compose`): operations applied in sequence, every sampled network a node of one set.
+
+The paper (Fig. 6) applies continual learning (CL) and compression (Co) in both orders, CL∘Co
+and Co∘CL, and finds networks of similar task performance and sparsity at distinct weights. Here
+each order in `compose.orders` (e.g. `continual>sparsify`) is one path from the same base network
+w0 (trained on task 0), run operation by operation:
+
+* continual: FIP phases for tasks 1..T−1, invariance on the replay memory of the earlier tasks
+  (as `fipray continual`); after a sparsify, its masks are kept (gradients masked, weights
+  re-masked after each step), so the network stays exactly p-sparse.
+* sparsify: FIP to the p-sparse submanifold then the masked invariance phase (as `fipray
+  sparsify`), invariance on what a continual learner holds at that moment: the training inputs
+  of the latest task learned plus the replay memory of the earlier ones.
+
+Every phase end (and every `compose.sample_every` steps) is a node of a network set
+(`fipray.netset`: nodes with their metrics, edges = weight distances between consecutive nodes of
+a path, weights as safetensors), all sharing the root w0: one path-connected set that `fipray
+query` can search. Each operation is its own checkpointed `run_path`, so runs resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dataclasses import dataclass
+
+from fipray import report
+from fipray.config import Config, ConfigError, knob
+from fipray.core.step import Anchor
+from fipray.eval.continual import task_accuracy
+from fipray.eval.sparsity import sparsity
+from fipray.netset import NetworkSetWriter
+from fipray.operation import Operation, register_operation
+from fipray.ops.continual import Continual, TaskTensors, build_tasks, memory_upto
+from fipray.ops.sparsify import Sparsify, apply_masks, counted, counted_tensors, fip_sparsify_phases, magnitude_masks
+from fipray.path import Phase, run_path
+from fipray.phases import cross_entropy_secondary, fip_phase
+from fipray.runtime import RunContext, path_summary, train_base, write_outputs
+
+# The operations a composition may chain, by their registered names.
+CHAINABLE = (Continual.name, Sparsify.name)
+
+
+@dataclass(frozen=True)
+class ComposeConfig:
+    """Operations applied in sequence (`fipray compose`), e.g. continual then sparsify and back."""
+
+    orders: tuple[str, ...] = knob(("continual>sparsify", "sparsify>continual"), nonempty=True)
+    target: float = knob(0.8, gt=0, lt=1)  # the sparsify operation's sparsity
+    sample_every: int = knob(0, ge=0)  # also a node every k steps of a phase (0: one node per phase end)
+
+    def check(self, cfg: Config) -> None:
+        for o in self.orders:
+            if not all(op in CHAINABLE for op in o.split(">")):
+                raise ConfigError(f"config key 'compose.orders': {o!r} must chain {' and '.join(CHAINABLE)} with "
+                                  f"'>' (e.g. {'>'.join(CHAINABLE)})")
+
+
+def _masked_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int, prefix: str,
+                             names: list[str], masks: list[torch.Tensor] | None) -> list[Phase]:
+    """FIP continual phases for tasks 1..T−1; with masks, the network stays on the sparse support."""
+    grad_hook = after_step = None
+    if masks is not None:
+        def grad_hook(model: nn.Module) -> None:
+            for t, m in zip(counted_tensors(model, names), masks):
+                if t.grad is not None:
+                    t.grad.mul_(m)
+
+        def after_step(model: nn.Module, state) -> None:
+            apply_masks(counted_tensors(model, names), masks)
+
+    phases = []
+    for i in range(1, len(tasks)):
+        x_mem, _ = memory_upto(tasks, i)
+        phases.append(fip_phase(f"{prefix}task{i}", cfg.path, seed, memory=x_mem, secondary=cross_entropy_secondary,
+                                new_data=(tasks[i].x_train, tasks[i].y_train), grad_hook=grad_hook,
+                                after_step=after_step))
+    return phases
+
+
+class _NodeMetrics:
+    """A node's metrics: accuracy on all test inputs and per task (argmax over all classes), sparsity."""
+
+    def __init__(self, tasks: list[TaskTensors]):
+        self.tasks = tasks
+        self.every = [c for t in tasks for c in t.classes]
+        self.x = torch.cat([t.x_test for t in tasks])
+        self.y = torch.cat([t.y_test for t in tasks])
+
+    def __call__(self, model: nn.Module, names: list[str]) -> dict:
+        accs = [task_accuracy(model, t.x_test, t.y_test, self.every) for t in self.tasks]
+        return {"accuracy": task_accuracy(model, self.x, self.y, self.every),
+                "task_accuracy_mean": float(np.mean(accs)), "sparsity": sparsity(model, names),
+                **{f"acc_task{j}": a for j, a in enumerate(accs)}}
+
+
+def _slug(order: str) -> str:
+    return order.replace(">", "-")
+
+
+@dataclass
+class _Chain:
+    """Where one order's path stands: the last node, tasks learned so far, whether it is sparse."""
+
+    prev: str
+    learned: int = 1
+    sparse: bool = False
+    global_step: int = 0
+
+
+def _phases(op: str, k: int, model: nn.Module, chain: _Chain, tasks: list[TaskTensors], cfg: Config, seed: int,
+            names: list[str]) -> list[Phase]:
+    """The phases of the k-th operation `op` of an order, from where the chain stands."""
+    p, prefix = cfg.compose.target, f"{k}{op}_"
+    if op == Continual.name:
+        # Keep the exact sparse support an earlier sparsify left.
+        masks = magnitude_masks(counted_tensors(model, names), p) if chain.sparse else None
+        phases = _masked_continual_phases(tasks, cfg, seed, prefix, names, masks)
+        chain.learned = len(tasks)
+    else:
+        # What a continual learner holds now: the latest task's inputs + older memories.
+        x_inv = torch.cat([tasks[chain.learned - 1].x_train, memory_upto(tasks, chain.learned - 1)[0]]) \
+            if chain.learned > 1 else tasks[0].x_train
+        phases = fip_sparsify_phases(x_inv, Anchor.from_model(model, x_inv), p, cfg, seed, names)
+        for ph in phases:
+            ph.name = prefix + ph.name
+        chain.sparse = True
+    for ph in phases:
+        ph.sample_every = cfg.compose.sample_every or ph.steps
+    return phases
+
+
+@register_operation
+class Compose(Operation):
+    """Continual learning and sparsification in sequence, both orders, as one network set."""
+
+    name = "compose"
+    help = "apply operations in sequence (e.g. continual>sparsify and back), recording one path-connected network set"
+    section = ComposeConfig
+    smoke = ("seeds=[0]", "train.steps=40", "path.steps=10", "sparsify.invariance_steps=5", "continual.num_tasks=2",
+             "path.record_every=5", "path.checkpoint_every=10")
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg, cc = ctx.cfg, ctx.cfg.compose
+        assert ctx.out is not None
+        writer = NetworkSetWriter(ctx.out / "set", ctx.spec, metadata={
+            "operation": self.name, "orders": list(cc.orders), "target": cc.target, "config_hash": cfg.run_id()})
+        steps_per = {Continual.name: (cfg.continual.num_tasks - 1) * cfg.path.steps,
+                     Sparsify.name: cfg.path.steps + cfg.sparsify.invariance_steps}
+        total = len(cfg.seeds) * (cfg.train.steps + sum(steps_per[op] for o in cc.orders for op in o.split(">")))
+        path_rows: list[dict] = []
+        results: list[dict] = []
+        with ctx.progress(total, "compose"):
+            for seed in cfg.seeds:
+                self.run_seed(ctx, seed, writer, path_rows, results)
+        writer.close()
+        summary = self.aggregate(ctx, results, writer)
+        self.report(ctx, summary, writer, results, path_rows)
+        return summary
+
+    def run_seed(self, ctx: RunContext, seed: int, writer: NetworkSetWriter, path_rows: list[dict],
+                 results: list[dict]) -> None:
+        """w0 on task 0, then every order from it; every phase end a node of the set."""
+        cfg, cc = ctx.cfg, ctx.cfg.compose
+        tasks = build_tasks(cfg, ctx.bundle, ctx.device, seed)
+        metrics = _NodeMetrics(tasks)
+        base = ctx.model(seed)
+        train_base(base, tasks[0].x_train, tasks[0].y_train, cfg, seed, progress=ctx.bar)
+        names = counted(base, cfg.sparsify.exclude_head)
+        root = f"s{seed}-w0"
+        writer.add_node(root, base.state_dict(), seed=seed, order="", operation="base", phase="base",
+                        step=0, **metrics(base, names))
+        ends: dict[str, str] = {}
+        heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
+        for order in cc.orders:
+            model = ctx.model(seed)
+            model.load_state_dict(base.state_dict())
+            chain = _Chain(root)
+            for k, op in enumerate(order.split(">")):
+                phases = _phases(op, k, model, chain, tasks, cfg, seed, names)
+                res = run_path(model, phases, out_dir=ctx.checkpoint_dir(f"seed{seed}", _slug(order), f"{k}{op}"),
+                               **ctx.path_kwargs(heldout))
+                path_rows += [{"seed": seed, "order": order, "operation": op, **r,
+                               "step": r["step"] + chain.global_step} for r in res.records]
+                for smp in res.samples:
+                    node = f"s{seed}-{_slug(order)}-{smp['phase']}-{smp['step']}"
+                    probe = ctx.model(seed)
+                    probe.load_state_dict(smp["state"])
+                    writer.add_node(node, smp["state"], parent=chain.prev, seed=seed, order=order, operation=op,
+                                    phase=smp["phase"], step=chain.global_step + smp["global_step"],
+                                    **metrics(probe, names))
+                    chain.prev = node
+                chain.global_step += res.steps
+            ends[order] = chain.prev
+            results.append(_end_row(writer, seed, order, root, chain.prev, path_rows))
+        orders = list(cc.orders)
+        for a in range(len(orders)):
+            for b in range(a + 1, len(orders)):
+                results.append({"seed": seed, "order": f"{orders[a]} | {orders[b]}",
+                                "end_point_distance": writer.distance(ends[orders[a]], ends[orders[b]])})
+
+    @staticmethod
+    def aggregate(ctx: RunContext, results: list[dict], writer: NetworkSetWriter) -> dict:
+        cfg, cc = ctx.cfg, ctx.cfg.compose
+        assert ctx.out is not None
+        per_order: dict[str, dict[str, Any]] = {}
+        for order in cc.orders:
+            sel = [r for r in results if r["order"] == order]
+            per_order[order] = {k: float(np.mean([r[k] for r in sel]))
+                                for k in ("accuracy", "task_accuracy_mean", "sparsity", "distance_to_w0", "graph_length")}
+            per_order[order]["end_nodes"] = [r["end_node"] for r in sel]
+        pairs: dict[str, list[float]] = {r["order"]: [] for r in results if "end_point_distance" in r}
+        for r in results:
+            if "end_point_distance" in r:
+                pairs[r["order"]].append(r["end_point_distance"])
+        return {"operation": "compose", "orders": per_order, "target": cc.target, "seeds": list(cfg.seeds),
+                "end_point_distance": {k: float(np.mean(v)) for k, v in pairs.items()},
+                "num_nodes": len(writer.nodes), "num_edges": len(writer.edges), "set": str(ctx.out / "set"),
+                "step": cfg.path.step}
+
+    @staticmethod
+    def report(ctx: RunContext, summary: dict, writer: NetworkSetWriter, results: list[dict],
+               path_rows: list[dict]) -> None:
+        cfg, out = ctx.cfg, ctx.out
+        assert out is not None
+        _plot_graph(writer, out / "graph.png")
+        per_order, end_distance = summary["orders"], summary["end_point_distance"]
+        table = [[o, v["accuracy"], v["sparsity"], v["distance_to_w0"], v["graph_length"]] for o, v in per_order.items()]
+        md = "\n".join([
+            f"# Composed operations: {cfg.model.name} on {cfg.data.name}", "",
+            f"Base network trained on task 0 of {cfg.continual.num_tasks} (class-incremental, "
+            f"{cfg.continual.memory_per_task} memories per task); sparsify target {cfg.compose.target:g}; step "
+            f"`{cfg.path.step}`; seeds {list(cfg.seeds)} (means). Accuracy: all test inputs, argmax over all classes.", "",
+            report.md_table(["order", "accuracy", "sparsity", "‖w_end − w0‖", "graph length"], table), "",
+            "End-point distances: " + "; ".join(f"{k}: {v:.4f}" for k, v in end_distance.items()), "",
+            f"Network set: `set/` ({summary['num_nodes']} nodes, {summary['num_edges']} edges; query it with "
+            "`fipray query --set`). Plot: `graph.png`. Tables: `results.parquet`, `path.parquet`.", ""])
+        write_outputs(out, cfg, summary, {"results": results, "path": path_rows}, md)
+
+    def brief(self, summary: dict) -> dict:
+        return {"end_point_distance": summary["end_point_distance"],
+                **{o: {"accuracy": round(v["accuracy"], 4), "sparsity": round(v["sparsity"], 4)}
+                   for o, v in summary["orders"].items()}}
+
+
+def _end_row(writer: NetworkSetWriter, seed: int, order: str, root: str, end: str, path_rows: list[dict]) -> dict:
+    """The result row of one order's end node: its metrics, distance to w0, graph length, mean drift."""
+    end_row = next(n for n in writer.nodes if n["node"] == end)
+    geo = path_summary([r for r in path_rows if r["seed"] == seed and r["order"] == order])
+    return {"seed": seed, "order": order, "end_node": end,
+            "accuracy": end_row["accuracy"], "task_accuracy_mean": end_row["task_accuracy_mean"],
+            "sparsity": end_row["sparsity"], "distance_to_w0": writer.distance(root, end),
+            "graph_length": sum(e["weight_distance"] for e in writer.edges
+                                if e["dst"].startswith(f"s{seed}-{_slug(order)}-")),
+            "heldout_distance_mean": geo.get("heldout_distance_mean", float("nan"))}
+
+
+def _plot_graph(writer: NetworkSetWriter, path: Path) -> None:
+    """The set in the plane of its first two principal components, edges drawn, coloured by order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fipray._io import atomic_write
+
+    ids = [n["node"] for n in writer.nodes]
+    w = torch.stack([writer._flat[i] for i in ids])
+    w = w - w.mean(0)
+    u, s, _ = torch.linalg.svd(w, full_matrices=False)
+    xy = (u[:, :2] * s[:2]).numpy() if w.shape[0] > 1 else np.zeros((1, 2))
+    pos = {i: xy[j] for j, i in enumerate(ids)}
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for e in writer.edges:
+        a, b = pos[e["src"]], pos[e["dst"]]
+        ax.plot([a[0], b[0]], [a[1], b[1]], color="gray", lw=0.6, zorder=1)
+    orders = sorted({n["order"] for n in writer.nodes})
+    for o in orders:
+        sel = [j for j, n in enumerate(writer.nodes) if n["order"] == o]
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=18, label=o or "w0 (base)", zorder=2)
+    ax.set_xlabel("PC 1 of the weights")
+    ax.set_ylabel("PC 2")
+    ax.set_title("Composed FIPs: one path-connected set")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
