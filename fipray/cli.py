@@ -241,9 +241,10 @@ def main(argv: list[str] | None = None, prog: str = "fipray") -> int:
     table = commands()
     args = _parser(table).parse_args(argv)
     cmd = table[args.command]
+    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, *cmd.user_errors)
     try:
         return cmd.run(args)
-    except (ConfigError, FileNotFoundError, *cmd.user_errors) as e:
+    except errors as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
 

@@ -71,7 +71,7 @@ class DataConfig:
     """Which dataset; `kwargs` go to `fipray.data.get_data(name, **kwargs)`."""
 
     name: str = "digits"
-    kwargs: dict = knob({})
+    kwargs: dict[str, Any] = knob({})
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class ModelConfig:
     """Which network; `kwargs` go to `fipray.models.create_model(name, **kwargs)`."""
 
     name: str = "mlp"
-    kwargs: dict = knob({})
+    kwargs: dict[str, Any] = knob({})
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class Config:
             return sections[name]
         raise AttributeError(f"Config has no field or section {name!r}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out = {name: _to_plain(dataclasses.asdict(getattr(self, name)) if dataclasses.is_dataclass(
             getattr(self, name)) else getattr(self, name)) for name in CORE_FIELDS}
         out.update({name: _to_plain(dataclasses.asdict(sec)) for name, sec in self.sections.items()})
@@ -182,7 +182,7 @@ def _to_plain(x: Any) -> Any:
     return x
 
 
-def _diff(a: dict, b: dict) -> dict:
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in a.items():
         if isinstance(v, dict) and isinstance(b.get(k), dict) and k not in ("kwargs",):
@@ -194,7 +194,7 @@ def _diff(a: dict, b: dict) -> dict:
     return out
 
 
-def merge(base: dict, over: dict) -> dict:
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` laid onto `base`, section by section (`kwargs` mappings are replaced whole)."""
     out = dict(base)
     for k, v in over.items():
@@ -205,9 +205,9 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def expand(flat: Mapping[str, Any]) -> dict:
+def expand(flat: Mapping[str, Any]) -> dict[str, Any]:
     """{'path.lam': 1} -> {'path': {'lam': 1}}; `kwargs` sub-keys stay nested dicts."""
-    out: dict = {}
+    out: dict[str, Any] = {}
     for key, value in flat.items():
         parts = key.split(".")
         node = out
@@ -243,7 +243,7 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"config key {where!r}: expected a string, got {value!r}")
-    if tp is dict:
+    if tp is dict or origin is dict:
         if isinstance(value, dict):
             return value
         raise ConfigError(f"config key {where!r}: expected a mapping, got {value!r}")
@@ -295,11 +295,11 @@ def build_section(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(
             f"unknown config key {prefix + str(unknown[0])!r}; valid keys here: {', '.join(fields)}"
         )
-    kwargs = {}
-    for name, f in fields.items():
+    kwargs: dict[str, Any] = {}
+    for name in fields:
         tp, where = hints[name], prefix + name
         if name in data:
-            kwargs[name] = (build_section(tp, data[name], where + ".") if dataclasses.is_dataclass(tp)
+            kwargs[name] = (build_section(typing.cast(type, tp), data[name], where + ".") if dataclasses.is_dataclass(tp)
                             else _check_type(where, data[name], tp))
     obj = cls(**kwargs)
     for name, f in fields.items():
@@ -338,7 +338,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def read_yaml_mapping(path: str | Path | None) -> dict:
+def read_yaml_mapping(path: str | Path | None) -> dict[str, Any]:
     """The top-level mapping of a YAML config file ({} for None), or a ConfigError naming the file."""
     if path is None:
         return {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,8 +177,8 @@ class Ensemble(nn.Module):
         for col in self._plan:
             layer = col[0]
             if isinstance(layer, (nn.Linear, nn.Conv2d)):
-                w = torch.stack([m.weight for m in col])
-                b = None if layer.bias is None else torch.stack([m.bias for m in col])
+                w = torch.stack([typing.cast(Tensor, m.weight) for m in col])
+                b = None if layer.bias is None else torch.stack([typing.cast(Tensor, m.bias) for m in col])
                 if not track:
                     w, b = w.detach(), None if b is None else b.detach()
                 stack.append((w, b))

@@ -31,7 +31,7 @@ from fipray.config import SECTIONS, Config, ConfigError
 from fipray.path import Phase
 from fipray.runtime import RunContext
 
-Report = Callable[[dict], None]
+Report = Callable[[dict[str, Any]], None]
 
 
 class Operation:
@@ -47,11 +47,11 @@ class Operation:
     cli_options: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (flag, config key, help): `--flag V` = key=V
 
     # The experiment --------------------------------------------------------------------------------
-    def run(self, ctx: RunContext) -> dict:
+    def run(self, ctx: RunContext) -> dict[str, Any]:
         """Run the experiment into `ctx.out` (tables, plots, report.md) and return the summary."""
         raise NotImplementedError
 
-    def brief(self, summary: dict) -> dict:
+    def brief(self, summary: dict[str, Any]) -> dict[str, Any]:
         """The few numbers the CLI prints as JSON after the report."""
         return {}
 
@@ -63,7 +63,7 @@ class Operation:
         return ctx.train_tensors()
 
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
-             world: int = 1) -> tuple[list[Phase], dict]:
+             world: int = 1) -> tuple[list[Phase], dict[str, Any]]:
         """The phases of one FIP path from `model` (= w0) with `seed`, and extra `run_path` kwargs
         (heldout, evaluate). With `world > 1` rank r uses its own shard of the data."""
         raise ConfigError(f"operation {self.name!r} has no FIP paths to run with `fipray paths`")

@@ -125,7 +125,7 @@ def _to(obj: Any, device: torch.device) -> Any:
 
 
 def _rng_state() -> dict:
-    s = {"cpu": torch.get_rng_state()}
+    s: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -149,6 +149,116 @@ def load_checkpoint(out_dir: str | Path) -> dict | None:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file cannot happen (atomic writes), a foreign one can
         raise RuntimeError(f"checkpoint {p} cannot be read ({e}); delete it to start over") from e
+
+
+@dataclass
+class _Run:
+    """The state of one `run_path` call: the loop's pieces as methods, the loop itself in `run_path`."""
+
+    model: nn.Module
+    phases: list[Phase]
+    out: Path | None
+    record_every: int
+    checkpoint_every: int
+    tracker: _Tracker
+    evaluate: Callable[[nn.Module], dict] | None
+    callback: Callable[[str, dict], None] | None
+    progress: Any
+    train_mode: bool
+    result: PathResult = field(init=False)
+    global_step: int = 0
+
+    def __post_init__(self) -> None:
+        self.result = PathResult(model=self.model)
+        self.names = [p.name for p in self.phases]
+
+    def resume(self) -> tuple[int, int, PhaseState | None, dict | None]:
+        """Load `out`'s checkpoint if there is one: (phase, phase step, phase state, optimizer state)."""
+        ckpt = load_checkpoint(self.out) if self.out is not None else None
+        if ckpt is None:
+            return 0, 0, None, None
+        if ckpt["phase_names"] != self.names:
+            raise RuntimeError(
+                f"checkpoint in {self.out} belongs to a path with phases {ckpt['phase_names']}, not {self.names}"
+            )
+        self.model.load_state_dict(ckpt["model"])
+        self.global_step = ckpt["global_step"]
+        # Checkpoints load on the CPU; the phase state (anchors, masks) must follow the model.
+        dev = next(self.model.parameters()).device
+        r = self.result
+        r.records, r.samples = list(ckpt["records"]), list(ckpt["samples"])
+        r.phase_results = dict(ckpt["phase_results"])
+        r.resumed_from = self.global_step
+        self.tracker.load_state_dict(_to(ckpt["tracker"], dev))
+        _set_rng_state(ckpt["rng"])
+        if self.progress is not None:
+            self.progress.update(self.global_step)
+        return ckpt["phase"], ckpt["phase_step"], _to(ckpt["phase_state"], dev), ckpt["optimizer"]
+
+    def checkpoint(self, pi: int, step: int, state: PhaseState | None, optim: torch.optim.Optimizer | None) -> None:
+        if self.out is None:
+            return
+        r = self.result
+        atomic_torch_save(self.out / CHECKPOINT, {
+            "version": 1, "phase_names": self.names, "phase": pi, "phase_step": step,
+            "global_step": self.global_step, "model": self.model.state_dict(),
+            "optimizer": optim.state_dict() if optim is not None else None,
+            "phase_state": state, "rng": _rng_state(), "records": r.records,
+            "samples": r.samples, "phase_results": r.phase_results,
+            "tracker": self.tracker.state_dict(),
+        })
+        if self.callback is not None:
+            self.callback("checkpoint", {"path": str(self.out / CHECKPOINT), "global_step": self.global_step})
+
+    def record(self, phase: Phase, step: int, so: StepOutput | None) -> None:
+        row: dict[str, Any] = {"phase": phase.name, "phase_step": step, "step": self.global_step}
+        if so is not None:
+            row.update(objective=float(so.objective), distance=float(so.distance),
+                       secondary=float(so.secondary))
+        row.update(self.tracker.row(self.model))
+        if self.evaluate is not None:
+            row.update(self.evaluate(self.model))
+            self.model.train(self.train_mode)
+        self.result.records.append(row)
+        if self.progress is not None:
+            self.progress.set_postfix({k: round(v, 4) for k, v in row.items()
+                                       if k in ("distance", "secondary") and isinstance(v, float)})
+        if self.callback is not None:
+            self.callback("record", row)
+
+    def steps(self, pi: int, first: int, state: PhaseState, optim: torch.optim.Optimizer) -> StepOutput | None:
+        """Steps first..steps−1 of phase pi, with samples, records and checkpoints on the way."""
+        phase, model, so = self.phases[pi], self.model, None
+        for step in range(first, phase.steps):
+            so = phase.step(model, optim, step, state)
+            if phase.after_step is not None:
+                phase.after_step(model, state)
+            self.global_step += 1
+            done = step + 1
+            if self.progress is not None:
+                self.progress.update(1)
+            if phase.sample_every and done % phase.sample_every == 0:
+                self.result.samples.append({
+                    "phase": phase.name, "step": done, "global_step": self.global_step,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                })
+            if self.global_step % self.record_every == 0 and done < phase.steps:
+                self.record(phase, done, so)
+            if self.global_step % self.checkpoint_every == 0 and done < phase.steps:
+                self.checkpoint(pi, done, state, optim)
+        return so
+
+    def end_phase(self, pi: int, state: PhaseState, so: StepOutput | None) -> None:
+        """The phase's last record, its results, and the boundary checkpoint."""
+        phase, r = self.phases[pi], self.result
+        self.record(phase, phase.steps, so)
+        if phase.finish is not None:
+            r.phase_results[phase.name] = phase.finish(self.model, state)
+            self.model.train(self.train_mode)
+            if self.callback is not None:
+                self.callback("phase_end", {"phase": phase.name, **r.phase_results[phase.name]})
+        # Phase boundary: a resumed run starts phase pi+1 afresh (its prepare runs again).
+        self.checkpoint(pi + 1, 0, None, None)
 
 
 def run_path(
@@ -187,61 +297,9 @@ def run_path(
         raise ValueError(f"phase names must be unique, got {names}")
     t0 = time.perf_counter()
     model.train(train_mode)
-    result = PathResult(model=model)
-    tracker = _Tracker(model, heldout, distance)
-    out = Path(out_dir) if out_dir is not None else None
-    start_phase, start_step, global_step = 0, 0, 0
-    resume_state: PhaseState | None = None
-    resume_optim: dict | None = None
-    ckpt = load_checkpoint(out) if out is not None else None
-    if ckpt is not None:
-        if ckpt["phase_names"] != names:
-            raise RuntimeError(
-                f"checkpoint in {out} belongs to a path with phases {ckpt['phase_names']}, not {names}"
-            )
-        model.load_state_dict(ckpt["model"])
-        start_phase, start_step, global_step = ckpt["phase"], ckpt["phase_step"], ckpt["global_step"]
-        # Checkpoints load on the CPU; the phase state (anchors, masks) must follow the model.
-        dev = next(model.parameters()).device
-        resume_state, resume_optim = _to(ckpt["phase_state"], dev), ckpt["optimizer"]
-        result.records, result.samples = list(ckpt["records"]), list(ckpt["samples"])
-        result.phase_results = dict(ckpt["phase_results"])
-        result.resumed_from = global_step
-        tracker.load_state_dict(_to(ckpt["tracker"], dev))
-        _set_rng_state(ckpt["rng"])
-        if progress is not None:
-            progress.update(global_step)
-
-    def checkpoint(pi: int, step: int, state: PhaseState | None, optim: torch.optim.Optimizer | None) -> None:
-        if out is None:
-            return
-        atomic_torch_save(out / CHECKPOINT, {
-            "version": 1, "phase_names": names, "phase": pi, "phase_step": step,
-            "global_step": global_step, "model": model.state_dict(),
-            "optimizer": optim.state_dict() if optim is not None else None,
-            "phase_state": state, "rng": _rng_state(), "records": result.records,
-            "samples": result.samples, "phase_results": result.phase_results,
-            "tracker": tracker.state_dict(),
-        })
-        if callback is not None:
-            callback("checkpoint", {"path": str(out / CHECKPOINT), "global_step": global_step})
-
-    def record(phase: Phase, step: int, so: StepOutput | None) -> None:
-        row: dict[str, Any] = {"phase": phase.name, "phase_step": step, "step": global_step}
-        if so is not None:
-            row.update(objective=float(so.objective), distance=float(so.distance),
-                       secondary=float(so.secondary))
-        row.update(tracker.row(model))
-        if evaluate is not None:
-            row.update(evaluate(model))
-            model.train(train_mode)
-        result.records.append(row)
-        if progress is not None:
-            progress.set_postfix({k: round(v, 4) for k, v in row.items()
-                                  if k in ("distance", "secondary") and isinstance(v, float)})
-        if callback is not None:
-            callback("record", row)
-
+    run = _Run(model, phases, Path(out_dir) if out_dir is not None else None, record_every, checkpoint_every,
+               _Tracker(model, heldout, distance), evaluate, callback, progress, train_mode)
+    start_phase, start_step, resume_state, resume_optim = run.resume()
     for pi in range(start_phase, len(phases)):
         phase = phases[pi]
         if pi == start_phase and resume_state is not None:
@@ -252,34 +310,10 @@ def run_path(
         optim = phase.optimizer(model)
         if pi == start_phase and resume_optim is not None:
             optim.load_state_dict(resume_optim)
-        so: StepOutput | None = None
-        for step in range(first, phase.steps):
-            so = phase.step(model, optim, step, state)
-            if phase.after_step is not None:
-                phase.after_step(model, state)
-            global_step += 1
-            done = step + 1
-            if progress is not None:
-                progress.update(1)
-            if phase.sample_every and done % phase.sample_every == 0:
-                result.samples.append({
-                    "phase": phase.name, "step": done, "global_step": global_step,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                })
-            if global_step % record_every == 0 and done < phase.steps:
-                record(phase, done, so)
-            if global_step % checkpoint_every == 0 and done < phase.steps:
-                checkpoint(pi, done, state, optim)
-        record(phase, phase.steps, so)
-        if phase.finish is not None:
-            result.phase_results[phase.name] = phase.finish(model, state)
-            model.train(train_mode)
-            if callback is not None:
-                callback("phase_end", {"phase": phase.name, **result.phase_results[phase.name]})
-        # Phase boundary: a resumed run starts phase pi+1 afresh (its prepare runs again).
+        so = run.steps(pi, first, state, optim)
+        run.end_phase(pi, state, so)
         resume_state, resume_optim = None, None
-        checkpoint(pi + 1, 0, None, None)
-    result.steps = global_step
-    result.seconds = time.perf_counter() - t0
+    run.result.steps = run.global_step
+    run.result.seconds = time.perf_counter() - t0
     model.eval()
-    return result
+    return run.result

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import platform
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, save_config
-from fipray.phases import supervised_phase
 from fipray.path import PathResult, run_path
+from fipray.phases import supervised_phase
 
 
 def device_of(cfg: Config) -> torch.device:

@@ -25,7 +25,6 @@ over the work done so far; `trial_iterations(cfg)` says how many reports a full 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass

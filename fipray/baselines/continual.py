@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from fipray._batches import BatchStream, mix_seed
 from fipray._registry import Registry
 from fipray.config import Config, TrainConfig
-from fipray.ops.continual import TaskTensors, evaluate_row, memory_upto
+from fipray.ops.continual import TaskTensors, memory_upto, row_finish
 from fipray.path import Phase
 from fipray.phases import supervised_phase
 
@@ -32,7 +32,7 @@ def _train_cfg(cfg: Config) -> TrainConfig:
 def naive_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     tc = _train_cfg(cfg)
     return [supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed,
-                             finish=lambda m, s, i=i: evaluate_row(m, tasks, i))
+                             finish=row_finish(tasks, i))
             for i in range(1, len(tasks))]
 
 
@@ -51,7 +51,7 @@ def er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
             return F.cross_entropy(model(x_mem[idx]), y_mem[idx])
 
         phases.append(supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed,
-                                       extra=replay, finish=lambda m, s, i=i: evaluate_row(m, tasks, i)))
+                                       extra=replay, finish=row_finish(tasks, i)))
     return phases
 
 
@@ -104,6 +104,6 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
         return prepare
 
     return [supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed, extra=penalty,
-                             prepare=make_prepare(i), finish=lambda m, s, i=i: evaluate_row(m, tasks, i))
+                             prepare=make_prepare(i), finish=row_finish(tasks, i))
             for i in range(1, len(tasks))]
 

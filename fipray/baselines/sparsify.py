@@ -7,7 +7,6 @@ Fine-tuning baselines get as many optimizer steps as the FIP path uses in all.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 from torch import Tensor, nn

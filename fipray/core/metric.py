@@ -28,9 +28,10 @@ def _output_hvp(distance: Callable[[Tensor, Tensor], Tensor], y0: Tensor, u: Ten
     n = y0.reshape(-1, y0.shape[-1]).shape[0]
 
     def grad_d(y: Tensor) -> Tensor:
-        return torch.func.grad(lambda z: distance(z, y0) * n)(y)
+        out: Tensor = torch.func.grad(lambda z: distance(z, y0) * n)(y)
+        return out
 
-    _, hu = jvp(grad_d, (y0,), (u,))
+    hu: Tensor = jvp(grad_d, (y0,), (u,))[1]
     return hu
 
 
@@ -52,19 +53,20 @@ def metric_vp(
     Returns:
         dict like params holding g·v.
     """
-    y, jv = jvp(f, (params,), (v,))
+    y, jv = jvp(f, (params,), (v,))[:2]
     n = y.reshape(-1, y.shape[-1]).shape[0]
     u = jv if distance is None else _output_hvp(distance, y, jv)
-    _, pullback = vjp(f, params)
-    (gv,) = pullback(u / n)
+    pullback = vjp(f, params)[1]
+    gv: Params = pullback(u / n)[0]
     return gv
 
 
 def metric_norm(f: OutputFn, params: Params, dw: Params) -> Tensor:
     """⟨dw, dw⟩_g = ‖J dw‖² / B: the squared output displacement a weight step dw causes."""
-    y, jv = jvp(f, (params,), (dw,))
+    y, jv = jvp(f, (params,), (dw,))[:2]
     n = y.reshape(-1, y.shape[-1]).shape[0]
-    return jv.pow(2).sum() / n
+    out: Tensor = jv.pow(2).sum() / n
+    return out
 
 
 def flat_dot(a: Params, b: Params) -> Tensor:
@@ -119,13 +121,13 @@ def metric_operator(
         distance: None for H = I (g = JᵀJ); an output distance for its Gauss-Newton metric.
     """
     params = {k: v.detach() for k, v in params.items()}
-    y, pullback = vjp(f, params)
+    y, pullback = vjp(f, params)[:2]
     y = y.detach()
     n = y.reshape(-1, y.shape[-1]).shape[0]
     hvp = None if distance is None else output_hessian(distance, y)
 
     def gv(v: Params) -> Params:
-        _, jv = jvp(f, (params,), (v,))
+        jv = jvp(f, (params,), (v,))[1]
         u = jv if hvp is None else hvp(jv)
         (out,) = pullback(u.detach() / n)
         return {k: t.detach() for k, t in out.items()}

@@ -245,7 +245,8 @@ def metric_step(
         frozen = {k: p.detach() for k, p in model.named_parameters() if not p.requires_grad}
 
         def f(p: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(model, ({**frozen, **p}, buffers), (anchor.inputs,))
+            out: Tensor = torch.func.functional_call(model, ({**frozen, **p}, buffers), (anchor.inputs,))
+            return out
 
         gv = view.operator(metric_operator(f, params, distance=distance))
 

@@ -20,14 +20,13 @@ query` can search. Each operation is its own checkpointed `run_path`, so runs re
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-
-from dataclasses import dataclass
 
 from fipray import report
 from fipray.config import Config, ConfigError, knob
@@ -37,7 +36,14 @@ from fipray.eval.sparsity import sparsity
 from fipray.netset import NetworkSetWriter
 from fipray.operation import Operation, register_operation
 from fipray.ops.continual import Continual, TaskTensors, build_tasks, memory_upto
-from fipray.ops.sparsify import Sparsify, apply_masks, counted, counted_tensors, fip_sparsify_phases, magnitude_masks
+from fipray.ops.sparsify import (
+    Sparsify,
+    apply_masks,
+    counted,
+    counted_tensors,
+    fip_sparsify_phases,
+    magnitude_masks,
+)
 from fipray.path import Phase, run_path
 from fipray.phases import cross_entropy_secondary, fip_phase
 from fipray.runtime import RunContext, path_summary, train_base, write_outputs
@@ -143,6 +149,7 @@ class Compose(Operation):
     help = "apply operations in sequence (e.g. continual>sparsify and back), recording one path-connected network set"
     section = ComposeConfig
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=10", "sparsify.invariance_steps=5", "continual.num_tasks=2",
+             "compose.sample_every=5",
              "path.record_every=5", "path.checkpoint_every=10")
 
     def run(self, ctx: RunContext) -> dict:

@@ -14,6 +14,7 @@ with the output distance.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
 from fipray.eval.continual import cl_metrics, task_accuracy
 from fipray.operation import Operation, Report, register_operation
-from fipray.path import Phase, run_path
+from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import cross_entropy_secondary, fip_phase
 from fipray.runtime import RunContext, clone, mean_std, path_summary, tensors, train_base, write_outputs
 
@@ -85,6 +86,11 @@ def evaluate_row(model: nn.Module, tasks: list[TaskTensors], trained_upto: int) 
     return {"class": cls, "task": tsk}
 
 
+def row_finish(tasks: list[TaskTensors], i: int) -> Callable[[nn.Module, PhaseState], dict]:
+    """A phase's `finish`: row i of the accuracy matrix R, in both settings."""
+    return lambda model, state: evaluate_row(model, tasks, i)
+
+
 def memory_upto(tasks: list[TaskTensors], i: int) -> tuple[Tensor, Tensor]:
     """Replay memory of tasks 0..i−1: (M, ...) inputs and (M,) labels."""
     return torch.cat([t.x_mem for t in tasks[:i]]), torch.cat([t.y_mem for t in tasks[:i]])
@@ -98,7 +104,7 @@ def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> li
         phases.append(fip_phase(
             f"task{i}", cfg.path, seed, memory=x_mem, secondary=cross_entropy_secondary,
             new_data=(tasks[i].x_train, tasks[i].y_train),
-            finish=lambda m, s, i=i: evaluate_row(m, tasks, i),
+            finish=row_finish(tasks, i),
         ))
     return phases
 

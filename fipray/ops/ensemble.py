@@ -98,7 +98,9 @@ def undirected_phase(x_mem: Tensor, y_mem: Tensor, cfg: Config, seed: int, name:
             # w0 lives in the phase state, so a resumed walk measures coherence to the same w0.
             return {"w0": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
-        def secondary(model: nn.Module, logits, x: Tensor, y: Tensor, state: PhaseState) -> Tensor:
+        def secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None, y: Tensor | None,
+                      state: PhaseState) -> Tensor:
+            assert x is not None and y is not None  # the diversity phase samples new data
             g0 = input_gradient(lambda z: torch.func.functional_call(model, state["w0"], (z,)), x, y)
             g = input_gradient(model, x, y, create_graph=True)
             return F.cosine_similarity(g.flatten(1), g0.detach().flatten(1), dim=1, eps=1e-12).mean()

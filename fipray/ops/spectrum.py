@@ -16,13 +16,12 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-
-from dataclasses import dataclass
 
 from fipray.config import Config, ConfigError, knob
 from fipray.core.distances import get_distance

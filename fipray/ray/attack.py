@@ -124,10 +124,10 @@ def main_attack(
     Returns:
         The summary written to ``out/summary.json``.
     """
+    from fipray import runtime as common
     from fipray.config import ConfigError
     from fipray.ensemble import load_ensemble, read_ensemble_meta
     from fipray.eval.robustness import robustness_curve, sanity_flags
-    from fipray import runtime as common
 
     t_start = time.perf_counter()
     ens_dir = Path(ensemble)

@@ -31,8 +31,8 @@ import torch
 
 from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import ConfigError, save_config
-from fipray.ray._local import init_local
 from fipray.job import JobConfig
+from fipray.ray._local import init_local
 from fipray.runtime import build_model, prepare_out
 from fipray.units import (
     base_path,

@@ -87,8 +87,8 @@ class EnsembleIngress:
         self.num_members = self.meta["num_members"]
         self.input_shape = tuple(self.meta["model_spec"]["input_shape"])
         self.metadata = metadata_doc(self.meta, max(1, len(self.shards)))
-        self._predict.set_max_batch_size(self.args.max_batch_requests)
-        self._predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._predict.set_max_batch_size(self.args.max_batch_requests)  # type: ignore[attr-defined]
+        self._predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     # --- the maths, used by HTTP and by attack clients through a handle ---------------------------
     async def log_probs_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,13 +175,13 @@ def build_app(args: Mapping[str, Any]):
         for i, ids in enumerate(blocks):
             device = "cuda" if a.gpus_per_shard > 0 else "cpu"
             shards.append(
-                EnsembleShard.options(
+                EnsembleShard.options(  # type: ignore[attr-defined]
                     name=f"EnsembleShard{i}",
                     ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_shard},
                 ).bind(a.ensemble, ids, a.threads, device)
             )
     ingress_gpus = a.gpus_per_shard if a.shards == 1 else 0.0
-    return EnsembleIngress.options(
+    return EnsembleIngress.options(  # type: ignore[attr-defined]
         max_ongoing_requests=a.max_ongoing_requests,
         ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": ingress_gpus},
     ).bind(_asdict(a), shards)

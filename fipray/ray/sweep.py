@@ -33,10 +33,10 @@ from ray import tune
 
 from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, from_dict, save_config
-from fipray.ray._local import init_local
-from fipray.ray.paths import joined_cluster, quiet_ray
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
+from fipray.ray._local import init_local
+from fipray.ray.paths import joined_cluster, quiet_ray
 from fipray.runtime import prepare_out
 from fipray.units import run_trial, trial_iterations
 

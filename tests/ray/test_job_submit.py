@@ -91,11 +91,9 @@ def test_job_submit_runs_the_sweep_smoke_test(ray_head, tmp_path):
     out = tmp_path / "sweep"
     cmd = [f"{ray_head['venv_bin']}/ray", "job", "submit", "--address", ray_head["address"], "--working-dir", ".",
            "--", "python", "jobs/sweep.py", "--smoke-test", "--out", str(out)]
-    t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_trials"] == 2 and summary["metric"] == "acc_mean"
     assert (out / "trials.parquet").is_file() and (out / "best_config.yaml").is_file()
-    assert time.monotonic() - t0 < 240

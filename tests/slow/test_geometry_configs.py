@@ -27,7 +27,7 @@ def test_spectrum_digits(tmp_path):
     s = run_geometry(load_config(ROOT / "jobs/configs/spectrum_digits.yaml"), tmp_path, progress=False)
     assert s["num_params"] == 85002 and s["num_points"] == 256 and len(s["top_eigenvalues"]) == 20
     assert s["fraction_below"]["0.001"] >= s["zero_fraction_lower_bound"] - 0.02
-    assert s["seconds"] < 120
+    print(f"spectrum_digits: {s['seconds']:.1f} s")  # wall time is reported, not asserted
 
 
 def test_bench_metric_step_smoke():

@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fipray.cli import main
+from fipray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ROOT / "jobs" / "configs"
 
 
 def _fail(capsys, argv) -> str:
@@ -208,3 +210,36 @@ def test_delta_admitting_too_few_members_exit_2(capsys, tmp_path):
                          "ensemble.baselines=[base]", "ensemble.eps=[0.1]", "ensemble.pgd_steps=1",
                          "ensemble.eval_examples=10", "model.kwargs={hidden: [16]}"])
     assert "ensemble.delta" in err
+
+
+def test_every_command_has_a_smoke_test_flag():
+    from fipray.cli import _parser, commands
+
+    table = commands()
+    assert {"continual", "sparsify", "ensemble", "spectrum", "compose", "paths", "sweep", "query", "serve",
+            "attack"} <= set(table)
+    parser = _parser(table)
+    for name in table:
+        argv = [name, "--smoke-test"] + (["--ensemble", "x"] if name in ("serve", "attack") else []) + \
+            (["--set", "x", "--data", "digits"] if name == "query" else [])
+        assert parser.parse_args(argv).smoke_test is True
+
+
+@pytest.mark.parametrize("op", ["continual", "sparsify", "ensemble", "spectrum", "compose"])
+def test_operation_smoke_test_on_the_shipped_config(op, capsys, tmp_path):
+    """`fipray <op> --smoke-test --config <shipped>`: the whole command in seconds, one seed."""
+    out = tmp_path / op
+    assert main([op, "--smoke-test", "--no-progress", "--config", str(CONFIGS / f"{op}_digits.yaml"),
+                  "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1])  # the brief
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["operation"] == op
+    assert load_config(out / "config.yaml").seeds == (0,)
+    if op == "compose":  # the smoke test still builds a set with sparse end nodes, which query can rank
+        assert summary["num_nodes"] > 1
+        assert all(abs(v["sparsity"] - load_config(out / "config.yaml").compose.target) < 1e-3
+                   for v in summary["orders"].values())
+        assert main(["query", "--smoke-test", "--set", str(out / "set"), "--data", "digits"]) == 0
+        ranking = json.loads((out / "set" / "query-digits" / "summary.json").read_text())
+        assert ranking["num_points"] == 50 and ranking["num_networks"] == summary["num_nodes"]

@@ -172,10 +172,9 @@ def test_closed_form_output_hessians_match_autodiff(name):
 def test_metric_step_path_resumes_exactly(tmp_path, digits):
     """An interrupted `step: metric` path, resumed from its checkpoint, ends at the same weights."""
     from fipray.config import load_config
-    from fipray.runtime import build_model, train_base
-    from fipray.ops.continual import build_tasks
-    from fipray.ops.continual import fip_continual_phases
+    from fipray.ops.continual import build_tasks, fip_continual_phases
     from fipray.path import run_path
+    from fipray.runtime import build_model, train_base
 
     cfg = load_config(None, ["continual.num_tasks=3", "continual.classes_per_task=2", "continual.memory_per_task=5",
                              "train.steps=10", "path.steps=4", "path.step=metric", "path.cg_iters=3",

@@ -9,10 +9,9 @@ import torch
 
 from fipray.config import load_config
 from fipray.core.distances import get_distance
-from fipray.runtime import build_model, train_base
-from fipray.ops.continual import build_tasks
-from fipray.ops.continual import accuracy_along_path, fip_continual_phases
+from fipray.ops.continual import accuracy_along_path, build_tasks, fip_continual_phases
 from fipray.path import CHECKPOINT, load_checkpoint, run_path
+from fipray.runtime import build_model, train_base
 
 STEPS = 12  # per phase; two phases -> 24 global steps
 RECORD_EVERY = 4

@@ -127,8 +127,8 @@ def test_spectrum_along_a_network_set(tmp_path, capsys):
     import torch
 
     from fipray.cli import main
-    from fipray.runtime import build_model
     from fipray.netset import NetworkSetWriter
+    from fipray.runtime import build_model
 
     spec = {"name": "mlp", "kwargs": {"hidden": [8]}, "num_classes": 10, "input_shape": [1, 8, 8]}
     w = NetworkSetWriter(tmp_path / "set", spec)
