@@ -8,18 +8,31 @@ VJP (Jᵀ u), both from torch.func on a parameter dict.
 Both functions normalise by the number of output rows B so values do not grow with the batch:
 g = (1/B) Σ_b J_bᵀ H J_b, with H = I (Euclidean on logits) or H = ∇²_y d(y, y_anchor) at
 y = y_anchor (the Gauss-Newton metric of an output distance d, e.g. Bhattacharyya).
+
+Every JVP runs with scaled-dot-product attention on PyTorch's math kernel (`forward_jvp`): the fused
+kernels (flash, memory-efficient, cuDNN) implement no forward-mode AD, so J·v through a transformer
+(HF BERT/ViT, timm ViT/DeiT) would fail with them. Reverse-mode passes keep the fast kernels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
+from torch.func import vjp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Params = dict[str, Tensor]
 OutputFn = Callable[[Params], Tensor]
+
+
+def forward_jvp(f: Callable[..., Tensor], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Tensor, Tensor]:
+    """(f(primals), J·tangents) by forward-mode AD, attention on the math kernel (see the module doc)."""
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = torch.func.jvp(f, primals, tangents)
+    return out[0], out[1]
 
 
 def _output_hvp(distance: Callable[[Tensor, Tensor], Tensor], y0: Tensor, u: Tensor) -> Tensor:
@@ -31,7 +44,7 @@ def _output_hvp(distance: Callable[[Tensor, Tensor], Tensor], y0: Tensor, u: Ten
         out: Tensor = torch.func.grad(lambda z: distance(z, y0) * n)(y)
         return out
 
-    hu: Tensor = jvp(grad_d, (y0,), (u,))[1]
+    hu: Tensor = forward_jvp(grad_d, (y0,), (u,))[1]
     return hu
 
 
@@ -53,7 +66,7 @@ def metric_vp(
     Returns:
         dict like params holding g·v.
     """
-    y, jv = jvp(f, (params,), (v,))[:2]
+    y, jv = forward_jvp(f, (params,), (v,))
     n = y.reshape(-1, y.shape[-1]).shape[0]
     u = jv if distance is None else _output_hvp(distance, y, jv)
     pullback = vjp(f, params)[1]
@@ -63,7 +76,7 @@ def metric_vp(
 
 def metric_norm(f: OutputFn, params: Params, dw: Params) -> Tensor:
     """⟨dw, dw⟩_g = ‖J dw‖² / B: the squared output displacement a weight step dw causes."""
-    y, jv = jvp(f, (params,), (dw,))[:2]
+    y, jv = forward_jvp(f, (params,), (dw,))
     n = y.reshape(-1, y.shape[-1]).shape[0]
     out: Tensor = jv.pow(2).sum() / n
     return out
@@ -127,7 +140,7 @@ def metric_operator(
     hvp = None if distance is None else output_hessian(distance, y)
 
     def gv(v: Params) -> Params:
-        jv = jvp(f, (params,), (v,))[1]
+        jv = forward_jvp(f, (params,), (v,))[1]
         u = jv if hvp is None else hvp(jv)
         (out,) = pullback(u.detach() / n)
         return {k: t.detach() for k, t in out.items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -172,6 +173,32 @@ def hf_disk(
             the data cannot be converted.
     """
     path = Path(path)
+    train_ds, test_ds = _load_splits(path, train_split, test_split)
+    named = [(train_split, train_ds), (test_split, test_ds)]
+    image_column, feature_list, input_ids_column = _x_columns(
+        train_ds, image_column, feature_columns, input_ids_column, label_column, f"{path} [{train_split}]"
+    )
+    used = [image_column] if image_column else [input_ids_column] if input_ids_column else feature_list
+    for split_name, split in named:
+        _require_columns([*used, label_column], split.column_names, f"{path} [{split_name}]")
+    ys, num_classes, class_names = _hf_labels(path, named, label_column, num_classes)
+
+    splits: list[Dataset]
+    if image_column:
+        splits = [_image_dataset(s[image_column], y, f"{path} [{n}]") for (n, s), y in zip(named, ys)]
+        input_shape = tuple(splits[0][0][0].shape)
+    elif input_ids_column:
+        splits, input_shape = _token_splits(named, ys, input_ids_column, max_length, pad_token_id)
+    else:
+        splits, input_shape = _feature_splits(path, named, ys, feature_list)
+
+    return DataBundle(
+        splits[0], splits[1], _num_classes(num_classes, *ys), input_shape, "hf_disk", class_names
+    )
+
+
+def _load_splits(path: Path, train_split: str, test_split: str) -> tuple[Any, Any]:
+    """The train and test ``datasets.Dataset`` of the ``DatasetDict`` saved at ``path``."""
     if not path.exists():
         raise FileNotFoundError(
             f"no dataset saved at {path} (expected a datasets.DatasetDict.save_to_disk folder)"
@@ -184,14 +211,29 @@ def hf_disk(
             f"{path} holds a single Dataset; save a DatasetDict with {train_split!r}/{test_split!r} splits"
         )
     _require_columns([train_split, test_split], list(dd.keys()), f"{path} (splits)")
-    train_ds, test_ds = dd[train_split], dd[test_split]
-    columns = train_ds.column_names
-    where = f"{path} [{train_split}]"
+    return dd[train_split], dd[test_split]
+
+
+def _x_columns(
+    train_ds: Any,
+    image_column: str | None,
+    feature_columns: Sequence[str] | None,
+    input_ids_column: str | None,
+    label_column: str,
+    where: str,
+) -> tuple[str | None, list[str], str | None]:
+    """``(image_column, feature_columns, input_ids_column)`` with exactly one kind set.
+
+    A kind the caller named wins; otherwise images, then token ids, then numeric columns are looked
+    for in ``train_ds`` (see :func:`hf_disk`).
+    """
+    import datasets
 
     given = [c for c in (image_column, feature_columns, input_ids_column) if c is not None]
     if len(given) > 1:
         raise ValueError("give at most one of image_column, feature_columns, input_ids_column")
     if not given:
+        columns = train_ds.column_names
         image_like = [c for c in columns if isinstance(train_ds.features[c], datasets.Image)]
         image_like += [c for c in ("image", "img") if c in columns and c not in image_like]
         if image_like:
@@ -199,54 +241,75 @@ def hf_disk(
         elif "input_ids" in columns:
             input_ids_column = "input_ids"
         else:
-            schema = train_ds.data.schema
-            feature_columns = [c for c in columns if c != label_column and _is_numeric(schema.field(c).type)]
-            if not feature_columns:
-                raise ValueError(f"no numeric feature columns in {where}; columns: {', '.join(columns)}")
-    feature_list = list(feature_columns or [])
-    used = [image_column] if image_column else [input_ids_column] if input_ids_column else feature_list
-    for split_name, split in ((train_split, train_ds), (test_split, test_ds)):
-        _require_columns([*used, label_column], split.column_names, f"{path} [{split_name}]")
+            feature_columns = _numeric_columns(train_ds.data.schema, columns, label_column, where)
+    return image_column, list(feature_columns or []), input_ids_column
 
-    label_feature = train_ds.features[label_column]
+
+def _numeric_columns(schema: pa.Schema, columns: Sequence[str], label_column: str, where: str) -> list[str]:
+    """The numeric columns other than the label, in order; an error when there are none."""
+    found = [c for c in columns if c != label_column and _is_numeric(schema.field(c).type)]
+    if not found:
+        raise ValueError(f"no numeric feature columns in {where}; columns: {', '.join(columns)}")
+    return found
+
+
+def _hf_labels(
+    path: Path, named: list[tuple[str, Any]], label_column: str, num_classes: int | None
+) -> tuple[list[torch.Tensor], int | None, tuple[str, ...] | None]:
+    """Both splits' labels, plus the class count and names a ``ClassLabel`` feature supplies."""
+    import datasets
+
+    label_feature = named[0][1].features[label_column]
     if num_classes is None and isinstance(label_feature, datasets.ClassLabel):
         num_classes = label_feature.num_classes
     class_names = tuple(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
     ys = [
         _labels(s.with_format("numpy")[label_column], f"{path} [{n}]")
-        for n, s in ((train_split, train_ds), (test_split, test_ds))
+        for n, s in named
     ]
+    return ys, num_classes, class_names
 
+
+def _token_splits(
+    named: list[tuple[str, Any]],
+    ys: list[torch.Tensor],
+    input_ids_column: str,
+    max_length: int | None,
+    pad_token_id: int,
+) -> tuple[list[Dataset], tuple[int, ...]]:
+    """Token-id splits padded or truncated to one length (default: the longest over both splits)."""
+    rows = [list(s[input_ids_column]) for _, s in named]
+    if max_length is None:
+        max_length = max((len(r) for split_rows in rows for r in split_rows), default=0)
+    if max_length < 1:
+        raise ValueError("max_length must be positive (or the sequences non-empty)")
+    splits: list[Dataset] = [
+        TensorDataset(_tokens(r, max_length, pad_token_id), y) for r, y in zip(rows, ys)
+    ]
+    return splits, (max_length,)
+
+
+def _feature_splits(
+    path: Path, named: list[tuple[str, Any]], ys: list[torch.Tensor], feature_list: list[str]
+) -> tuple[list[Dataset], tuple[int, ...]]:
+    """Numeric-column splits as float32 vectors; train and test must have the same width."""
     splits: list[Dataset] = []
-    if image_column:
-        for (n, s), y in zip(((train_split, train_ds), (test_split, test_ds)), ys):
-            splits.append(_image_dataset(s[image_column], y, f"{path} [{n}]"))
-        input_shape = tuple(splits[0][0][0].shape)
-    elif input_ids_column:
-        rows = [list(s[input_ids_column]) for s in (train_ds, test_ds)]
-        if max_length is None:
-            max_length = max((len(r) for split_rows in rows for r in split_rows), default=0)
-        if max_length < 1:
-            raise ValueError("max_length must be positive (or the sequences non-empty)")
-        splits = [TensorDataset(_tokens(r, max_length, pad_token_id), y) for r, y in zip(rows, ys)]
-        input_shape = (max_length,)
-    else:
-        xs = []
-        for (n, s), y in zip(((train_split, train_ds), (test_split, test_ds)), ys):
-            f = s.with_format("numpy")
-            xs.append(
-                torch.from_numpy(_features([f[c] for c in feature_list], feature_list, f"{path} [{n}]"))
-            )
-            splits.append(TensorDataset(xs[-1], y))
-        input_shape = tuple(xs[0].shape[1:])
-        if input_shape != tuple(xs[1].shape[1:]):
-            raise ValueError(
-                f"train and test feature sizes differ: {input_shape} vs {tuple(xs[1].shape[1:])}"
-            )
+    xs = []
+    for (n, s), y in zip(named, ys):
+        f = s.with_format("numpy")
+        xs.append(
+            torch.from_numpy(_features([f[c] for c in feature_list], feature_list, f"{path} [{n}]"))
+        )
+        splits.append(TensorDataset(xs[-1], y))
+    input_shape = tuple(xs[0].shape[1:])
+    _same_feature_size(input_shape, tuple(xs[1].shape[1:]))
+    return splits, input_shape
 
-    return DataBundle(
-        splits[0], splits[1], _num_classes(num_classes, *ys), input_shape, "hf_disk", class_names
-    )
+
+def _same_feature_size(train_shape: tuple[int, ...], test_shape: tuple[int, ...]) -> None:
+    """A model sized on the train split could not take test inputs of another size; fail up front."""
+    if train_shape != test_shape:
+        raise ValueError(f"train and test feature sizes differ: {train_shape} vs {test_shape}")
 
 
 def _arrow_column(col: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
@@ -292,37 +355,49 @@ def parquet(
         FileNotFoundError: A file does not exist (named in the message).
         ValueError: A column is missing (the message lists those that exist) or not numeric.
     """
+    paths = [Path(train), Path(test)]
+    tables = _read_tables(paths, scale)
+    if feature_columns is None:
+        feature_columns = _numeric_columns(
+            tables[0].schema, tables[0].column_names, label_column, str(paths[0])
+        )
+    feature_columns = list(feature_columns)
+    splits, ys = [], []
+    for p, table in zip(paths, tables):
+        split, y = _parquet_split(table, str(p), feature_columns, label_column, input_shape, scale)
+        splits.append(split)
+        ys.append(y)
+    shape = tuple(splits[0].tensors[0].shape[1:])
+    _same_feature_size(shape, tuple(splits[1].tensors[0].shape[1:]))
+    return DataBundle(splits[0], splits[1], _num_classes(num_classes, *ys), shape, "parquet")
+
+
+def _read_tables(paths: list[Path], scale: float) -> list[pa.Table]:
+    """Both parquet files, read only after the files and ``scale`` have been checked."""
     import pyarrow.parquet as pq
 
-    paths = [Path(train), Path(test)]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"parquet file not found: {p}")
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    tables = [pq.read_table(p) for p in paths]
-    cols = tables[0].column_names
-    if feature_columns is None:
-        feature_columns = [
-            c for c in cols if c != label_column and _is_numeric(tables[0].schema.field(c).type)
-        ]
-        if not feature_columns:
-            raise ValueError(f"no numeric feature columns in {paths[0]}; columns: {', '.join(cols)}")
-    feature_columns = list(feature_columns)
-    splits, ys = [], []
-    for p, table in zip(paths, tables):
-        _require_columns([*feature_columns, label_column], table.column_names, str(p))
-        bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
-        if bad:
-            raise ValueError(f"feature column(s) {bad} in {p} are not numeric")
-        y = _labels(table.column(label_column).to_numpy(), str(p))
-        arrays = [_arrow_column(table.column(c), c, str(p)) for c in feature_columns]
-        x = _features(arrays, feature_columns, str(p)) / np.float32(scale)
-        splits.append(TensorDataset(_reshape(x, input_shape, str(p)), y))
-        ys.append(y)
-    shape = tuple(splits[0].tensors[0].shape[1:])
-    if shape != tuple(splits[1].tensors[0].shape[1:]):
-        raise ValueError(
-            f"train and test feature sizes differ: {shape} vs {tuple(splits[1].tensors[0].shape[1:])}"
-        )
-    return DataBundle(splits[0], splits[1], _num_classes(num_classes, *ys), shape, "parquet")
+    return [pq.read_table(p) for p in paths]
+
+
+def _parquet_split(
+    table: pa.Table,
+    where: str,
+    feature_columns: list[str],
+    label_column: str,
+    input_shape: Sequence[int] | None,
+    scale: float,
+) -> tuple[TensorDataset, torch.Tensor]:
+    """One file's ``TensorDataset`` (scaled, reshaped features) and its labels."""
+    _require_columns([*feature_columns, label_column], table.column_names, where)
+    bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
+    if bad:
+        raise ValueError(f"feature column(s) {bad} in {where} are not numeric")
+    y = _labels(table.column(label_column).to_numpy(), where)
+    arrays = [_arrow_column(table.column(c), c, where) for c in feature_columns]
+    x = _features(arrays, feature_columns, where) / np.float32(scale)
+    return TensorDataset(_reshape(x, input_shape, where), y), y

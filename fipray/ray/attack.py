@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,12 +126,62 @@ def main_attack(
         The summary written to ``out/summary.json``.
     """
     from fipray import runtime as common
-    from fipray.config import ConfigError
-    from fipray.ensemble import load_ensemble, read_ensemble_meta
-    from fipray.eval.robustness import robustness_curve, sanity_flags
 
     t_start = time.perf_counter()
     ens_dir = Path(ensemble)
+    s = _resolve_settings(ens_dir, config=config, eps=eps, shards=shards, steps=steps, seed=seed,
+                          examples=examples)
+    if s.cfg.threads:
+        torch.set_num_threads(s.cfg.threads)
+
+    dev = torch.device("cpu")
+    bundle = common.load_bundle(s.cfg)
+    xte, yte = common.tensors(bundle.test, dev)
+    x_eval, y_eval = xte[:s.examples], yte[:s.examples]
+    t0 = time.perf_counter()
+    sur, surrogate_name = _build_surrogate(s.cfg, bundle, surrogate, s.seed, dev)
+    surrogate_seconds = time.perf_counter() - t0
+
+    rows, fl, deploy_seconds, curve_seconds = _served_attack(
+        ens_dir, s, shards=shards, address=address, x_eval=x_eval, y_eval=y_eval, surrogate=sur, flags=flags)
+
+    reference = _reference_rows(ens_dir, s.seed, rows)
+    summary = _summary(ens_dir, s, shards=shards, n_eval=len(x_eval), surrogate_name=surrogate_name, rows=rows,
+                       fl=fl, reference=reference,
+                       seconds={"surrogate": surrogate_seconds, "deploy": deploy_seconds, "curve": curve_seconds,
+                                "total": time.perf_counter() - t_start})
+    if out is None:
+        out = Path("runs") / f"attack-{s.cfg.run_id()}-seed{s.seed}-s{shards}"
+    md = _attack_report(ens_dir, s, shards=shards, n_eval=len(x_eval), surrogate_name=surrogate_name,
+                        rows=rows, fl=fl, reference=reference)
+    _write_outputs(Path(out), summary, md, rows, s.seed)
+    return summary
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The attack's settings once the run config's defaults have filled in what was not given."""
+
+    meta: dict
+    cfg: Any
+    seed: int
+    eps: list[float]
+    steps: int
+    examples: int
+
+
+def _resolve_settings(ens_dir: Path, *, config: str | Path | None, eps: Sequence[float] | None, shards: int,
+                      steps: int | None, seed: int | None, examples: int | None) -> _Settings:
+    """Fill unset options from the ensemble's run config and validate them, before any expensive work.
+
+    Raises:
+        ConfigError: an empty or negative ε list, fewer than one step or example, or more shards than
+            members (from ``split_members``).
+    """
+    from fipray.config import ConfigError
+    from fipray.ensemble import read_ensemble_meta
+    from fipray.serving import split_members
+
     meta = read_ensemble_meta(ens_dir)
     info = meta.get("metadata", {})
     cfg = _find_config(ens_dir, None if config is None else Path(config), info.get("config_hash"))
@@ -142,32 +193,41 @@ def main_attack(
     n_examples = int(cfg.ensemble.eval_examples if examples is None else examples)
     if steps < 1 or n_examples < 1:
         raise ConfigError(f"--steps and --examples must be >= 1, got {steps} and {n_examples}")
-    from fipray.serving import split_members
-
     split_members(meta["num_members"], shards)  # too many shards fails before any work
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    return _Settings(meta=meta, cfg=cfg, seed=seed, eps=eps_list, steps=steps, examples=n_examples)
 
-    dev = torch.device("cpu")
-    bundle = common.load_bundle(cfg)
-    xte, yte = common.tensors(bundle.test, dev)
-    x_eval, y_eval = xte[:n_examples], yte[:n_examples]
-    t0 = time.perf_counter()
+
+def _build_surrogate(cfg: Any, bundle: Any, surrogate: str | Path | None, seed: int,
+                     dev: torch.device) -> tuple[nn.Module, str]:
+    """The transfer attack's surrogate and its name for the report.
+
+    Without ``surrogate``, w0 is retrained from the config with the run's seed, which reproduces the
+    network ``fipray ensemble`` crafted its transfer examples on, so the transfer numbers match.
+    """
+    from fipray import runtime as common
+    from fipray.ensemble import load_ensemble
+
     if surrogate is not None:
-        sur: nn.Module = load_ensemble(surrogate)
-        surrogate_name = f"ensemble {surrogate}"
-    else:
-        spec = common.model_spec(cfg, bundle)
-        xtr, ytr = common.tensors(bundle.train, dev)
-        sur = common.build_model(spec, seed, dev)
-        common.train_base(sur, xtr, ytr, cfg, seed)
-        sur.eval()
-        surrogate_name = "base network w0 (retrained from the run config)"
-    surrogate_seconds = time.perf_counter() - t0
+        return load_ensemble(surrogate), f"ensemble {surrogate}"
+    spec = common.model_spec(cfg, bundle)
+    xtr, ytr = common.tensors(bundle.train, dev)
+    sur = common.build_model(spec, seed, dev)
+    common.train_base(sur, xtr, ytr, cfg, seed)
+    sur.eval()
+    return sur, "base network w0 (retrained from the run config)"
 
+
+def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | None, x_eval: Tensor,
+                   y_eval: Tensor, surrogate: nn.Module, flags: bool) -> tuple[list[dict], dict, float, float]:
+    """Serve the ensemble on Ray, run the ε curve (and sanity flags) against it, then tear it down.
+
+    Returns:
+        ``(rows, flags, deploy_seconds, curve_seconds)``.
+    """
     import ray
     from ray import serve
 
+    from fipray.eval.robustness import robustness_curve, sanity_flags
     from fipray.ray._local import init_local
     from fipray.ray.serve import start
 
@@ -180,40 +240,50 @@ def main_attack(
         deploy_seconds = time.perf_counter() - t0
         target = RemoteEnsemble(handle)
         t0 = time.perf_counter()
-        rows = robustness_curve(target, x_eval, y_eval, eps_list, surrogate=sur, steps=steps, seed=seed)
+        rows = robustness_curve(target, x_eval, y_eval, s.eps, surrogate=surrogate, steps=s.steps, seed=s.seed)
         curve_seconds = time.perf_counter() - t0
-        fl = (sanity_flags(rows, target=target, x=x_eval, y=y_eval, eps=max(eps_list), seed=seed)
+        fl = (sanity_flags(rows, target=target, x=x_eval, y=y_eval, eps=max(s.eps), seed=s.seed)
               if flags else {"flags": {}, "measured": {}})
     finally:
         serve.delete(app)
         if started:
             ray.shutdown()
+    return rows, fl, deploy_seconds, curve_seconds
 
-    reference = _reference_rows(ens_dir, seed, rows)
-    summary = {
-        "operation": "attack", "ensemble": str(ens_dir.resolve()), "members": meta["num_members"],
-        "shards": shards, "seed": seed, "eps": eps_list, "pgd_steps": steps, "eval_examples": len(x_eval),
+
+def _summary(ens_dir: Path, s: _Settings, *, shards: int, n_eval: int, surrogate_name: str, rows: list[dict],
+             fl: dict, reference: list[dict] | None, seconds: dict) -> dict:
+    """The run's summary: settings, the ε rows, sanity flags, ``fipray ensemble``'s rows and timings."""
+    return {
+        "operation": "attack", "ensemble": str(ens_dir.resolve()), "members": s.meta["num_members"],
+        "shards": shards, "seed": s.seed, "eps": s.eps, "pgd_steps": s.steps, "eval_examples": n_eval,
         "surrogate": surrogate_name, "rows": rows, "sanity": fl["flags"], "sanity_measurements": fl["measured"],
-        "reference_rows": reference, "config_run_id": cfg.run_id(),
-        "seconds": {"surrogate": surrogate_seconds, "deploy": deploy_seconds, "curve": curve_seconds,
-                    "total": time.perf_counter() - t_start},
+        "reference_rows": reference, "config_run_id": s.cfg.run_id(), "seconds": seconds,
     }
-    if out is None:
-        out = Path("runs") / f"attack-{cfg.run_id()}-seed{seed}-s{shards}"
-    out = Path(out)
+
+
+def _attack_report(ens_dir: Path, s: _Settings, *, shards: int, n_eval: int, surrogate_name: str,
+                   rows: list[dict], fl: dict, reference: list[dict] | None) -> str:
+    """The Markdown report: what was attacked and how, then the table and the sanity flags."""
+    return "\n".join([
+        f"# Attack on the served ensemble {ens_dir} ({s.meta['num_members']} members, {shards} shard(s))", "",
+        f"PGD with {s.steps} steps and random start, seed {s.seed}; white-box through the shards (input gradient "
+        f"assembled from the shards' VJPs); transfer crafted on the {surrogate_name}. {n_eval} test examples.",
+        "", attack_table(rows, fl, reference)])
+
+
+def _write_outputs(out: Path, summary: dict, md: str, rows: list[dict], seed: int) -> None:
+    """Write ``robustness.parquet``, ``summary.json`` and ``report.md``; add ``report`` and ``out`` to ``summary``.
+
+    ``report`` and ``out`` are added after ``summary.json`` is written, so the file does not carry them.
+    """
     from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 
-    md = "\n".join([
-        f"# Attack on the served ensemble {ens_dir} ({meta['num_members']} members, {shards} shard(s))", "",
-        f"PGD with {steps} steps and random start, seed {seed}; white-box through the shards (input gradient "
-        f"assembled from the shards' VJPs); transfer crafted on the {surrogate_name}. {len(x_eval)} test examples.",
-        "", attack_table(rows, fl, reference)])
     write_parquet(out / "robustness.parquet", [{"method": "served", "seed": seed, **r} for r in rows])
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.md", md)
     summary["report"] = md
     summary["out"] = str(out)
-    return summary
 
 
 def _reference_rows(ens_dir: Path, seed: int, rows: list[dict]) -> list[dict] | None:

@@ -331,53 +331,15 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
 
 
 def _run(job: JobConfig, out: Path, storage: Path, *, progress: bool, ray_start: float, t0: float) -> dict:
-    from tqdm.auto import tqdm
-
+    """Train w0 if needed, run every path to completion, merge them, and write the summary and report."""
     cfg, rc = job.cfg, job.ray
     P, threads, cfg_dict = rc.num_paths, _threads(job), cfg.to_dict()
-    if (storage / "config.yaml").is_file():  # resuming: the checkpoints there must be this config's
-        from fipray.config import load_config
-
-        old = load_config(storage / "config.yaml")
-        if old.run_id() != cfg.run_id():
-            raise ConfigError(f"storage {str(storage)!r} holds paths of another config (run id {old.run_id()}, "
-                              f"this one {cfg.run_id()}): use another --out or ray.storage_path")
-    save_config(cfg, storage / "config.yaml")
-    per_rank = {"num_cpus": rc.cpus_per_path, "num_gpus": rc.gpus_per_path}
-    base_file = base_path(storage)
-    if not base_file.is_file():
-        ray.get(ray.remote(_base_task).options(**per_rank, max_retries=rc.max_failures)
-                .remote(cfg_dict, str(storage), threads))
+    base_file = _prepare_storage(job, storage, cfg_dict, threads)
     collector = Collector.remote()  # type: ignore[attr-defined]
     t_launch = time.perf_counter()
-    refs = {}
-    for k in range(P):
-        path_dir = storage / "paths" / f"path{k}"
-        path_dir.mkdir(parents=True, exist_ok=True)
-        if rc.backend == "worker":
-            wtask = ray.remote(_worker_path).options(**per_rank, max_retries=rc.max_failures,
-                                                      retry_exceptions=False)
-            refs[wtask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, threads,
-                             rc.report_every_s)] = k
-        else:
-            ttask = ray.remote(_train_path).options(num_cpus=0, max_retries=0)
-            refs[ttask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, _dict(rc),
-                             str(storage / "train"), f"{cfg.run_id()}-path{k}", threads)] = k
-    total = P * path_steps(cfg)
-    results: dict[int, dict] = {}
-    with tqdm(total=total, desc=f"{P} {cfg.operation} paths ({rc.backend})", disable=not progress,
-              dynamic_ncols=True, leave=False) as bar:
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
-            for ref in done:
-                results[refs[ref]] = ray.get(ref)
-            steps = ray.get(collector.progress.remote())
-            for k, r in results.items():
-                steps[k] = r["steps"]
-            n = min(total, sum(steps.values()))
-            if n != bar.n:
-                bar.update(n - bar.n)
+    refs = _launch_paths(job, storage, base_file, collector, cfg_dict, threads)
+    results = _wait_for_paths(refs, collector, total=P * path_steps(cfg),
+                              desc=f"{P} {cfg.operation} paths ({rc.backend})", progress=progress)
     paths_seconds = time.perf_counter() - t_launch
     ordered = [results[k] for k in range(P)]
     snap = ray.get(collector.snapshot.remote())
@@ -395,14 +357,91 @@ def _run(job: JobConfig, out: Path, storage: Path, *, progress: bool, ray_start:
         "config_hash": cfg.run_id(),
     }
     atomic_write_json(out / "summary.json", summary)
-    lines = [f"# {P} FIP paths: {cfg.operation}, backend {rc.backend}", "",
+    atomic_write_text(out / "report.md", _report(job, ordered, merged))
+    return summary
+
+
+def _per_rank(rc: Any) -> dict:
+    """Ray task options asking for one rank's CPUs and GPUs."""
+    return {"num_cpus": rc.cpus_per_path, "num_gpus": rc.gpus_per_path}
+
+
+def _prepare_storage(job: JobConfig, storage: Path, cfg_dict: dict, threads: int) -> Path:
+    """Claim `storage` for this config and train w0 there unless a previous run already did; returns w0's file.
+
+    Raises:
+        ConfigError: `storage` holds the checkpoints of another config, which resuming would mix in.
+    """
+    cfg, rc = job.cfg, job.ray
+    if (storage / "config.yaml").is_file():  # resuming: the checkpoints there must be this config's
+        from fipray.config import load_config
+
+        old = load_config(storage / "config.yaml")
+        if old.run_id() != cfg.run_id():
+            raise ConfigError(f"storage {str(storage)!r} holds paths of another config (run id {old.run_id()}, "
+                              f"this one {cfg.run_id()}): use another --out or ray.storage_path")
+    save_config(cfg, storage / "config.yaml")
+    base_file = base_path(storage)
+    if not base_file.is_file():
+        ray.get(ray.remote(_base_task).options(**_per_rank(rc), max_retries=rc.max_failures)
+                .remote(cfg_dict, str(storage), threads))
+    return base_file
+
+
+def _launch_paths(job: JobConfig, storage: Path, base_file: Path, collector: Any, cfg_dict: dict,
+                  threads: int) -> dict:
+    """Start one unit per path (a worker task or a TorchTrainer driver); returns {object ref: path index}."""
+    cfg, rc = job.cfg, job.ray
+    refs = {}
+    for k in range(rc.num_paths):
+        path_dir = storage / "paths" / f"path{k}"
+        path_dir.mkdir(parents=True, exist_ok=True)
+        if rc.backend == "worker":
+            wtask = ray.remote(_worker_path).options(**_per_rank(rc), max_retries=rc.max_failures,
+                                                      retry_exceptions=False)
+            refs[wtask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, threads,
+                             rc.report_every_s)] = k
+        else:
+            ttask = ray.remote(_train_path).options(num_cpus=0, max_retries=0)
+            refs[ttask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, _dict(rc),
+                             str(storage / "train"), f"{cfg.run_id()}-path{k}", threads)] = k
+    return refs
+
+
+def _wait_for_paths(refs: dict, collector: Any, *, total: int, desc: str, progress: bool) -> dict[int, dict]:
+    """Wait for every path, moving a progress bar by the steps the collector has heard of.
+
+    A finished path counts with its final step count, which the collector may not have received yet.
+    Returns {path index: that path's result}.
+    """
+    from tqdm.auto import tqdm
+
+    results: dict[int, dict] = {}
+    with tqdm(total=total, desc=desc, disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.5)
+            for ref in done:
+                results[refs[ref]] = ray.get(ref)
+            steps = ray.get(collector.progress.remote())
+            for k, r in results.items():
+                steps[k] = r["steps"]
+            n = min(total, sum(steps.values()))
+            if n != bar.n:
+                bar.update(n - bar.n)
+    return results
+
+
+def _report(job: JobConfig, ordered: list[dict], merged: dict) -> str:
+    """`report.md`: one table row per path, then where the merged table and ensemble are."""
+    cfg, rc = job.cfg, job.ray
+    lines = [f"# {rc.num_paths} FIP paths: {cfg.operation}, backend {rc.backend}", "",
              "| path | seed | steps | seconds | attempts | resumed from |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['path']} | {r['seed']} | {r['steps']} | {r['seconds']:.1f} | {r.get('attempts', 1)} | "
               f"{r['resumed_from']} |" for r in ordered]
     lines += ["", f"Merged path table: `path.parquet` ({merged['rows']} rows, column `path`). Ensemble of "
               f"{merged['members']} networks: `ensemble/` (fipray.ensemble.load_ensemble).", ""]
-    atomic_write_text(out / "report.md", "\n".join(lines))
-    return summary
+    return "\n".join(lines)
 
 
 def _dict(rc: Any) -> dict:

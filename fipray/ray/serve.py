@@ -222,13 +222,15 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
     With ``smoke_test`` it answers one ``/predict`` request (zeros of the members' input shape) over
     HTTP on ``host:port``, prints the answer and shuts down instead of waiting.
     """
-    from fipray.ray._local import init_local
-
-    ServeArgs.from_dict(args)  # bad args fail before Ray starts
-    init_local(address=address)
     import signal
 
     import ray
+
+    from fipray.ray._local import init_local
+
+    ServeArgs.from_dict(args)  # bad args fail before Ray starts
+    started = not ray.is_initialized()  # the Ray this call starts, it also stops
+    init_local(address=address)
 
     def _stop(signum, frame):  # SIGTERM shuts Serve and Ray down like Ctrl-C does
         raise KeyboardInterrupt
@@ -250,7 +252,8 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         pass
     finally:
         serve.shutdown()
-        ray.shutdown()
+        if started:
+            ray.shutdown()
     return 0
 
 

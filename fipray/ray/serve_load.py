@@ -46,59 +46,85 @@ def load_test(
     Raises:
         ValueError: a non-loopback URL, no bodies, or non-positive bounds.
     """
-    parts = urlsplit(url)
-    if parts.hostname not in _LOOPBACK:
-        raise ValueError(f"the load test only targets loopback addresses, got {parts.hostname!r}")
+    host, port, path = _loopback_target(url)
     if not bodies or requests < 1 or concurrency < 1 or not time_limit_s > 0:
         raise ValueError("need bodies, requests >= 1, concurrency >= 1 and time_limit_s > 0")
-    host, port, path = parts.hostname, parts.port or 80, parts.path or "/"
-    lock = threading.Lock()
-    state = {"next": 0}
-    latencies: list[float] = []
-    errors: list[str] = []
-    deadline = time.perf_counter() + time_limit_s
-
-    def claim() -> int | None:
-        with lock:
-            i = state["next"]
-            if i >= requests or time.perf_counter() > deadline:
-                return None
-            state["next"] = i + 1
-            return i
-
-    def client() -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-        try:
-            while (i := claim()) is not None:
-                body = bodies[i % len(bodies)]
-                t0 = time.perf_counter()
-                try:
-                    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-                    resp = conn.getresponse()
-                    data = resp.read()
-                    ok = resp.status == 200
-                except (OSError, http.client.HTTPException) as e:
-                    ok, data = False, f"{type(e).__name__}: {e}".encode()
-                    conn.close()
-                    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-                dt = time.perf_counter() - t0
-                with lock:
-                    if ok:
-                        latencies.append(dt)
-                    else:
-                        errors.append(data[:200].decode(errors="replace"))
-        finally:
-            conn.close()
-
+    load = _Load(requests, time_limit_s)
     t_start = time.perf_counter()
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    threads = [threading.Thread(target=_client, args=(load, host, port, path, bodies, timeout_s), daemon=True)
+               for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(time_limit_s + timeout_s + 5)
     seconds = time.perf_counter() - t_start
+    return _summary(load, seconds, concurrency=concurrency, examples_per_request=examples_per_request)
+
+
+def _loopback_target(url: str) -> tuple[str, int, str]:
+    """``(host, port, path)`` of ``url``, refusing any host but loopback so a test never loads a real server."""
+    parts = urlsplit(url)
+    if parts.hostname not in _LOOPBACK:
+        raise ValueError(f"the load test only targets loopback addresses, got {parts.hostname!r}")
+    return parts.hostname, parts.port or 80, parts.path or "/"
+
+
+class _Load:
+    """State the client threads share: the next request index, the deadline, and what was measured."""
+
+    def __init__(self, requests: int, time_limit_s: float):
+        self.lock = threading.Lock()
+        self.requests = requests
+        self.next = 0
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.deadline = time.perf_counter() + time_limit_s
+
+    def claim(self) -> int | None:
+        """The next request's index, or None once all are sent or time is up."""
+        with self.lock:
+            i = self.next
+            if i >= self.requests or time.perf_counter() > self.deadline:
+                return None
+            self.next = i + 1
+            return i
+
+    def record(self, ok: bool, seconds: float, data: bytes) -> None:
+        """Keep a success's latency, or the start of a failure's body as an error sample."""
+        with self.lock:
+            if ok:
+                self.latencies.append(seconds)
+            else:
+                self.errors.append(data[:200].decode(errors="replace"))
+
+
+def _client(load: _Load, host: str, port: int, path: str, bodies: Sequence[bytes], timeout_s: float) -> None:
+    """One client thread: POST claimed bodies over one keep-alive connection, reconnecting after an error."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        while (i := load.claim()) is not None:
+            body = bodies[i % len(bodies)]
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                data = resp.read()
+                ok = resp.status == 200
+            except (OSError, http.client.HTTPException) as e:
+                ok, data = False, f"{type(e).__name__}: {e}".encode()
+                # The connection may be half-used after a failure; a fresh one keeps later requests clean.
+                conn.close()
+                conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+            load.record(ok, time.perf_counter() - t0, data)
+    finally:
+        conn.close()
+
+
+def _summary(load: _Load, seconds: float, *, concurrency: int, examples_per_request: int) -> dict:
+    """The result dict of :func:`load_test` (latency percentiles in ms are NaN when nothing succeeded)."""
+    latencies, errors = load.latencies, load.errors
     lat = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
-    sent = state["next"]
+    sent = load.next
     return {
         "requests": sent,
         "ok": len(latencies),
@@ -112,5 +138,5 @@ def load_test(
         "p99_ms": float(np.percentile(lat, 99)),
         "max_ms": float(lat.max()),
         "concurrency": concurrency,
-        "stopped_by_time_limit": sent < requests,
+        "stopped_by_time_limit": sent < load.requests,
     }
