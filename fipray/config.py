@@ -117,6 +117,11 @@ class PathConfig:
     heldout: int = knob(256, ge=0)  # held-out inputs on which output drift to w0 is recorded
     trust_radius: float = knob(0.01, gt=0)  # step: metric — the weight distance ‖dw‖ of every step
     cg_iters: int = knob(10, gt=0)  # step: metric — Krylov dimension (g·v products) of the trust-region solve
+    # FIP phases update the eval-mode network by default (BatchNorm running statistics fixed, dropout
+    # off): the function kept invariant is the one deployed. True: updates in train mode; the memory's
+    # outputs (the invariance term) are still taken in eval mode. Base training and baselines always
+    # train in train mode.
+    train_mode: bool = False
 
 
 # Operation sections (`continual:`, `sparsify:`, ...): each operation module registers its dataclass.

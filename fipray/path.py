@@ -45,6 +45,9 @@ class Phase:
         finish: (model, state) -> results kept in `PathResult.phase_results[name]`.
         sample_every: save the weights every k steps of this phase (0: never).
         after_step: (model, state) -> None, run after each update (e.g. re-apply a mask).
+        train_mode: the module mode of this phase's updates (True: dropout on, BatchNorm batch
+            statistics updated); None takes `run_path`'s `train_mode`. Records, anchors and the
+            held-out drift are always measured on the eval-mode network.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Phase:
     finish: Callable[[nn.Module, PhaseState], dict] | None = None
     sample_every: int = 0
     after_step: Callable[[nn.Module, PhaseState], None] | None = None
+    train_mode: bool | None = None
 
 
 @dataclass
@@ -171,6 +175,12 @@ class _Run:
     def __post_init__(self) -> None:
         self.result = PathResult(model=self.model)
         self.names = [p.name for p in self.phases]
+        self.mode = self.train_mode  # the module mode of the phase running now
+
+    def enter(self, phase: Phase) -> None:
+        """Put the model in `phase`'s mode (its own, else run_path's)."""
+        self.mode = self.train_mode if phase.train_mode is None else phase.train_mode
+        self.model.train(self.mode)
 
     def resume(self) -> tuple[int, int, PhaseState | None, dict | None]:
         """Load `out`'s checkpoint if there is one: (phase, phase step, phase state, optimizer state)."""
@@ -218,7 +228,7 @@ class _Run:
         row.update(self.tracker.row(self.model))
         if self.evaluate is not None:
             row.update(self.evaluate(self.model))
-            self.model.train(self.train_mode)
+            self.model.train(self.mode)
         self.result.records.append(row)
         if self.progress is not None:
             self.progress.set_postfix({k: round(v, 4) for k, v in row.items()
@@ -254,7 +264,7 @@ class _Run:
         self.record(phase, phase.steps, so)
         if phase.finish is not None:
             r.phase_results[phase.name] = phase.finish(self.model, state)
-            self.model.train(self.train_mode)
+            self.model.train(self.mode)
             if self.callback is not None:
                 self.callback("phase_end", {"phase": phase.name, **r.phase_results[phase.name]})
         # Phase boundary: a resumed run starts phase pi+1 afresh (its prepare runs again).
@@ -289,8 +299,8 @@ def run_path(
         callback: (event, payload) with event in {"record", "checkpoint", "phase_end"}; the Ray
             layer reports through it.
         progress: a tqdm-like object with update(n) and set_postfix(dict), or None.
-        train_mode: run updates in train mode (dropout on, BN batch stats). Off by default so the
-            function whose invariance we measure is the deterministic eval-mode network.
+        train_mode: the default module mode of the phases' updates (each `Phase.train_mode` may
+            override it): False keeps the deterministic eval-mode network whose invariance is measured.
     """
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
@@ -306,7 +316,7 @@ def run_path(
             state, first = resume_state, start_step
         else:
             state, first = (phase.prepare(model) if phase.prepare else {}), 0
-            model.train(train_mode)
+        run.enter(phase)
         optim = phase.optimizer(model)
         if pi == start_phase and resume_optim is not None:
             optim.load_state_dict(resume_optim)

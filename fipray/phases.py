@@ -37,8 +37,13 @@ def supervised_phase(
     after_step: Callable[[nn.Module, PhaseState], None] | None = None,
     finish: Callable[[nn.Module, PhaseState], dict] | None = None,
     prepare: Callable[[nn.Module], PhaseState] | None = None,
+    train_mode: bool = True,
 ) -> Phase:
-    """Cross-entropy on (x, y) minibatches, plus an optional extra penalty (EWC, replay)."""
+    """Cross-entropy on (x, y) minibatches, plus an optional extra penalty (EWC, replay).
+
+    Updates run in train mode by default (BatchNorm batch statistics, dropout): base training and
+    every baseline train the way the network's recipe expects.
+    """
     stream = BatchStream(len(x), train.batch_size, mix_seed(seed, _tag(name)))
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
@@ -56,7 +61,7 @@ def supervised_phase(
     return Phase(
         name=name, steps=train.steps if steps is None else steps, step=step,
         optimizer=lambda m: make_optimizer(train.optimizer, m.parameters(), train.lr, train.weight_decay),
-        after_step=after_step, finish=finish, prepare=prepare,
+        after_step=after_step, finish=finish, prepare=prepare, train_mode=train_mode,
     )
 
 
@@ -133,7 +138,7 @@ def fip_phase(
     return Phase(
         name=name, steps=path.steps if steps is None else steps, step=step, prepare=prepare,
         optimizer=lambda m: make_optimizer(path.optimizer, m.parameters(), path.lr, path.weight_decay),
-        after_step=after_step, finish=finish, sample_every=sample_every,
+        after_step=after_step, finish=finish, sample_every=sample_every, train_mode=path.train_mode,
     )
 
 

@@ -63,10 +63,23 @@ def fip_objective(
     secondary: Secondary | None = None,
     x_new: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """S = λ·d(f(x_mem), anchor) + β·L(f(x_new)); returns (S, d, L) with graphs attached."""
+    """S = λ·d(f(x_mem), anchor) + β·L(f(x_new)); returns (S, d, L) with graphs attached.
+
+    In eval mode the new batch and the memory share one forward. In train mode the memory goes
+    through the eval-mode network, then the new batch through the train-mode one (two forwards): the
+    invariance term compares the same deterministic function the anchor was taken from.
+    """
     zero = torch.zeros((), device=next(model.parameters()).device)
     if anchor is not None and len(anchor) > 0 and lam != 0.0:
-        if x_new is not None:
+        if model.training:
+            # Memory first, so the BatchNorm statistics it sees are those of the step's start.
+            model.eval()
+            try:
+                mem_logits = model(anchor.inputs)
+            finally:
+                model.train()
+            new_logits = model(x_new) if x_new is not None else None
+        elif x_new is not None:
             out = model(torch.cat([x_new, anchor.inputs]))
             new_logits, mem_logits = out[: len(x_new)], out[len(x_new) :]
         else:

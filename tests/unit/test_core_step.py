@@ -190,7 +190,7 @@ def test_fused_forward_equals_two_forwards(distance):
     dist = get_distance(distance)
     lam, beta = 0.7, 1.3
 
-    fused = _Counting(copy.deepcopy(base))
+    fused = _Counting(copy.deepcopy(base)).eval()  # eval mode: the FIP phases' default
     s, d, sec = fip_objective(fused, anchor, distance=dist, lam=lam, beta=beta,
                               secondary=lambda lg: F.cross_entropy(lg, y_new), x_new=x_new)
     assert fused.calls == 1 and fused.rows == 48 + 24  # ONE forward pass over new batch + memory
