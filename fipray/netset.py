@@ -16,6 +16,7 @@ Weights are safetensors (no pickle). `nodes.parquet` rows always carry `node` (s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,20 +30,35 @@ SET_FILE = "set.json"
 
 
 def flat_weights(state: dict[str, Tensor]) -> Tensor:
-    """All floating tensors of a state dict as one float64 vector (for distances)."""
+    """All floating tensors of a state dict as one float64 vector (one network; for small sets and tests)."""
     return torch.cat([v.detach().reshape(-1).double().cpu() for v in state.values() if v.is_floating_point()])
+
+
+def weight_distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    """‖a − b‖ over the floating tensors, accumulated in float64 one tensor at a time (no float64 copy)."""
+    total, chunk = 0.0, 1 << 20  # float64 temporaries of at most 8 MB
+    for k, v in a.items():
+        if v.is_floating_point():
+            x, y = v.detach().reshape(-1), b[k].detach().reshape(-1)
+            for i in range(0, x.numel(), chunk):
+                total += float((x[i:i + chunk].double() - y[i:i + chunk].double()).pow(2).sum())
+    return math.sqrt(total)
 
 
 @dataclass
 class NetworkSetWriter:
-    """Collects nodes and edges, writes weights as they come, and the tables at `close()`."""
+    """Collects nodes and edges, writes weights as they come, and the tables at `close()`.
+
+    Weights live on disk only: distances read the two nodes back (the last node added is kept), so
+    memory stays a couple of networks whatever the number of nodes.
+    """
 
     root: Path
     model_spec: dict
     metadata: dict = field(default_factory=dict)
     nodes: list[dict] = field(default_factory=list)
     edges: list[dict] = field(default_factory=list)
-    _flat: dict[str, Tensor] = field(default_factory=dict)
+    _last: tuple[str, dict[str, Tensor]] | None = None
 
     def add_node(self, node: str, state: dict[str, Tensor], *, parent: str | None = None, **metrics: Any) -> None:
         """Store one network; with `parent`, also the edge parent -> node (its weight distance)."""
@@ -53,18 +69,29 @@ class NetworkSetWriter:
         rel = f"weights/{node}.safetensors"
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
         atomic_write(self.root / rel, lambda tmp: save_file(tensors, tmp))
-        self._flat[node] = flat_weights(state)
         self.nodes.append({"node": node, "weights": rel, **metrics})
         if parent is not None:
             self.add_edge(parent, node)
+        self._last = (node, tensors)
+
+    def weights(self, node: str) -> dict[str, Tensor]:
+        """A node's weights (CPU), read from its file unless it is the last one added."""
+        if self._last is not None and self._last[0] == node:
+            return self._last[1]
+        from safetensors.torch import load_file
+
+        rel = next((n["weights"] for n in self.nodes if n["node"] == node), None)
+        if rel is None:
+            raise KeyError(f"no node {node!r} in the set")
+        return load_file(str(self.root / rel))
 
     def add_edge(self, src: str, dst: str) -> float:
-        d = float((self._flat[src] - self._flat[dst]).norm())
+        d = self.distance(src, dst)
         self.edges.append({"src": src, "dst": dst, "weight_distance": d})
         return d
 
     def distance(self, a: str, b: str) -> float:
-        return float((self._flat[a] - self._flat[b]).norm())
+        return weight_distance(self.weights(a), self.weights(b))
 
     def close(self) -> None:
         write_parquet(self.root / "nodes.parquet", self.nodes)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fipray._io import atomic_torch_save
+from fipray._io import atomic_torch_save, atomic_write
 from fipray.core.step import StepOutput
 from fipray.optim import make_optimizer  # noqa: F401  (re-exported: phases build optimizers through it)
 
@@ -67,11 +67,22 @@ class PathResult:
 
     model: nn.Module
     records: list[dict] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)  # {"phase", "step", "global_step", "state"}
+    samples: list[dict] = field(default_factory=list)  # {"phase", "step", "global_step", "file" or "state"}
     phase_results: dict[str, dict] = field(default_factory=dict)
     steps: int = 0
     seconds: float = 0.0
     resumed_from: int | None = None
+    out_dir: Path | None = None
+
+    def sample_state(self, i: int, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """The weights of sample i: read from its safetensors file (a run with `out_dir`) or from memory."""
+        s = self.samples[i]
+        if "state" in s:
+            return s["state"]
+        from safetensors.torch import load_file
+
+        assert self.out_dir is not None
+        return load_file(str(self.out_dir / s["file"]), device=str(device))
 
 
 def _params(model: nn.Module) -> list[Tensor]:
@@ -142,6 +153,7 @@ def _set_rng_state(s: dict) -> None:
 
 
 CHECKPOINT = "checkpoint.pt"
+SAMPLES = "samples"  # folder of the sampled networks, beside the checkpoint
 
 
 def load_checkpoint(out_dir: str | Path) -> dict | None:
@@ -173,7 +185,7 @@ class _Run:
     global_step: int = 0
 
     def __post_init__(self) -> None:
-        self.result = PathResult(model=self.model)
+        self.result = PathResult(model=self.model, out_dir=self.out)
         self.names = [p.name for p in self.phases]
         self.mode = self.train_mode  # the module mode of the phase running now
 
@@ -236,6 +248,22 @@ class _Run:
         if self.callback is not None:
             self.callback("record", row)
 
+    def sample(self, phase: Phase, done: int) -> None:
+        """Keep the weights now: a safetensors file under `out/samples/` as soon as they are made (the
+        checkpoint lists the file, so memory and checkpoints stay one model in size), in memory without
+        an output folder."""
+        rec: dict[str, Any] = {"phase": phase.name, "step": done, "global_step": self.global_step}
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.out is None:
+            rec["state"] = state
+        else:
+            from safetensors.torch import save_file
+
+            rec["file"] = f"{SAMPLES}/{phase.name}-{done}.safetensors"
+            cpu = {k: v.cpu().contiguous() for k, v in state.items()}
+            atomic_write(self.out / rec["file"], lambda tmp: save_file(cpu, tmp))
+        self.result.samples.append(rec)
+
     def steps(self, pi: int, first: int, state: PhaseState, optim: torch.optim.Optimizer) -> StepOutput | None:
         """Steps first..steps−1 of phase pi, with samples, records and checkpoints on the way."""
         phase, model, so = self.phases[pi], self.model, None
@@ -248,10 +276,7 @@ class _Run:
             if self.progress is not None:
                 self.progress.update(1)
             if phase.sample_every and done % phase.sample_every == 0:
-                self.result.samples.append({
-                    "phase": phase.name, "step": done, "global_step": self.global_step,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                })
+                self.sample(phase, done)
             if self.global_step % self.record_every == 0 and done < phase.steps:
                 self.record(phase, done, so)
             if self.global_step % self.checkpoint_every == 0 and done < phase.steps:

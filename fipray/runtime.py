@@ -36,7 +36,7 @@ def load_bundle(cfg: Config):
 
     try:
         return get_data(cfg.data.name, **cfg.data.kwargs)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # unknown name/option, bad column or split
         raise ConfigError(f"config section 'data': {e.args[0] if e.args else e}") from None
 
 

@@ -12,7 +12,7 @@ experiment's FIP path for seed s. Which phases run is the operation's `path` (e.
 FIP phases of tasks 1..T-1; sparsify: the two phases to the largest target; ensemble: the walk).
 
 Everything a path leaves behind lives in its own folder (`checkpoint.pt` from the core loop, then
-`final.safetensors`, `samples.safetensors`, `records.parquet`, `result.json`), so a killed path that
+`final.safetensors`, `samples/s<i>.safetensors`, `records.parquet`, `result.json`), so a killed path that
 is started again resumes from its checkpoint, and the Ray driver merges folders, never processes.
 With `world > 1` (DDP ranks of a Train path) rank r trains on its own shard of the data and the
 gradients are averaged, so the effective batch is `world` times larger.
@@ -134,14 +134,18 @@ def build_path(cfg: Config, k: int, base_file: str | Path, *, device: str | torc
 
 
 def write_path_outputs(path_dir: str | Path, k: int, job: PathJob, res: PathResult, extra: dict | None = None) -> dict:
-    """final.safetensors, samples.safetensors, records.parquet, result.json of a finished path."""
+    """final.safetensors, samples/s<i>.safetensors, records.parquet, result.json of a finished path."""
     d = Path(path_dir)
     final = _strip(_unwrap(res.model).state_dict())
     _save_state(d / "final.safetensors", final)
-    samples = [{"phase": s["phase"], "step": s["step"], "global_step": s["global_step"]} for s in res.samples]
-    if res.samples:
-        _save_state(d / "samples.safetensors",
-                    {f"s{i}.{n}": t for i, s in enumerate(res.samples) for n, t in _strip(s["state"]).items()})
+    samples = []
+    for i, s in enumerate(res.samples):
+        rec = {"phase": s["phase"], "step": s["step"], "global_step": s["global_step"], "file": s.get("file")}
+        if res.out_dir is None or res.out_dir.resolve() != d.resolve() or "file" not in s:
+            # The path ran elsewhere (a Train rank's private folder) or in memory: copy, one network at a time.
+            rec["file"] = f"samples/s{i}.safetensors"
+            _save_state(d / rec["file"], _strip(res.sample_state(i)))
+        samples.append(rec)
     rows = [{"path": k, "seed": job.seed, **r} for r in res.records]
     if rows:
         write_parquet(d / "records.parquet", rows)
@@ -165,16 +169,10 @@ def load_path_result(path_dir: str | Path) -> dict:
     return json.loads((Path(path_dir) / "result.json").read_text())
 
 
-def load_samples(path_dir: str | Path, n: int) -> list[dict[str, torch.Tensor]]:
-    """The n sampled state dicts of a finished path, in sampling order."""
-    if n == 0:
-        return []
-    flat = _load_state(Path(path_dir) / "samples.safetensors")
-    out: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
-    for key, t in flat.items():
-        head, _, name = key.partition(".")
-        out[int(head[1:])][name] = t
-    return out
+def load_samples(path_dir: str | Path) -> list[dict[str, torch.Tensor]]:
+    """The sampled state dicts of a finished path, in sampling order (names without a DDP prefix)."""
+    result = load_path_result(path_dir)
+    return [_strip(_load_state(Path(path_dir) / s["file"])) for s in result["samples"]]
 
 
 def load_final(path_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -1,12 +1,15 @@
 """Datasets as :class:`DataBundle` s, tensor helpers and class-incremental task splits.
 
 ``get_data(name, **kwargs)`` loads a registered source (``digits``, ``cifar10``, ``cifar100``,
-``hf_disk``, ``parquet``). Items are ``(x, y)``: ``x`` float32 in ``[0, 1]`` of shape ``input_shape``
-(int64 token ids for text), ``y`` an int64 scalar. Nothing is ever downloaded.
+``hf_disk``, ``parquet``, and the tokenised text sources ``bbc_news``, ``text_parquet``, ``text_csv``,
+``text_disk``). Items are ``(x, y)``: ``x`` float32 in ``[0, 1]`` of shape ``input_shape`` (int64
+token ids ``(L,)`` for text, ``(2, L)`` ids and token_type_ids for sentence pairs), ``y`` an int64
+scalar. Nothing is ever downloaded.
 """
 
 from fipray.data import builtin as _builtin  # noqa: F401  (registers digits, cifar10, cifar100)
 from fipray.data import files as _files  # noqa: F401  (registers hf_disk, parquet)
+from fipray.data import text as _text  # noqa: F401  (registers bbc_news, text_parquet, text_csv, text_disk)
 from fipray.data.core import (
     DATASETS,
     DataBundle,

@@ -194,11 +194,12 @@ class Compose(Operation):
                                **ctx.path_kwargs(heldout))
                 path_rows += [{"seed": seed, "order": order, "operation": op, **r,
                                "step": r["step"] + chain.global_step} for r in res.records]
-                for smp in res.samples:
+                for i, smp in enumerate(res.samples):
                     node = f"s{seed}-{_slug(order)}-{smp['phase']}-{smp['step']}"
+                    state = res.sample_state(i)
                     probe = ctx.model(seed)
-                    probe.load_state_dict(smp["state"])
-                    writer.add_node(node, smp["state"], parent=chain.prev, seed=seed, order=order, operation=op,
+                    probe.load_state_dict(state)
+                    writer.add_node(node, state, parent=chain.prev, seed=seed, order=order, operation=op,
                                     phase=smp["phase"], step=chain.global_step + smp["global_step"],
                                     **metrics(probe, names))
                     chain.prev = node
@@ -267,6 +268,28 @@ def _end_row(writer: NetworkSetWriter, seed: int, order: str, root: str, end: st
             "heldout_distance_mean": geo.get("heldout_distance_mean", float("nan"))}
 
 
+def _principal_plane(writer: NetworkSetWriter, ids: list[str]) -> np.ndarray:
+    """(K, 2) coordinates of the nodes in the plane of their first two principal components.
+
+    From the K×K Gram matrix of the weights (read back two nodes at a time), so memory stays two
+    networks: centred Gram = U Λ Uᵀ gives the same coordinates U √Λ as the SVD of the centred weights.
+    """
+    k = len(ids)
+    if k < 2:
+        return np.zeros((k, 2))
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for i in range(k):
+        wi = writer.weights(ids[i])
+        for j in range(i + 1):
+            wj = writer.weights(ids[j])
+            gram[i, j] = gram[j, i] = sum(float((v.double() * wj[n].double()).sum())
+                                          for n, v in wi.items() if v.is_floating_point())
+    h = torch.eye(k, dtype=torch.float64) - 1.0 / k
+    vals, vecs = torch.linalg.eigh(h @ gram @ h)  # ascending
+    top = vals.flip(0)[:2].clamp_min(0).sqrt()
+    return (vecs.flip(1)[:, :2] * top).numpy()
+
+
 def _plot_graph(writer: NetworkSetWriter, path: Path) -> None:
     """The set in the plane of its first two principal components, edges drawn, coloured by order."""
     import matplotlib
@@ -277,10 +300,7 @@ def _plot_graph(writer: NetworkSetWriter, path: Path) -> None:
     from fipray._io import atomic_write
 
     ids = [n["node"] for n in writer.nodes]
-    w = torch.stack([writer._flat[i] for i in ids])
-    w = w - w.mean(0)
-    u, s, _ = torch.linalg.svd(w, full_matrices=False)
-    xy = (u[:, :2] * s[:2]).numpy() if w.shape[0] > 1 else np.zeros((1, 2))
+    xy = _principal_plane(writer, ids)
     pos = {i: xy[j] for j, i in enumerate(ids)}
     fig, ax = plt.subplots(figsize=(6, 5))
     for e in writer.edges:

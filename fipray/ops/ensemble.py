@@ -161,9 +161,9 @@ def walk(ctx: RunContext, base: nn.Module, seed: int, *, out_dir: Any = None, **
     xtr, ytr = ctx.train_tensors()
     res = run_path(clone(base), [undirected_phase(xtr, ytr, ctx.cfg, seed)], out_dir=out_dir, **path_kwargs)
     candidates = []
-    for s in res.samples:
+    for i in range(len(res.samples)):
         m = clone(base)
-        m.load_state_dict(s["state"])
+        m.load_state_dict(res.sample_state(i))
         candidates.append(m.eval())
     return res, candidates
 

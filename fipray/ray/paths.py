@@ -268,7 +268,7 @@ def _members(out_paths: list[tuple[int, Path, dict]], spec: dict, seed: int) -> 
     members: list = []
     meta: dict[str, list[int]] = {"path_ids": [], "steps": [], "seeds": []}
     for k, d, res in out_paths:
-        states = load_samples(d, len(res["samples"])) or [load_final(d)]
+        states = load_samples(d) or [load_final(d)]
         steps = [s["global_step"] for s in res["samples"]] or [res["steps"]]
         for st, step in zip(states, steps):
             m = build_model(spec, seed, torch.device("cpu"))

