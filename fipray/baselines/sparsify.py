@@ -1,7 +1,9 @@
-"""Sparsification baselines: one-shot magnitude pruning, with masked fine-tuning, and iterative (IMP).
+"""Sparsification baselines: one-shot magnitude pruning, with masked fine-tuning, iterative (IMP), and Wanda.
 
-All prune globally by magnitude over the same counted tensors as FIP and end exactly p-sparse.
-Fine-tuning baselines get as many optimizer steps as the FIP path uses in all.
+The magnitude ones prune globally by |w|; wanda (Sun et al. 2023) prunes each output row by |w|·‖x‖ on
+calibration inputs. All act on the same counted tensors as FIP and end exactly as sparse as FIP:
+N − keep_count(N, p) zeros over the N counted weights. Fine-tuning baselines get as many optimizer
+steps as the FIP path uses in all; wanda is one-shot (no weight update besides the mask).
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fipray._registry import Registry
 from fipray.config import Config, TrainConfig
-from fipray.ops.sparsify import apply_masks, counted_tensors, magnitude_masks
+from fipray.eval.sparsity import _is_hf_conv1d
+from fipray.ops.sparsify import apply_masks, counted_tensors, keep_count, magnitude_masks
 from fipray.path import run_path
 from fipray.phases import supervised_phase
 
@@ -83,3 +88,186 @@ def _magnitude_ft(model: nn.Module, names: list[str], p: float, x: Tensor, y: Te
 def _imp(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
          progress: Any = None) -> None:
     iterative_magnitude(model, names, p, x, y, cfg.train, seed, finetune_steps(cfg), progress=progress)
+
+
+# Wanda ------------------------------------------------------------------------------------------------
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CALIBRATION_BATCH = 64
+
+
+@torch.no_grad()
+def per_row_masks(scores: list[Tensor], p: float) -> list[Tensor]:
+    """Keep-masks from (rows, K) score matrices: each row keeps its highest-scored entries.
+
+    Over the N entries of all matrices exactly k = keep_count(N, p) survive (the count global
+    magnitude pruning and FIP keep, so the global sparsity is (N − k)/N, within 1/(2N) of p). They are
+    apportioned to rows in proportion to their length: a row of K entries keeps ⌊K·k/N⌋ or ⌈K·k/N⌉
+    (its own sparsity is within 1/K of the global one); the rows that get the extra entry are those
+    with the largest fractional part K·k/N, then, among equals (e.g. all the rows of one tensor), those
+    whose next entry has the highest score. Ties in scores keep the lower index (stable sort).
+
+    Args:
+        scores: one (rows, K) float matrix per tensor (any rows and K).
+        p: target sparsity in [0, 1].
+
+    Returns:
+        Boolean (rows, K) keep-masks, in the order of ``scores``.
+    """
+    n = sum(s.numel() for s in scores)
+    k = keep_count(n, p)
+    orders, counts, rems, nexts = [], [], [], []
+    for s in scores:
+        rows, width = s.shape
+        vals, order = s.float().sort(dim=1, descending=True, stable=True)
+        base, rem = divmod(width * k, n)
+        orders.append(order)
+        counts.append(torch.full((rows,), base, dtype=torch.long, device=s.device))
+        rems.append(torch.full((rows,), rem, dtype=torch.long, device=s.device))
+        nexts.append(vals[:, base] if base < width else torch.full((rows,), -math.inf, device=s.device))
+    count = torch.cat(counts)
+    extra = k - int(count.sum())
+    if extra > 0:  # rows with the largest remainder, then the best next score (lexicographic, two stable sorts)
+        by_next = torch.cat(nexts).argsort(descending=True, stable=True)
+        by_rem = torch.cat(rems)[by_next].argsort(descending=True, stable=True)
+        count[by_next[by_rem[:extra]]] += 1
+    masks, i = [], 0
+    for order in orders:
+        rows, width = order.shape
+        kept = torch.arange(width, device=order.device)[None, :] < count[i:i + rows, None]
+        masks.append(torch.zeros_like(kept).scatter_(1, order, kept))
+        i += rows
+    assert sum(int(m.sum()) for m in masks) == k
+    return masks
+
+
+def _conv_patch_sq(module: nn.Module, x: Tensor) -> Tensor:
+    """Σ over examples and output positions of x² at each (input channel, kernel offset): (C, *kernel).
+
+    A convolution is a Linear over unfolded input patches; these are the squared norms of that
+    Linear's input features, taken with the module's own padding (mode included), stride and dilation.
+    """
+    assert isinstance(module, _CONV)
+    dims = len(module.kernel_size)
+    if x.dim() == dims + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    sq = x.detach().float().pow(2).sum(0, keepdim=True)  # (1, C, *spatial); x² commutes with every padding mode
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        sq = F.pad(sq, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    sq = sq[0]
+    for d in range(dims):
+        sq = sq.unfold(1 + d, module.dilation[d] * (module.kernel_size[d] - 1) + 1, module.stride[d])
+    every: list[Any] = [Ellipsis, *(slice(None, None, step) for step in module.dilation)]
+    sq = sq[tuple(every)]  # (C, *out, *kernel)
+    return sq.sum(dim=tuple(range(1, 1 + dims)))
+
+
+def _input_sq(module: nn.Module, x: Tensor) -> Tensor:
+    """Squared L2 norm of each input feature of `module` over all rows (tokens, positions) of x."""
+    if isinstance(module, _CONV):
+        return _conv_patch_sq(module, x)
+    return x.detach().float().reshape(-1, x.shape[-1]).pow(2).sum(0)
+
+
+def _row_scores(module: nn.Module, sq: Tensor) -> Tensor:
+    """Wanda's |W_ij|·‖X_j‖ as a (outputs, inputs per output) matrix."""
+    w, norm = _weight(module).detach().abs().float(), sq.sqrt()
+    if isinstance(module, nn.Linear):
+        return w * norm[None, :]
+    if isinstance(module, _CONV):  # (out, C/groups, *kernel); the norms of a row's group of input channels
+        out = w.shape[0]
+        norm = norm.reshape(module.groups, -1).repeat_interleave(out // module.groups, dim=0)
+        return w.reshape(out, -1) * norm
+    return (w * norm[:, None]).T  # transformers' Conv1D: weight (in, out)
+
+
+def _to_weight_layout(module: nn.Module, mask: Tensor) -> Tensor:
+    return mask.T if _is_hf_conv1d(module) else mask.reshape(_weight(module).shape)
+
+
+def _weight(module: nn.Module) -> Tensor:
+    w = module.weight
+    assert isinstance(w, Tensor)
+    return w
+
+
+def _counted_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
+    modules = []
+    for name in names:
+        mod_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_name)
+        if attr != "weight" or not (isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+                                    or _is_hf_conv1d(module)):
+            raise ValueError(f"wanda prunes Linear/Conv weights; {name!r} is not one")
+        modules.append(module)
+    return modules
+
+
+@torch.no_grad()
+def input_norms_sq(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor]:
+    """Squared input-feature norms of each counted module over the inputs x (eval mode, no grad).
+
+    Forward hooks on the modules owning the counted weights accumulate Σ x² per input feature over
+    every example and every token/position (N·L rows for a transformer, padding tokens included); a
+    Conv's features are its (input channel, kernel offset) pairs. A module called several times in a
+    forward accumulates all its calls. Returns one tensor per name: (in,) for Linear/Conv1D,
+    (C, *kernel) for Conv.
+    """
+    modules = _counted_modules(model, names)
+    acc: dict[int, Tensor] = {}
+
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple, output: Any) -> None:
+            sq = _input_sq(module, args[0])
+            acc[i] = acc[i] + sq if i in acc else sq
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    was = model.training
+    model.eval()
+    try:
+        for start in range(0, len(x), _CALIBRATION_BATCH):
+            model(x[start:start + _CALIBRATION_BATCH])
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    missing = [n for i, n in enumerate(names) if i not in acc]
+    if missing:
+        raise ValueError(f"wanda: counted modules saw no input during calibration: {missing}")
+    return [acc[i] for i in range(len(names))]
+
+
+def calibration_inputs(x: Tensor, n: int, seed: int) -> Tensor:
+    """n training inputs drawn without replacement (seeded; all of x if it has at most n)."""
+    if n >= len(x):
+        return x
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx.to(x.device)]
+
+
+@torch.no_grad()
+def wanda_masks(model: nn.Module, names: list[str], p: float, x: Tensor) -> list[Tensor]:
+    """Wanda keep-masks (Sun et al. 2023) with calibration inputs x, in the counted tensors' layouts.
+
+    Score S_ij = |W_ij|·‖X_j‖₂ (X_j: input feature j of that layer over all calibration rows), compared
+    within each output row (a Conv's output channel, over its input channels × kernel offsets); the
+    per-row counts and the exact global total are those of `per_row_masks`.
+    """
+    modules = _counted_modules(model, names)
+    scores = [_row_scores(m, sq) for m, sq in zip(modules, input_norms_sq(model, names, x))]
+    return [_to_weight_layout(m, mask) for m, mask in zip(modules, per_row_masks(scores, p))]
+
+
+def wanda(model: nn.Module, names: list[str], p: float, x: Tensor, calibration: int, seed: int) -> list[Tensor]:
+    """Prune `model` in place with Wanda on `calibration` seeded training inputs; returns the keep-masks."""
+    masks = wanda_masks(model, names, p, calibration_inputs(x, calibration, seed))
+    apply_masks(counted_tensors(model, names), masks)
+    return masks
+
+
+@SPARSIFY_BASELINES.register("wanda")
+def _wanda(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
+           progress: Any = None) -> None:
+    wanda(model, names, p, x, cfg.sparsify.calibration, seed)

@@ -7,6 +7,7 @@ embeddings do not; the classifier head is included unless said otherwise.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
-def counted_parameters(model: nn.Module, include_head: bool = True) -> list[str]:
+def counted_parameters(model: nn.Module, include_head: bool = True, include: Sequence[str] = ()) -> list[str]:
     """Names of the weight tensors that sparsity is measured over.
 
     These are the ``weight`` tensors of ``nn.Linear``, ``nn.Conv1d/2d/3d`` and transformers'
@@ -34,12 +35,17 @@ def counted_parameters(model: nn.Module, include_head: bool = True) -> list[str]
         include_head: False drops the classifier head, taken to be the last ``nn.Linear`` in
             registration order (true for fipray's models, timm and HF classifiers, which define the
             head last).
+        include: Glob patterns (``fnmatch``, case-sensitive; ``*`` also matches dots) over the names
+            above: when given, only the names matching at least one pattern are kept, e.g.
+            ``["model.bert.encoder.*"]`` for a HF BERT's encoder Linears (attention q/k/v/output and
+            FFN), without the pooler and classifier. Applied after ``include_head``. Empty = all.
 
     Returns:
         Parameter names as in ``model.named_parameters()``, e.g. ``["0.weight", "2.weight"]``.
 
     Raises:
-        ValueError: ``include_head=False`` but the model has no ``nn.Linear``.
+        ValueError: ``include_head=False`` but the model has no ``nn.Linear``; or a pattern of
+            ``include`` matches none of the Linear/Conv weights (the message names it and some of them).
     """
     names: list[str] = []
     seen: set[int] = set()
@@ -59,7 +65,21 @@ def counted_parameters(model: nn.Module, include_head: bool = True) -> list[str]
         if last_linear is None:
             raise ValueError("include_head=False but the model has no nn.Linear head to drop")
         names.remove(last_linear)
+    if include:
+        names = _select(names, (include,) if isinstance(include, str) else include, include_head)
     return names
+
+
+def _select(names: list[str], include: Sequence[str], include_head: bool) -> list[str]:
+    """The names matching at least one pattern; every pattern must match something."""
+    unmatched = [pat for pat in include if not any(fnmatchcase(n, pat) for n in names)]
+    if unmatched:
+        few = names if len(names) <= 6 else [*names[:4], "...", *names[-2:]]
+        shown = ", ".join(few) + (f" ({len(names)} in all)" if len(names) > 6 else "")
+        head = "" if include_head else " (the head is already dropped)"
+        raise ValueError(f"include pattern(s) {unmatched} match none of the Linear/Conv weights{head}; "
+                         f"the candidates are: {shown or 'none'}")
+    return [n for n in names if any(fnmatchcase(n, pat) for pat in include)]
 
 
 def _get_tensor(source: nn.Module | Mapping[str, Tensor], name: str) -> Tensor:

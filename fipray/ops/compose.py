@@ -178,7 +178,7 @@ class Compose(Operation):
         metrics = _NodeMetrics(tasks)
         base = ctx.model(seed)
         train_base(base, tasks[0].x_train, tasks[0].y_train, cfg, seed, progress=ctx.bar)
-        names = counted(base, cfg.sparsify.exclude_head)
+        names = counted(base, cfg.sparsify.exclude_head, cfg.sparsify.include)
         root = f"s{seed}-w0"
         writer.add_node(root, base.state_dict(), seed=seed, order="", operation="base", phase="base",
                         step=0, **metrics(base, names))

@@ -6,9 +6,11 @@ applies the projection as a mask (the network is now exactly p-sparse) and runs 
 invariance phase back towards w0's outputs, re-applying the mask after every update.
 
 Protocol (shared/PROTOCOLS.md): counted tensors are the Linear/Conv weights (head included unless
-`sparsify.exclude_head`), every final network is exactly p-sparse over them (masks applied),
+`sparsify.exclude_head`; `sparsify.include` narrows them by name, e.g. to a transformer's encoder
+Linears), every final network is exactly p-sparse over them (masks applied),
 accuracy vs sparsity over a sweep of p, against the baselines of `fipray.baselines.sparsify`
-(fine-tuning ones take as many steps as the FIP path takes in all).
+(fine-tuning ones take as many steps as the FIP path takes in all; wanda is one-shot on
+`sparsify.calibration` training examples).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fipray import report
-from fipray.config import Config, knob
+from fipray.config import Config, ConfigError, knob
 from fipray.core.step import Anchor
 from fipray.eval.sparsity import counted_parameters, sparsity
 from fipray.operation import Operation, Report, register_operation
@@ -45,11 +47,28 @@ class SparsifyConfig:
     exclude_head: bool = False  # the classifier head counts unless this is set (PROTOCOLS.md)
     invariance_steps: int = knob(200, ge=0)
     baselines: tuple[str, ...] = knob(("magnitude", "magnitude_ft"), choices=_baselines)
+    # Glob patterns over parameter names selecting which Linear/Conv weights count, e.g.
+    # ["model.bert.encoder.*"] (a HF BERT's encoder Linears, not pooler/head); empty = all of them.
+    include: tuple[str, ...] = knob(())
+    calibration: int = knob(128, gt=0)  # training examples whose activations wanda's scores use
 
 
-def counted(model: nn.Module, exclude_head: bool = False) -> list[str]:
-    """Names of the tensors that count towards sparsity (Linear/Conv weights, head unless excluded)."""
-    names = counted_parameters(model, include_head=not exclude_head)
+def counted(model: nn.Module, exclude_head: bool = False, include: tuple[str, ...] = ()) -> list[str]:
+    """Names of the tensors that count towards sparsity (Linear/Conv weights, head unless excluded,
+    only those matching a pattern of `include` when given).
+
+    Raises:
+        ConfigError: a pattern of `include` (`sparsify.include`) matches none of them.
+    """
+    if include and isinstance(model, nn.parallel.DistributedDataParallel):
+        # Patterns are written for the model's own names; DDP prefixes them with "module.".
+        return ["module." + n for n in counted(model.module, exclude_head, include)]
+    try:
+        names = counted_parameters(model, include_head=not exclude_head, include=include)
+    except ValueError as e:
+        if not include:
+            raise
+        raise ConfigError(f"config key 'sparsify.include': {e}") from None
     if not names:
         raise ValueError(f"{type(model).__name__} has no Linear/Conv weights to sparsify")
     return names
@@ -131,7 +150,7 @@ def fip_sparsify_phases(x_mem: Tensor, dense_anchor: Anchor, p: float, cfg: Conf
 
 @register_operation
 class Sparsify(Operation):
-    """FIP sparsification vs one-shot magnitude pruning, with and without masked fine-tuning, and IMP."""
+    """FIP sparsification vs one-shot magnitude pruning, with and without masked fine-tuning, IMP and Wanda."""
 
     name = "sparsify"
     help = "run the sparsify experiment (FIP vs magnitude pruning baselines over seeds)"
@@ -163,11 +182,11 @@ class Sparsify(Operation):
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
         (xtr, ytr), (xte, yte) = ctx.train_tensors(), ctx.test_tensors()
         base = ctx.model(seed)
+        names = counted(base, sc.exclude_head, sc.include)  # before training: a bad include fails at once
         t0 = time.perf_counter()
         train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
         dense = accuracy(base, xte, yte)
-        names = counted(base, sc.exclude_head)
         anchor = Anchor.from_model(base, xtr)
         out: dict[str, list] = {"results": [], "path": [], "dense": [dense], "geometry": [], "names": [names]}
         for p in sc.targets:
@@ -208,6 +227,7 @@ class Sparsify(Operation):
         dense = mean_std(rows["dense"])
         return {"operation": "sparsify", "dense_accuracy": dense[0], "dense_accuracy_std": dense[1],
                 "seeds": list(cfg.seeds), "counted": rows["names"][-1], "exclude_head": sc.exclude_head,
+                "include": list(sc.include),
                 "targets": [f"{p:g}" for p in sc.targets], "methods": per_method,
                 "fip_path": {p: {k: float(sum(g[k] for g in v) / len(v)) for k in v[0]} for p, v in geometry.items()}}
 
@@ -218,6 +238,8 @@ class Sparsify(Operation):
         cfg, out, sc = ctx.cfg, ctx.out, ctx.cfg.sparsify
         assert out is not None
         per_method = summary["methods"]
+        wanda_note = (f" wanda is one-shot (no fine-tuning): |w|·‖x‖ per output row, input norms over "
+                      f"{sc.calibration} training examples." if "wanda" in methods else "")
         series = {m: ([v["sparsity"] for v in per_method[m].values()],
                       [v["accuracy_mean"] for v in per_method[m].values()]) for m in methods}
         report.plot_lines(series, "sparsity (fraction of counted weights = 0)", "test accuracy",
@@ -227,9 +249,11 @@ class Sparsify(Operation):
         md = "\n".join([
             f"# Sparsification: {cfg.model.name} on {cfg.data.name}", "",
             f"Dense accuracy {summary['dense_accuracy']:.4f}; seeds {list(cfg.seeds)} (mean ± std). Counted tensors "
-            f"({'head excluded' if sc.exclude_head else 'head included'}): {', '.join(summary['counted'])}. "
+            f"({'head excluded' if sc.exclude_head else 'head included'}"
+            f"{'; include ' + ', '.join(sc.include) if sc.include else ''}): {', '.join(summary['counted'])}. "
             f"magnitude_ft and imp fine-tune {finetune_steps(cfg)} steps in all (= FIP path + invariance phase); "
-            f"imp prunes 20% of the remaining weights per round.", "",
+            f"imp prunes 20% of the remaining weights per round."
+            f"{wanda_note}", "",
             report.md_table(["method", "target", "sparsity", "accuracy"], table), "",
             "Plot: `accuracy_vs_sparsity.png`. Tables: `results.parquet`, `path.parquet`.", ""])
         write_outputs(out, cfg, summary, {"results": rows["results"], "path": rows["path"]}, md)
@@ -242,7 +266,7 @@ class Sparsify(Operation):
              world: int = 1) -> tuple[list[Phase], dict]:
         cfg = ctx.cfg
         xs = ctx.train_tensors()[0][rank::world]
-        names = counted(model, cfg.sparsify.exclude_head)  # names as the (possibly wrapped) model has them
+        names = counted(model, cfg.sparsify.exclude_head, cfg.sparsify.include)  # as the (wrapped) model has them
         phases = fip_sparsify_phases(xs, Anchor.from_model(model, xs), max(cfg.sparsify.targets), cfg, seed, names)
         xte, yte = ctx.test_tensors()
         return phases, {"heldout": xte[: cfg.path.heldout], "evaluate": _evaluator(xte, yte, names)}
@@ -258,8 +282,8 @@ class Sparsify(Operation):
         accs, sps = [], []
         for seed in cfg.seeds:
             base = ctx.model(seed)
+            names = counted(base, cfg.sparsify.exclude_head, cfg.sparsify.include)
             train_base(base, xtr, ytr, cfg, seed)
-            names = counted(base, cfg.sparsify.exclude_head)
             model = clone(base)
             run_path(model, fip_sparsify_phases(xtr, Anchor.from_model(base, xtr), p, cfg, seed, names),
                      record_every=10**9, checkpoint_every=10**9)

@@ -52,6 +52,25 @@ def test_include_head_false_needs_a_linear():
         counted_parameters(nn.Sequential(nn.Conv2d(1, 2, 3)), include_head=False)
 
 
+def test_include_patterns_select_counted_names_in_order():
+    model = WithEmbedding()
+    assert counted_parameters(model, include=["head.*", "conv.*"]) == ["conv.weight", "head.weight"]
+    assert counted_parameters(model, include="b*") == ["body.weight"]  # one pattern as a string
+    assert counted_parameters(small_cnn(), include=["*"]) == ["0.weight", "4.weight", "6.weight"]
+    # Applied after the head rule, on the Linear/Conv weights only.
+    assert counted_parameters(model, include_head=False, include=["*o*"]) == ["conv.weight", "body.weight"]
+
+
+def test_include_pattern_matching_nothing_names_it_and_the_candidates():
+    model = WithEmbedding()
+    with pytest.raises(ValueError, match=r"\['nope\*'\].*conv\.weight, body\.weight, head\.weight"):
+        counted_parameters(model, include=["body.*", "nope*"])
+    with pytest.raises(ValueError, match="embed"):  # an embedding is never a candidate
+        counted_parameters(model, include=["embed.*"])
+    with pytest.raises(ValueError, match="head is already dropped"):
+        counted_parameters(model, include_head=False, include=["head.*"])
+
+
 def test_exact_sparsity_after_zeroing_known_entries():
     torch.manual_seed(0)
     model = small_cnn()
