@@ -91,6 +91,8 @@ class TrainConfig:
     lr: float = knob(1e-3, gt=0)
     optimizer: str = knob("adam", choices=_optimizers)
     weight_decay: float = knob(0.0, ge=0)
+    precision: str = knob("fp32", choices=("fp32", "bf16", "fp16"))  # autocast dtype; losses stay float32
+    accumulate: int = knob(1, ge=1)  # micro-batches per step (same batch, 1/accumulate of the activations)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class PathConfig:
     # outputs (the invariance term) are still taken in eval mode. Base training and baselines always
     # train in train mode.
     train_mode: bool = False
+    precision: str = knob("fp32", choices=("fp32", "bf16", "fp16"))  # penalty step; the metric step stays fp32
+    accumulate: int = knob(1, ge=1)  # penalty step: micro-batches of the new batch and memory batch per step
 
 
 # Operation sections (`continual:`, `sparsify:`, ...): each operation module registers its dataclass.

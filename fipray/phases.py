@@ -12,9 +12,10 @@ from torch import Tensor, nn
 from fipray._batches import BatchStream, mix_seed
 from fipray.config import PathConfig, TrainConfig
 from fipray.core.distances import get_distance
-from fipray.core.step import Anchor, StepOutput, metric_step, penalty_step
+from fipray.core.step import Anchor, StepOutput, fip_objective, metric_step, penalty_step
 from fipray.optim import make_optimizer
 from fipray.path import Phase, PhaseState
+from fipray.precision import Scaler, autocast, device_of
 
 Extra = Callable[[nn.Module, int, PhaseState], Tensor]
 
@@ -48,21 +49,85 @@ def supervised_phase(
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         idx = stream.indices(t)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        ex = extra(model, t, state) if extra is not None else torch.zeros((), device=loss.device)
-        total = loss + ex
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if grad_hook is not None:
-            grad_hook(model)
-        opt.step()
-        return StepOutput(total.detach(), ex.detach(), loss.detach())
+        if train.precision == "fp32" and train.accumulate == 1:
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            ex = extra(model, t, state) if extra is not None else torch.zeros((), device=loss.device)
+            total = loss + ex
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if grad_hook is not None:
+                grad_hook(model)
+            opt.step()
+            return StepOutput(total.detach(), ex.detach(), loss.detach())
+        return _mixed_supervised_step(model, opt, t, state, x, y, idx, train, extra, grad_hook)
 
     return Phase(
         name=name, steps=train.steps if steps is None else steps, step=step,
         optimizer=lambda m: make_optimizer(train.optimizer, m.parameters(), train.lr, train.weight_decay),
         after_step=after_step, finish=finish, prepare=prepare, train_mode=train_mode,
     )
+
+
+def _mixed_supervised_step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState, x: Tensor,
+                           y: Tensor, idx: Tensor, train: TrainConfig, extra: Extra | None,
+                           grad_hook: Callable[[nn.Module], None] | None) -> StepOutput:
+    """A supervised step under autocast and/or over `train.accumulate` micro-batches (same batch)."""
+    dev = device_of(model)
+    scaler = Scaler(train.precision, dev)
+    scaler.load(state)
+    opt.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=dev)
+    for chunk in idx.chunk(train.accumulate):
+        with autocast(train.precision, dev):
+            logits = model(x[chunk])
+        part = F.cross_entropy(logits.float(), y[chunk]) * (len(chunk) / len(idx))
+        scaler.backward(part)
+        loss_sum += part.detach()
+    ex = extra(model, t, state) if extra is not None else torch.zeros((), device=dev)
+    if ex.requires_grad:
+        scaler.backward(ex)
+    scaler.unscale(opt)
+    if grad_hook is not None:
+        grad_hook(model)
+    scaler.step(opt, state)
+    return StepOutput((loss_sum + ex).detach(), ex.detach(), loss_sum)
+
+
+def _mixed_penalty_step(model: nn.Module, opt: torch.optim.Optimizer, anchor: Anchor, path: PathConfig,
+                        state: PhaseState, *, lam: float, beta: float, x_new: Tensor | None, y_new: Tensor | None,
+                        secondary: Callable[..., Tensor] | None, grad_hook: Callable[[nn.Module], None] | None
+                        ) -> StepOutput:
+    """The penalty step under autocast and/or over `path.accumulate` micro-batches of the new batch and
+    the memory batch (S is a mean over both, so the chunks' S weighted by their share is the batch's S)."""
+    dev = device_of(model)
+    dist = get_distance(path.distance)
+    scaler = Scaler(path.precision, dev)
+    scaler.load(state)
+    k = path.accumulate
+    n_mem, n_new = len(anchor), (len(x_new) if x_new is not None else 0)
+    mem_chunks = torch.tensor_split(torch.arange(n_mem, device=anchor.inputs.device), k)
+    new_chunks = torch.tensor_split(torch.arange(n_new, device=dev), k)
+    opt.zero_grad(set_to_none=True)
+    totals = [torch.zeros((), device=dev) for _ in range(3)]
+    for mc, nc in zip(mem_chunks, new_chunks):
+        xn = x_new[nc] if x_new is not None else None
+        yn = y_new[nc] if y_new is not None else None
+        sec = (lambda logits, xn=xn, yn=yn: secondary(model, logits, xn, yn, state)) if secondary is not None else None
+        with autocast(path.precision, dev):
+            _, d, l2 = fip_objective(model, anchor.select(mc), distance=dist, lam=lam, beta=beta, secondary=sec,
+                                     x_new=xn if n_new else None)
+        # S = λ·mean_mem d + β·mean_new L: each chunk's terms weighted by its share of its own batch.
+        wm, wn = len(mc) / max(n_mem, 1), (len(nc) / n_new if n_new else 1.0 / k)
+        s_c = lam * d * wm + beta * l2 * wn
+        if s_c.requires_grad:
+            scaler.backward(s_c)
+        for acc, v in zip(totals, (s_c, d * wm, l2 * wn)):
+            acc += v.detach().float()
+    scaler.unscale(opt)
+    if grad_hook is not None:
+        grad_hook(model)
+    scaler.step(opt, state)
+    return StepOutput(*totals)
 
 
 def fip_phase(
@@ -132,6 +197,9 @@ def fip_phase(
             so, _ = metric_step(model, anchor, distance=dist, lam=lam, beta=beta, radius=path.trust_radius,
                                 iters=path.cg_iters, secondary=sec, x_new=x_new, grad_hook=hook, generator=gen)
             return so
+        if path.precision != "fp32" or path.accumulate > 1:
+            return _mixed_penalty_step(model, opt, anchor, path, state, lam=lam, beta=beta, x_new=x_new, y_new=y_new,
+                                       secondary=secondary, grad_hook=grad_hook)
         return penalty_step(model, opt, anchor, distance=dist, lam=lam, beta=beta, secondary=sec,
                             x_new=x_new, grad_hook=hook)
 

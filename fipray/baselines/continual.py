@@ -25,7 +25,7 @@ def _train_cfg(cfg: Config) -> TrainConfig:
     # Baselines take the same step count, batch size and optimizer as the FIP phase.
     p = cfg.path
     return TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=p.lr, optimizer=p.optimizer,
-                       weight_decay=p.weight_decay)
+                       weight_decay=p.weight_decay, precision=p.precision, accumulate=p.accumulate)
 
 
 @CONTINUAL_BASELINES.register("naive")

@@ -53,6 +53,11 @@ class StepOutput:
     secondary: Tensor
 
 
+def _full(t: Tensor) -> Tensor:
+    """Half-precision logits (autocast) up to float32; float32/64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def fip_objective(
     model: nn.Module,
     anchor: Anchor | None,
@@ -84,7 +89,7 @@ def fip_objective(
             new_logits, mem_logits = out[: len(x_new)], out[len(x_new) :]
         else:
             new_logits, mem_logits = None, model(anchor.inputs)
-        d = distance(mem_logits, anchor.logits)
+        d = distance(_full(mem_logits), _full(anchor.logits))  # float32 even under autocast
     else:
         new_logits = model(x_new) if x_new is not None else None
         d = zero
