@@ -72,6 +72,25 @@ class DataConfig:
 
     name: str = "digits"
     kwargs: dict[str, Any] = knob({})
+    # stream: training batches are loaded from the dataset by a DataLoader as needed (workers, pinned
+    # memory on CUDA) instead of from whole-dataset tensors; batch t stays a pure function of (seed, t).
+    stream: bool = False
+    workers: int = knob(0, ge=0)  # DataLoader worker processes of a streamed run
+    # torchvision v2 transforms as [{Name: {kwarg: value}}, ...]: train ones (augmentation) need stream.
+    train_transforms: tuple[dict[str, Any], ...] = ()
+    eval_transforms: tuple[dict[str, Any], ...] = ()
+
+    def check(self) -> None:
+        from fipray.data.stream import build_transform
+
+        if self.train_transforms and not self.stream:
+            raise ConfigError("config key 'data.train_transforms' needs data.stream: true (random augmentation "
+                              "is drawn per item as batches are loaded)")
+        for key in ("train_transforms", "eval_transforms"):
+            try:
+                build_transform(getattr(self, key))
+            except ValueError as e:
+                raise ConfigError(f"config key 'data.{key}': {e}") from None
 
 
 @dataclass(frozen=True)
@@ -328,6 +347,7 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     sections = {name: build_section(cls, data.get(name, {}) or {}, f"{name}.") for name, cls in names.items()}
     cfg: Config = build_section(Config, core, "")
     cfg = dataclasses.replace(cfg, sections=sections)
+    cfg.data.check()
     for sec in sections.values():
         check = getattr(sec, "check", None)
         if check is not None:  # cross-field checks a section declares (they may read other sections)

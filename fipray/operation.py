@@ -58,9 +58,10 @@ class Operation:
     # FIP paths (`fipray paths`) --------------------------------------------------------------------
     supports_paths: ClassVar[bool] = False
 
-    def base_data(self, ctx: RunContext, seed: int) -> tuple[Tensor, Tensor]:
-        """(inputs, labels) the shared base network w0 trains on."""
-        return ctx.train_tensors()
+    def base_data(self, ctx: RunContext, seed: int) -> tuple[Any, Tensor | None]:
+        """(inputs, labels) the shared base network w0 trains on, or (Examples, None) (the default:
+        `ctx.train_data()`, streamed when `data.stream`)."""
+        return ctx.train_data(), None
 
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict[str, Any]]:

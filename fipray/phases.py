@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import zlib
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ from fipray._batches import BatchStream, mix_seed
 from fipray.config import PathConfig, TrainConfig
 from fipray.core.distances import get_distance
 from fipray.core.step import Anchor, StepOutput, fip_objective, metric_step, penalty_step
+from fipray.data.stream import Examples, TensorExamples, as_examples
 from fipray.optim import make_optimizer
 from fipray.path import Phase, PhaseState
 from fipray.precision import Scaler, autocast, device_of
@@ -27,8 +29,8 @@ def _tag(name: str) -> int:
 
 def supervised_phase(
     name: str,
-    x: Tensor,
-    y: Tensor,
+    x: Tensor | Examples,
+    y: Tensor | None,
     train: TrainConfig,
     seed: int,
     *,
@@ -44,13 +46,17 @@ def supervised_phase(
 
     Updates run in train mode by default (BatchNorm batch statistics, dropout): base training and
     every baseline train the way the network's recipe expects.
+
+    Args:
+        x, y: the examples as tensors (N, ...) and (N,), or `x` an `Examples` (e.g. streamed) and y None.
     """
-    stream = BatchStream(len(x), train.batch_size, mix_seed(seed, _tag(name)))
+    data = typing.cast(Examples, x) if y is None else TensorExamples(typing.cast(Tensor, x), y)
+    source = data.batches(train.batch_size, mix_seed(seed, _tag(name)))
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
-        idx = stream.indices(t)
+        xb, yb = source.batch(t)
         if train.precision == "fp32" and train.accumulate == 1:
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(xb), yb)
             ex = extra(model, t, state) if extra is not None else torch.zeros((), device=loss.device)
             total = loss + ex
             opt.zero_grad(set_to_none=True)
@@ -59,7 +65,7 @@ def supervised_phase(
                 grad_hook(model)
             opt.step()
             return StepOutput(total.detach(), ex.detach(), loss.detach())
-        return _mixed_supervised_step(model, opt, t, state, x, y, idx, train, extra, grad_hook)
+        return _mixed_supervised_step(model, opt, t, state, xb, yb, train, extra, grad_hook)
 
     return Phase(
         name=name, steps=train.steps if steps is None else steps, step=step,
@@ -69,7 +75,7 @@ def supervised_phase(
 
 
 def _mixed_supervised_step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState, x: Tensor,
-                           y: Tensor, idx: Tensor, train: TrainConfig, extra: Extra | None,
+                           y: Tensor, train: TrainConfig, extra: Extra | None,
                            grad_hook: Callable[[nn.Module], None] | None) -> StepOutput:
     """A supervised step under autocast and/or over `train.accumulate` micro-batches (same batch)."""
     dev = device_of(model)
@@ -77,10 +83,10 @@ def _mixed_supervised_step(model: nn.Module, opt: torch.optim.Optimizer, t: int,
     scaler.load(state)
     opt.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=dev)
-    for chunk in idx.chunk(train.accumulate):
+    for chunk in torch.arange(len(x), device=x.device).chunk(train.accumulate):
         with autocast(train.precision, dev):
             logits = model(x[chunk])
-        part = F.cross_entropy(logits.float(), y[chunk]) * (len(chunk) / len(idx))
+        part = F.cross_entropy(logits.float(), y[chunk]) * (len(chunk) / len(x))
         scaler.backward(part)
         loss_sum += part.detach()
     ex = extra(model, t, state) if extra is not None else torch.zeros((), device=dev)
@@ -130,12 +136,22 @@ def _mixed_penalty_step(model: nn.Module, opt: torch.optim.Optimizer, anchor: An
     return StepOutput(*totals)
 
 
+@torch.no_grad()
+def streamed_logits(model: nn.Module, examples: Examples, batch_size: int = 512) -> Tensor:
+    """The eval-mode network's outputs on every item of `examples`, in order: (N, C)."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model(xb) for xb, _ in examples.iterate(batch_size)])
+    model.train(was)
+    return out
+
+
 def fip_phase(
     name: str,
     path: PathConfig,
     seed: int,
     *,
-    memory: Callable[[nn.Module], Anchor] | Tensor,
+    memory: Callable[[nn.Module], Anchor] | Tensor | Examples,
     secondary: Callable[[nn.Module, Tensor | None, Tensor | None, Tensor | None, PhaseState], Tensor]
     | None = None,
     new_data: tuple[Tensor, Tensor] | None = None,
@@ -153,39 +169,58 @@ def fip_phase(
 
     Args:
         memory: invariance inputs (M, ...) whose anchor outputs are taken from the network at
-            the phase start, or a callable building the Anchor from that network.
+            the phase start, or a callable building the Anchor from that network, or `Examples`
+            (streamed: the anchor's outputs on every item are kept, the inputs read per memory batch).
         secondary: (model, new_logits, new_inputs, new_labels, state) -> L; new_* are None
             without `new_data`.
         prepare_extra: model -> extra phase state, computed (and checkpointed) before the anchor;
             e.g. the sparsity masks of a masked phase.
-        new_data: (x, y) of the secondary task, sampled in minibatches of path.batch_size.
+        new_data: (x, y) of the secondary task, or its `Examples` (e.g. streamed), sampled in
+            minibatches of path.batch_size.
         before_step: (model, step) -> None, e.g. a random kick of the undirected walk.
     """
     dist = get_distance(path.distance)
     lam = path.lam if lam is None else lam
     beta = path.beta if beta is None else beta
-    new_stream = BatchStream(len(new_data[0]), path.batch_size, mix_seed(seed, 1, _tag(name))) \
+    source = as_examples(new_data).batches(path.batch_size, mix_seed(seed, 1, _tag(name))) \
         if new_data is not None else None
+    if isinstance(memory, TensorExamples):
+        memory = memory.x
+    streamed = memory if isinstance(memory, Examples) else None
 
     def prepare(model: nn.Module) -> PhaseState:
         state = prepare_extra(model) if prepare_extra is not None else {}
-        anchor = memory(model) if callable(memory) else Anchor.from_model(model, memory)
+        if streamed is not None:  # anchor outputs of every memory item; the inputs are read per step
+            return {**state, "anchor_logits": streamed_logits(model, streamed)}
+        if callable(memory):
+            anchor = memory(model)
+        else:
+            assert isinstance(memory, Tensor)
+            anchor = Anchor.from_model(model, memory)
         return {**state, "anchor_inputs": anchor.inputs, "anchor_logits": anchor.logits}
 
     mem_stream: dict[int, BatchStream] = {}
 
-    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
-        anchor = Anchor(state["anchor_inputs"], state["anchor_logits"])
-        if path.memory_batch_size and len(anchor) > path.memory_batch_size:
-            ms = mem_stream.get(len(anchor))
+    def memory_batch(t: int, state: PhaseState) -> Anchor:
+        logits = state["anchor_logits"]
+        n = len(logits)
+        idx = None
+        if path.memory_batch_size and n > path.memory_batch_size:
+            ms = mem_stream.get(n)
             if ms is None:  # built once: it caches the current epoch's permutation
-                ms = mem_stream[len(anchor)] = BatchStream(len(anchor), path.memory_batch_size,
-                                                           mix_seed(seed, 2, _tag(name)))
-            anchor = anchor.select(ms.indices(t))
+                ms = mem_stream[n] = BatchStream(n, path.memory_batch_size, mix_seed(seed, 2, _tag(name)))
+            idx = ms.indices(t)
+        if streamed is not None:
+            idx = torch.arange(n) if idx is None else idx
+            return Anchor(streamed.take(idx)[0], logits[idx.to(logits.device)])
+        anchor = Anchor(state["anchor_inputs"], logits)
+        return anchor if idx is None else anchor.select(idx)
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        anchor = memory_batch(t, state)
         x_new = y_new = None
-        if new_stream is not None and new_data is not None:
-            idx = new_stream.indices(t)
-            x_new, y_new = new_data[0][idx], new_data[1][idx]
+        if source is not None:
+            x_new, y_new = source.batch(t)
         if before_step is not None:
             before_step(model, t)
         sec = (lambda logits: secondary(model, logits, x_new, y_new, state)) if secondary is not None else None

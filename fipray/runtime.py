@@ -66,9 +66,12 @@ def tensors(ds: Any, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device).long()
 
 
-def train_base(model: nn.Module, x: Tensor, y: Tensor, cfg: Config, seed: int, name: str = "base",
+def train_base(model: nn.Module, x: Any, y: Tensor | None, cfg: Config, seed: int, name: str = "base",
                progress: Any = None) -> PathResult:
-    """Plain supervised training (the network w0 every path starts from)."""
+    """Plain supervised training (the network w0 every path starts from).
+
+    `x, y` are tensors, or `x` is `fipray.data.stream.Examples` (e.g. `RunContext.train_data()`) and y None.
+    """
     return run_path(model, [supervised_phase(name, x, y, cfg.train, seed)],
                     record_every=max(cfg.train.steps, 1), checkpoint_every=10**9, progress=progress)
 
@@ -184,12 +187,38 @@ class RunContext:
     def train_tensors(self) -> tuple[Tensor, Tensor]:
         """(N, ...) inputs and (N,) labels of the training split, on the device (built once)."""
         if "train" not in self._cache:
-            self._cache["train"] = tensors(self.bundle.train, self.device)
+            self._cache["train"] = self._eval_transformed(tensors(self.bundle.train, self.device))
         return self._cache["train"]
+
+    def _eval_transformed(self, xy: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """`data.eval_transforms` (e.g. a resize for a ViT) on a whole in-memory split."""
+        from fipray.data.stream import build_transform
+
+        tf = build_transform(self.cfg.data.eval_transforms)
+        if tf is None:
+            return xy
+        x, y = xy
+        return torch.cat([tf(x[i:i + 256]) for i in range(0, len(x), 256)]), y
+
+    def train_data(self) -> Any:
+        """The training split as `fipray.data.stream.Examples`: streamed through a DataLoader when
+        `data.stream`, else the in-memory tensors (the fast path)."""
+        if "train_data" not in self._cache:
+            from fipray.data.stream import StreamedExamples, TensorExamples, build_transform
+
+            d = self.cfg.data
+            if d.stream:
+                self._cache["train_data"] = StreamedExamples(
+                    self.bundle.train, self.device, workers=d.workers,
+                    train_transform=build_transform(d.train_transforms),
+                    eval_transform=build_transform(d.eval_transforms))
+            else:
+                self._cache["train_data"] = TensorExamples(*self.train_tensors())
+        return self._cache["train_data"]
 
     def test_tensors(self) -> tuple[Tensor, Tensor]:
         if "test" not in self._cache:
-            self._cache["test"] = tensors(self.bundle.test, self.device)
+            self._cache["test"] = self._eval_transformed(tensors(self.bundle.test, self.device))
         return self._cache["test"]
 
     def model(self, seed: int) -> nn.Module:

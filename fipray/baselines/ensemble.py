@@ -23,13 +23,12 @@ ENSEMBLE_BASELINES: Registry = Registry("ensemble baseline")
 def deep_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float) -> Deployed:
     """`ensemble.members` networks trained like w0 from independent initialisations and batch orders."""
     cfg = ctx.cfg
-    xtr, ytr = ctx.train_tensors()
     t0 = time.perf_counter()
     members = []
     for k in range(cfg.ensemble.members):
         ms = mix_seed(seed, 7, k)
         m = ctx.model(ms)
-        train_base(m, xtr, ytr, cfg, ms, progress=ctx.bar)
+        train_base(m, ctx.train_data(), None, cfg, ms, progress=ctx.bar)
         members.append(m.eval())
     return Deployed(Ensemble(members), members, time.perf_counter() - t0, cfg.ensemble.members * cfg.train.steps)
 

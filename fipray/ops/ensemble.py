@@ -89,8 +89,11 @@ def _kick(noise: float, seed: int):
     return before_step
 
 
-def undirected_phase(x_mem: Tensor, y_mem: Tensor, cfg: Config, seed: int, name: str = "undirected") -> Phase:
-    """The L = 0 walk from the network at the phase start, sampling every `ensemble.sample_every` steps."""
+def undirected_phase(x_mem: Any, y_mem: Tensor | None, cfg: Config, seed: int, name: str = "undirected") -> Phase:
+    """The L = 0 walk from the network at the phase start, sampling every `ensemble.sample_every` steps.
+
+    `x_mem, y_mem` are tensors, or `x_mem` is `Examples` (e.g. streamed) and `y_mem` None.
+    """
     ec = cfg.ensemble
     secondary = prepare_extra = None
     if ec.diversity:
@@ -106,7 +109,7 @@ def undirected_phase(x_mem: Tensor, y_mem: Tensor, cfg: Config, seed: int, name:
             return F.cosine_similarity(g.flatten(1), g0.detach().flatten(1), dim=1, eps=1e-12).mean()
 
     return fip_phase(name, cfg.path, seed, memory=x_mem, secondary=secondary,
-                     new_data=(x_mem, y_mem) if ec.diversity else None,
+                     new_data=(x_mem if y_mem is None else (x_mem, y_mem)) if ec.diversity else None,
                      before_step=_kick(ec.noise, seed), sample_every=ec.sample_every,
                      prepare_extra=prepare_extra)
 
@@ -150,16 +153,15 @@ def check_samples(cfg: Config) -> None:
                           f"networks < ensemble.members = {ec.members}")
 
 
-def selection_inputs(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def selection_inputs(data: Any) -> tuple[Tensor, Tensor]:
     """The 256 training examples (fixed, seed 0) on which the δ rule measures FGSM output shifts."""
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:256].to(x.device)
-    return x[idx], y[idx]
+    return data.take(torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:256])
 
 
 def walk(ctx: RunContext, base: nn.Module, seed: int, *, out_dir: Any = None, **path_kwargs: Any) -> Any:
     """The undirected walk from `base`; returns (PathResult, candidate networks in eval mode)."""
-    xtr, ytr = ctx.train_tensors()
-    res = run_path(clone(base), [undirected_phase(xtr, ytr, ctx.cfg, seed)], out_dir=out_dir, **path_kwargs)
+    res = run_path(clone(base), [undirected_phase(ctx.train_data(), None, ctx.cfg, seed)], out_dir=out_dir,
+                   **path_kwargs)
     candidates = []
     for i in range(len(res.samples)):
         m = clone(base)
@@ -171,7 +173,7 @@ def walk(ctx: RunContext, base: nn.Module, seed: int, *, out_dir: Any = None, **
 def select(ctx: RunContext, candidates: list[nn.Module]) -> tuple[list[int], list[float]]:
     """The δ rule on the fixed selection inputs (a ConfigError when too few candidates qualify)."""
     ec = ctx.cfg.ensemble
-    xs, ys = selection_inputs(*ctx.train_tensors())
+    xs, ys = selection_inputs(ctx.train_data())
     try:
         return select_members(candidates, xs, ys, members=ec.members, eps=ec.fgsm_eps, delta=ec.delta,
                               distance=ctx.cfg.path.distance)
@@ -257,7 +259,7 @@ class RobustEnsemble(Operation):
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         methods = ["fip", *ec.baselines]
         check_samples(cfg)
-        ctx.train_tensors(), ctx.test_tensors()
+        ctx.train_data(), ctx.test_tensors()
         rows: dict[str, list] = {"results": [], "robustness": [], "path": [], "geometry": [], "sanity": []}
         n_train = 1 + (ec.members if "deep" in methods else 0)
         with ctx.progress(len(cfg.seeds) * (n_train * cfg.train.steps + cfg.path.steps), "ensemble"):
@@ -272,10 +274,9 @@ class RobustEnsemble(Operation):
         from fipray.baselines.ensemble import ENSEMBLE_BASELINES
 
         cfg = ctx.cfg
-        xtr, ytr = ctx.train_tensors()
         base = ctx.model(seed)
         t0 = time.perf_counter()
-        train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
+        train_base(base, ctx.train_data(), None, cfg, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
         out: dict[str, list] = {"results": [], "robustness": [], "path": [], "geometry": [], "sanity": []}
         deployed = {"fip": self.fip_ensemble(ctx, base, seed, base_seconds, out)}
@@ -401,13 +402,12 @@ class RobustEnsemble(Operation):
     def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, **options: Any) -> None:
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         e = eps or max(ec.eps)
-        xtr, ytr = ctx.train_tensors()
         xte, yte = ctx.test_tensors()
         x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
         got: dict[str, list[float]] = {"whitebox": [], "transfer": [], "clean": []}
         for seed in cfg.seeds:
             base = ctx.model(seed)
-            train_base(base, xtr, ytr, cfg, seed)
+            train_base(base, ctx.train_data(), None, cfg, seed)
             _, candidates = walk(ctx, base, seed, record_every=10**9, checkpoint_every=10**9)
             keep, _h = select(ctx, candidates)
             curve = robustness_curve(Ensemble([candidates[i] for i in keep]), x_eval, y_eval, [e],
