@@ -164,6 +164,7 @@ def fip_phase(
     finish: Callable[[nn.Module, PhaseState], dict] | None = None,
     sample_every: int = 0,
     prepare_extra: Callable[[nn.Module], PhaseState] | None = None,
+    memory_logits: Tensor | None = None,
 ) -> Phase:
     """A FIP phase: S = λ·d(f(x_mem; w), f(x_mem; w_anchor)) + β·L.
 
@@ -171,6 +172,8 @@ def fip_phase(
         memory: invariance inputs (M, ...) whose anchor outputs are taken from the network at
             the phase start, or a callable building the Anchor from that network, or `Examples`
             (streamed: the anchor's outputs on every item are kept, the inputs read per memory batch).
+        memory_logits: with `Examples` memory, anchor outputs fixed in advance (N, C) (e.g. w0's)
+            instead of those of the network at the phase start.
         secondary: (model, new_logits, new_inputs, new_labels, state) -> L; new_* are None
             without `new_data`.
         prepare_extra: model -> extra phase state, computed (and checkpointed) before the anchor;
@@ -191,7 +194,8 @@ def fip_phase(
     def prepare(model: nn.Module) -> PhaseState:
         state = prepare_extra(model) if prepare_extra is not None else {}
         if streamed is not None:  # anchor outputs of every memory item; the inputs are read per step
-            return {**state, "anchor_logits": streamed_logits(model, streamed)}
+            logits = memory_logits if memory_logits is not None else streamed_logits(model, streamed)
+            return {**state, "anchor_logits": logits}
         if callable(memory):
             anchor = memory(model)
         else:

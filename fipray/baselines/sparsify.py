@@ -239,8 +239,12 @@ def input_norms_sq(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor
     return [acc[i] for i in range(len(names))]
 
 
-def calibration_inputs(x: Tensor, n: int, seed: int) -> Tensor:
-    """n training inputs drawn without replacement (seeded; all of x if it has at most n)."""
+def calibration_inputs(x: Any, n: int, seed: int) -> Tensor:
+    """n training inputs drawn without replacement (seeded; all of x if it has at most n); x a tensor
+    or streamed `fipray.data.stream.Examples`."""
+    if not isinstance(x, Tensor):
+        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+        return x.take(idx)[0]
     if n >= len(x):
         return x
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]

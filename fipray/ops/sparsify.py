@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from fipray import report
 from fipray.config import Config, ConfigError, knob
 from fipray.core.step import Anchor
+from fipray.data.stream import Examples, TensorExamples
 from fipray.eval.sparsity import counted_parameters, sparsity
 from fipray.operation import Operation, Report, register_operation
 from fipray.path import Phase, PhaseState, run_path
-from fipray.phases import fip_phase
+from fipray.phases import fip_phase, streamed_logits
 from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
 
 
@@ -111,13 +112,15 @@ def projection_loss(tensors: list[Tensor], p: float) -> Tensor:
     return sum(((~m) * t).pow(2).sum() for t, m in zip(tensors, masks))  # type: ignore[return-value]
 
 
-def fip_sparsify_phases(x_mem: Tensor, dense_anchor: Anchor, p: float, cfg: Config, seed: int,
+def fip_sparsify_phases(x_mem: Tensor | Examples, dense_anchor: Anchor | Tensor, p: float, cfg: Config, seed: int,
                         names: list[str], evaluate=None) -> list[Phase]:
     """The two phases for one target p, starting at the dense network w0.
 
     Args:
-        x_mem: (M, ...) inputs on which outputs stay invariant (the training inputs).
-        dense_anchor: w0's outputs on x_mem (both phases stay near the dense function).
+        x_mem: (M, ...) inputs on which outputs stay invariant (the training inputs), or streamed
+            `Examples` of them.
+        dense_anchor: w0's outputs on x_mem (both phases stay near the dense function): an Anchor, or
+            with streamed `x_mem` the (M, C) logits.
         names: counted tensor names.
         evaluate: model -> dict merged into the final phase's results.
     """
@@ -140,11 +143,18 @@ def fip_sparsify_phases(x_mem: Tensor, dense_anchor: Anchor, p: float, cfg: Conf
             out.update(evaluate(model))
         return out
 
+    if isinstance(x_mem, Examples):
+        assert isinstance(dense_anchor, Tensor)
+        mem: dict[str, Any] = {"memory": x_mem, "memory_logits": dense_anchor}
+    else:
+        assert isinstance(dense_anchor, Anchor)
+        fixed = dense_anchor
+        mem = {"memory": lambda m: fixed}
     return [
-        fip_phase(f"sparsify_{tag}", cfg.path, seed, memory=lambda m: dense_anchor, secondary=secondary),
-        fip_phase(f"mask_{tag}", cfg.path, seed, memory=lambda m: dense_anchor, beta=0.0, lam=1.0,
+        fip_phase(f"sparsify_{tag}", cfg.path, seed, secondary=secondary, **mem),
+        fip_phase(f"mask_{tag}", cfg.path, seed, beta=0.0, lam=1.0,
                   steps=cfg.sparsify.invariance_steps, prepare_extra=project, after_step=remask,
-                  finish=finish),
+                  finish=finish, **mem),
     ]
 
 
@@ -180,14 +190,16 @@ class Sparsify(Operation):
     def run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         """Base network, then every method to every target from it."""
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
-        (xtr, ytr), (xte, yte) = ctx.train_tensors(), ctx.test_tensors()
+        data, (xte, yte) = ctx.train_data(), ctx.test_tensors()
+        # In memory: tensors (the fast path); streamed: the Examples, w0's logits kept for every item.
+        xtr, ytr = (data.x, data.y) if isinstance(data, TensorExamples) else (data, None)
         base = ctx.model(seed)
         names = counted(base, sc.exclude_head, sc.include)  # before training: a bad include fails at once
         t0 = time.perf_counter()
         train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
         dense = accuracy(base, xte, yte)
-        anchor = Anchor.from_model(base, xtr)
+        anchor = Anchor.from_model(base, xtr) if ytr is not None else streamed_logits(base, data)
         out: dict[str, list] = {"results": [], "path": [], "dense": [dense], "geometry": [], "names": [names]}
         for p in sc.targets:
             for method in methods:

@@ -126,3 +126,16 @@ def test_transform_config_errors_name_the_key():
     cfg = load_config(None, ["data.stream=true", "data.train_transforms=[{RandomCrop: {size: 8, padding: 1}}]",
                              "data.eval_transforms=[{Resize: {size: [16, 16]}}]"])
     assert cfg.data.stream and len(cfg.data.train_transforms) == 1
+
+
+def test_streamed_sparsify_gives_the_in_memory_numbers(tmp_path):
+    from fipray.experiments import run_experiment
+
+    common = ["operation=sparsify", "seeds=[0]", "model.kwargs={hidden: [32]}", "train.steps=40", "path.steps=20",
+              "path.memory_batch_size=64", "sparsify.invariance_steps=5", "sparsify.targets=[0.7]",
+              "sparsify.baselines=[magnitude_ft, wanda]", "threads=1"]
+    a = run_experiment(load_config(None, common), tmp_path / "mem", progress=False)
+    b = run_experiment(load_config(None, [*common, "data.stream=true"]), tmp_path / "stream", progress=False)
+    for m in ("fip", "magnitude_ft", "wanda"):
+        assert a["methods"][m]["0.7"]["sparsity"] == b["methods"][m]["0.7"]["sparsity"]
+        assert a["methods"][m]["0.7"]["accuracy_mean"] == b["methods"][m]["0.7"]["accuracy_mean"], m
