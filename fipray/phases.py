@@ -154,7 +154,7 @@ def fip_phase(
     memory: Callable[[nn.Module], Anchor] | Tensor | Examples,
     secondary: Callable[[nn.Module, Tensor | None, Tensor | None, Tensor | None, PhaseState], Tensor]
     | None = None,
-    new_data: tuple[Tensor, Tensor] | None = None,
+    new_data: tuple[Tensor, Tensor] | Examples | None = None,
     steps: int | None = None,
     lam: float | None = None,
     beta: float | None = None,

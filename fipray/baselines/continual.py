@@ -31,7 +31,7 @@ def _train_cfg(cfg: Config) -> TrainConfig:
 @CONTINUAL_BASELINES.register("naive")
 def naive_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     tc = _train_cfg(cfg)
-    return [supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed,
+    return [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed,
                              finish=row_finish(tasks, i))
             for i in range(1, len(tasks))]
 
@@ -50,7 +50,7 @@ def er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
             idx = stream.indices(t)
             return F.cross_entropy(model(x_mem[idx]), y_mem[idx])
 
-        phases.append(supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed,
+        phases.append(supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed,
                                        extra=replay, finish=row_finish(tasks, i)))
     return phases
 
@@ -87,10 +87,10 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
 
     def consolidate(model: nn.Module, task: TaskTensors) -> tuple[list[Tensor], list[Tensor]]:
         g = torch.Generator().manual_seed(mix_seed(seed, 4, task.index))
-        idx = torch.randperm(len(task.x_train), generator=g)[:n].to(task.x_train.device)
+        idx = torch.randperm(len(task), generator=g)[:n]
         was = model.training
         model.eval()
-        fisher = fisher_diagonal(model, task.x_train[idx], task.y_train[idx])
+        fisher = fisher_diagonal(model, *task.train_data.take(idx))
         model.train(was)
         names = [k for k, _ in model.named_parameters()]
         return [fisher[k] for k in names], [p.detach().clone() for p in model.parameters()]
@@ -103,7 +103,7 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
             return {"fisher": [f for f, _ in consolidated], "star": [s for _, s in consolidated]}
         return prepare
 
-    return [supervised_phase(f"task{i}", tasks[i].x_train, tasks[i].y_train, tc, seed, extra=penalty,
+    return [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, extra=penalty,
                              prepare=make_prepare(i), finish=row_finish(tasks, i))
             for i in range(1, len(tasks))]
 

@@ -20,6 +20,7 @@ query` can search. Each operation is its own checkpointed `run_path`, so runs re
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ def _masked_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int, p
     for i in range(1, len(tasks)):
         x_mem, _ = memory_upto(tasks, i)
         phases.append(fip_phase(f"{prefix}task{i}", cfg.path, seed, memory=x_mem, secondary=cross_entropy_secondary,
-                                new_data=(tasks[i].x_train, tasks[i].y_train), grad_hook=grad_hook,
+                                new_data=tasks[i].train_data, grad_hook=grad_hook,
                                 after_step=after_step))
     return phases
 
@@ -130,8 +131,8 @@ def _phases(op: str, k: int, model: nn.Module, chain: _Chain, tasks: list[TaskTe
         chain.learned = len(tasks)
     else:
         # What a continual learner holds now: the latest task's inputs + older memories.
-        x_inv = torch.cat([tasks[chain.learned - 1].x_train, memory_upto(tasks, chain.learned - 1)[0]]) \
-            if chain.learned > 1 else tasks[0].x_train
+        x_inv = torch.cat([typing.cast(torch.Tensor, tasks[chain.learned - 1].x_train), memory_upto(tasks, chain.learned - 1)[0]]) \
+            if chain.learned > 1 else typing.cast(torch.Tensor, tasks[0].x_train)
         phases = fip_sparsify_phases(x_inv, Anchor.from_model(model, x_inv), p, cfg, seed, names)
         for ph in phases:
             ph.name = prefix + ph.name
@@ -174,10 +175,12 @@ class Compose(Operation):
                  results: list[dict]) -> None:
         """w0 on task 0, then every order from it; every phase end a node of the set."""
         cfg, cc = ctx.cfg, ctx.cfg.compose
+        if cfg.data.stream:
+            raise ConfigError("compose keeps its tasks in memory: data.stream: true is not supported here yet")
         tasks = build_tasks(cfg, ctx.bundle, ctx.device, seed)
         metrics = _NodeMetrics(tasks)
         base = ctx.model(seed)
-        train_base(base, tasks[0].x_train, tasks[0].y_train, cfg, seed, progress=ctx.bar)
+        train_base(base, tasks[0].train_data, None, cfg, seed, progress=ctx.bar)
         names = counted(base, cfg.sparsify.exclude_head, cfg.sparsify.include)
         root = f"s{seed}-w0"
         writer.add_node(root, base.state_dict(), seed=seed, order="", operation="base", phase="base",

@@ -14,6 +14,7 @@ with the output distance.
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from fipray import report
 from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
+from fipray.data.stream import Examples, TensorExamples
 from fipray.eval.continual import cl_metrics, task_accuracy
 from fipray.operation import Operation, Report, register_operation
 from fipray.path import Phase, PhaseState, run_path
@@ -55,17 +57,33 @@ class ContinualConfig:
 class TaskTensors:
     """One task of a split dataset, materialised on the run's device.
 
-    x_* are (N, *input_shape), y_* are (N,) global class labels; mem_* is the replay memory.
+    x_* are (N, *input_shape), y_* are (N,) global class labels; mem_* is the replay memory (taken
+    from the training examples at `mem_idx`). With streamed data (`data.stream`) the training split is
+    `train` (Examples loaded as needed) and x_train, y_train are None; the test split and the memory
+    stay in memory.
     """
 
     index: int
     classes: tuple[int, ...]
-    x_train: Tensor
-    y_train: Tensor
+    x_train: Tensor | None
+    y_train: Tensor | None
     x_test: Tensor
     y_test: Tensor
     x_mem: Tensor
     y_mem: Tensor
+    train: Examples | None = None
+    mem_idx: Tensor | None = None
+
+    @property
+    def train_data(self) -> Examples:
+        """The training split as batches: the streamed Examples, or the in-memory tensors."""
+        if self.train is not None:
+            return self.train
+        assert self.x_train is not None and self.y_train is not None
+        return TensorExamples(self.x_train, self.y_train)
+
+    def __len__(self) -> int:
+        return len(self.train_data)
 
 
 def seen_classes(tasks: list[TaskTensors], upto: int) -> list[int]:
@@ -103,7 +121,7 @@ def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> li
         x_mem, _ = memory_upto(tasks, i)
         phases.append(fip_phase(
             f"task{i}", cfg.path, seed, memory=x_mem, secondary=cross_entropy_secondary,
-            new_data=(tasks[i].x_train, tasks[i].y_train),
+            new_data=tasks[i].train_data,
             finish=row_finish(tasks, i),
         ))
     return phases
@@ -142,14 +160,29 @@ def build_tasks(cfg: Config, bundle: Any, device: torch.device, seed: int) -> li
         raise ConfigError(f"config section 'continual': {e}") from None
     tasks = []
     for t in split:
-        xtr, ytr = tensors(t.train, device)
+        train: Examples
+        if cfg.data.stream:
+            from fipray.data import dataset_labels
+            from fipray.data.stream import StreamedExamples, build_transform
+
+            train = StreamedExamples(t.train, device, workers=cfg.data.workers,
+                                     train_transform=build_transform(cfg.data.train_transforms),
+                                     eval_transform=build_transform(cfg.data.eval_transforms))
+            ytr = dataset_labels(t.train).to(device)
+        else:
+            train = TensorExamples(*tensors(t.train, device))
+            ytr = train.y
         xte, yte = tensors(t.test, device)
-        if cc.memory_per_task > len(xtr):
+        if cc.memory_per_task > len(ytr):
             raise ConfigError(f"config key 'continual.memory_per_task': {cc.memory_per_task} "
-                              f"exceeds the {len(xtr)} training examples of task {t.index}")
+                              f"exceeds the {len(ytr)} training examples of task {t.index}")
         mem = stratified_indices(ytr, cc.memory_per_task, mix_seed(seed, 5, t.index))
-        tasks.append(TaskTensors(t.index, tuple(int(c) for c in t.classes), xtr, ytr, xte, yte,
-                                 xtr[mem], ytr[mem]))
+        x_mem, y_mem = train.take(mem)  # the replay memory: training examples by index
+        classes = tuple(int(c) for c in t.classes)
+        if isinstance(train, TensorExamples):
+            tasks.append(TaskTensors(t.index, classes, train.x, train.y, xte, yte, x_mem, y_mem, None, mem))
+        else:
+            tasks.append(TaskTensors(t.index, classes, None, None, xte, yte, x_mem, y_mem, train, mem))
     return tasks
 
 
@@ -223,7 +256,7 @@ class Continual(Operation):
         base = ctx.model(seed)
         rand = _random_rows(base, tasks)
         t0 = time.perf_counter()
-        train_base(base, tasks[0].x_train, tasks[0].y_train, cfg, seed, progress=ctx.bar)
+        train_base(base, tasks[0].train_data, None, cfg, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
         row0 = evaluate_row(base, tasks, 0)
         heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
@@ -281,9 +314,9 @@ class Continual(Operation):
         return {m: round(v["acc_mean"], 4) for m, v in summary["methods"].items()}
 
     # FIP paths ------------------------------------------------------------------------------------
-    def base_data(self, ctx: RunContext, seed: int) -> tuple[Tensor, Tensor]:
+    def base_data(self, ctx: RunContext, seed: int) -> tuple[Any, Tensor | None]:
         t0 = _tasks(ctx, seed)[0]
-        return t0.x_train, t0.y_train
+        return t0.train_data, None
 
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
@@ -291,8 +324,11 @@ class Continual(Operation):
 
         tasks = all_tasks = _tasks(ctx, seed)
         if world > 1:  # each rank its own shard of the new tasks' data
-            tasks = [dataclasses.replace(t, x_train=t.x_train[rank::world], y_train=t.y_train[rank::world])
-                     for t in tasks]
+            if any(t.x_train is None or t.y_train is None for t in tasks):
+                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory task data; "
+                                  "data.stream: true is not supported there yet")
+            tasks = [dataclasses.replace(t, x_train=typing.cast(Tensor, t.x_train)[rank::world],
+                                         y_train=typing.cast(Tensor, t.y_train)[rank::world]) for t in tasks]
         heldout = torch.cat([t.x_test for t in all_tasks])[: ctx.cfg.path.heldout]
         return fip_continual_phases(tasks, ctx.cfg, seed), {"heldout": heldout,
                                                             "evaluate": accuracy_along_path(all_tasks)}
@@ -313,7 +349,7 @@ class Continual(Operation):
             tasks = build_tasks(cfg, ctx.bundle, ctx.device, seed)
             base = ctx.model(seed)
             rand = [task_accuracy(base, t.x_test, t.y_test, seen_classes(tasks, j)) for j, t in enumerate(tasks)]
-            train_base(base, tasks[0].x_train, tasks[0].y_train, cfg, seed)
+            train_base(base, tasks[0].train_data, None, cfg, seed)
             rows = {0: evaluate_row(base, tasks, 0)}
 
             def on_event(event: str, payload: dict, rows: dict = rows, rand: list = rand, seed: int = seed,
