@@ -86,6 +86,17 @@ class Operation:
         """Checks of a config before any trial starts (raise ConfigError)."""
 
 
+def collect_seeds(ctx: RunContext, total: int, desc: str, keys: tuple[str, ...],
+                  run_seed: Callable[[int], dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    """`run_seed(seed)` for every seed under one progress bar of `total` steps, its row lists concatenated."""
+    rows: dict[str, list[Any]] = {k: [] for k in keys}
+    with ctx.progress(total, desc):
+        for seed in ctx.cfg.seeds:
+            for k, v in run_seed(seed).items():
+                rows[k] += v
+    return rows
+
+
 OPERATIONS: Registry[type[Operation]] = Registry("operation", builtins="fipray.ops")
 
 

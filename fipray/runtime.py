@@ -101,15 +101,20 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator[Any]:
         bar.close()
 
 
-def prepare_out(cfg: Config, out_dir: str | Path) -> Path:
-    out = Path(out_dir)
+def ensure_writable(folder: Path, what: str) -> None:
+    """Create `folder` and prove it can be written, or raise a ConfigError naming it as `what`."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output folder {str(out)!r} cannot be written: {e}") from None
+        raise ConfigError(f"{what} {str(folder)!r} cannot be written: {e}") from None
+
+
+def prepare_out(cfg: Config, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    ensure_writable(out, "output folder")
     save_config(cfg, out / "config.yaml")
     return out
 

@@ -1,29 +1,11 @@
-"""`fipray serve` for `ray job submit`: a thin wrapper over the same command-line runner.
+"""`fipray serve` for `ray job submit` (a thin wrapper over the same command-line runner, see jobs/_job.py).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/serve.py [arguments of fipray serve]
-
-Inside a job RAY_ADDRESS names the cluster, so the work runs on it; run by hand, a local Ray starts.
-Every argument is `fipray serve`'s (`--smoke-test` included); see `fipray serve --help`.
 """
 
-from __future__ import annotations
-
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the submitted working dir's fipray, not whatever the node has installed
-DEFAULT_CONFIG = ""  # used when no --config is given
-
-
-def main(argv: list[str] | None = None) -> int:
-    from fipray.cli import main as fipray_main
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if DEFAULT_CONFIG and "--config" not in args and not any(a.startswith("--config=") for a in args):
-        args = ["--config", str(ROOT / DEFAULT_CONFIG), *args]
-    return fipray_main(["serve", *args], prog="jobs/serve.py")
-
+from _job import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run("serve", ""))

@@ -28,7 +28,7 @@ from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
 from fipray.data.stream import Examples, TensorExamples
 from fipray.eval.continual import cl_metrics, task_accuracy
-from fipray.operation import Operation, Report, register_operation
+from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import cross_entropy_secondary, fip_phase
 from fipray.runtime import RunContext, clone, mean_std, path_summary, tensors, train_base, write_outputs
@@ -239,12 +239,9 @@ class Continual(Operation):
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
         methods = ["fip", *cfg.continual.baselines]
-        rows: dict[str, list] = {"results": [], "accuracy_matrix": [], "path": [], "geometry": []}
         total = len(cfg.seeds) * (cfg.train.steps + len(methods) * (cfg.continual.num_tasks - 1) * cfg.path.steps)
-        with ctx.progress(total, "continual"):
-            for seed in cfg.seeds:
-                for k, v in self.run_seed(ctx, seed, methods).items():
-                    rows[k] += v
+        rows = collect_seeds(ctx, total, self.name, ("results", "accuracy_matrix", "path", "geometry"),
+                             lambda seed: self.run_seed(ctx, seed, methods))
         summary = self.aggregate(cfg, methods, rows)
         self.report(ctx, summary, methods, rows)
         return summary

@@ -36,7 +36,7 @@ from fipray.core.distances import get_distance
 from fipray.ensemble import Ensemble, save_ensemble
 from fipray.eval.diversity import coherence, pairwise_disagreement, representation_diversity
 from fipray.eval.robustness import robustness_curve, sanity_flags
-from fipray.operation import Operation, Report, register_operation
+from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase
 from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
@@ -259,13 +259,10 @@ class RobustEnsemble(Operation):
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         methods = ["fip", *ec.baselines]
         check_samples(cfg)
-        ctx.train_data(), ctx.test_tensors()
-        rows: dict[str, list] = {"results": [], "robustness": [], "path": [], "geometry": [], "sanity": []}
         n_train = 1 + (ec.members if "deep" in methods else 0)
-        with ctx.progress(len(cfg.seeds) * (n_train * cfg.train.steps + cfg.path.steps), "ensemble"):
-            for seed in cfg.seeds:
-                for k, v in self.run_seed(ctx, seed, methods).items():
-                    rows[k] += v
+        rows = collect_seeds(ctx, len(cfg.seeds) * (n_train * cfg.train.steps + cfg.path.steps), self.name,
+                             ("results", "robustness", "path", "geometry", "sanity"),
+                             lambda seed: self.run_seed(ctx, seed, methods))
         summary = self.aggregate(cfg, methods, rows, len(ctx.test_tensors()[0][: ec.eval_examples]))
         self.report(ctx, summary, rows)
         return summary

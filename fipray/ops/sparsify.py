@@ -28,7 +28,7 @@ from fipray.config import Config, ConfigError, knob
 from fipray.core.step import Anchor
 from fipray.data.stream import Examples, TensorExamples
 from fipray.eval.sparsity import counted_parameters, sparsity
-from fipray.operation import Operation, Report, register_operation
+from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, streamed_logits
 from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
@@ -177,12 +177,9 @@ class Sparsify(Operation):
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
         methods = ["fip", *sc.baselines]
         per_p = cfg.path.steps + sc.invariance_steps + finetune_steps(cfg) * len({"magnitude_ft", "imp"} & set(methods))
-        rows: dict[str, list] = {"results": [], "path": [], "dense": [], "geometry": [], "names": []}
-        with ctx.progress(len(cfg.seeds) * (cfg.train.steps + len(sc.targets) * per_p), "sparsify"):
-            ctx.train_tensors(), ctx.test_tensors()
-            for seed in cfg.seeds:
-                for k, v in self.run_seed(ctx, seed, methods).items():
-                    rows[k] += v
+        rows = collect_seeds(ctx, len(cfg.seeds) * (cfg.train.steps + len(sc.targets) * per_p), self.name,
+                             ("results", "path", "dense", "geometry", "names"),
+                             lambda seed: self.run_seed(ctx, seed, methods))
         summary = self.aggregate(cfg, methods, rows)
         self.report(ctx, summary, methods, rows)
         return summary

@@ -33,7 +33,7 @@ from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import ConfigError, save_config
 from fipray.job import JobConfig
 from fipray.ray._local import init_local
-from fipray.runtime import build_model, prepare_out
+from fipray.runtime import build_model, ensure_writable, prepare_out
 from fipray.units import (
     base_path,
     build_path,
@@ -210,16 +210,6 @@ def _train_path(cfg_dict: dict, k: int, base_file: str, path_dir: str, collector
     return load_path_result(path_dir)
 
 
-def _check_writable(folder: Path, what: str) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{what} {str(folder)!r} cannot be written: {e}") from None
-
-
 def storage_dir(job: JobConfig, out: Path) -> Path:
     sp = job.ray.storage_path
     if "://" in sp:
@@ -315,7 +305,7 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
     out = Path(out).resolve()
     storage = storage_dir(job, out)
     prepare_out(cfg, out)  # fails on an unwritable --out
-    _check_writable(storage, "storage path (ray.storage_path)")
+    ensure_writable(storage, "storage path (ray.storage_path)")
     atomic_write_text(out / "job.yaml", __import__("yaml").safe_dump(job.to_dict(), sort_keys=False))
     t0 = time.perf_counter()
     started = not ray.is_initialized()
