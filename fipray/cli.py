@@ -66,7 +66,7 @@ def _operation_command(name: str) -> Command:
 
     def add_args(p: argparse.ArgumentParser) -> None:
         for flag, key, helptext in op.cli_options:
-            p.add_argument(flag, dest=key.replace(".", "__"), type=Path, help=f"{helptext} (= {key})")
+            p.add_argument(flag, dest=key.replace(".", "__"), type=Path, metavar="PATH", help=f"{helptext} (= {key})")
 
     def run(args: argparse.Namespace) -> int:
         from fipray.config import load_config
