@@ -168,7 +168,7 @@ CORE_FIELDS = ("operation", "seeds", "device", "threads", "data", "model", "trai
 class Config:
     """A whole fipray run: the core fields plus one section per registered operation (`cfg.continual`)."""
 
-    operation: str = knob("continual", choices=_operations)
+    operation: str = ""  # a registered operation (`fipray <operation>` sets it); "" only in the bare defaults
     seeds: tuple[int, ...] = knob((0,), nonempty=True)
     device: str = "cpu"
     threads: int = knob(0, ge=0)  # torch intra-op threads for the run; 0 keeps torch's default
@@ -347,6 +347,8 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     sections = {name: build_section(cls, data.get(name, {}) or {}, f"{name}.") for name, cls in names.items()}
     cfg: Config = build_section(Config, core, "")
     cfg = dataclasses.replace(cfg, sections=sections)
+    if cfg.operation and cfg.operation not in _operations():
+        raise ConfigError(f"config key 'operation': {cfg.operation!r} is not one of {', '.join(_operations())}")
     cfg.data.check()
     for sec in sections.values():
         check = getattr(sec, "check", None)

@@ -111,6 +111,8 @@ def register_operation(cls: type[Operation]) -> type[Operation]:
 
 def get_operation(name: str) -> Operation:
     """The registered operation `name` (an instance); an unknown name raises ConfigError listing them."""
+    if not name:
+        raise ConfigError(f"config key 'operation' is not set; name one of {', '.join(OPERATIONS.names())}")
     try:
         return OPERATIONS.get(name)()
     except KeyError as e:

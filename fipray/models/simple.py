@@ -1,8 +1,13 @@
-"""Small from-scratch models: MLPs and a BatchNorm-free CNN.
+"""Small from-scratch models: MLPs, a BatchNorm-free CNN and its BatchNorm twin.
 
-None of them uses BatchNorm or dropout: their outputs must be a deterministic function of the
-weights and of each example alone, because functionally invariant path code compares outputs of
-two weight vectors on the same batch, and batch statistics would couple the examples.
+``mlp``, ``lenet_300_100`` and ``small_cnn`` use neither BatchNorm nor dropout: in any mode their
+outputs are a deterministic function of the weights and of each example alone. ``small_bn_cnn`` is
+``small_cnn`` with a BatchNorm after every convolution, for checking fipray on the kind of network
+most vision recipes use. In train mode its outputs depend on the whole batch; fipray copes the way
+deployment does: base training and baselines train in train mode (batch statistics, running
+statistics updated), FIP phases by default update the eval-mode network (`path.train_mode: false`:
+running statistics fixed), and every invariance and drift measurement is taken in eval mode, where
+each example's output is its own again.
 """
 
 from __future__ import annotations
@@ -79,6 +84,49 @@ def small_cnn(
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(c2, c2, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c2, fc),
+        nn.ReLU(),
+        nn.Linear(fc, num_classes),
+    )
+
+
+@register_model("small_bn_cnn")
+def small_bn_cnn(
+    num_classes: int, input_shape: tuple[int, ...], *, width: float = 1.0, fc: int = 128
+) -> nn.Module:
+    """``small_cnn`` with BatchNorm2d after each convolution (convolutions then carry no bias).
+
+    conv(C→32w, 3) → BN → ReLU → conv(32w→64w, 3) → BN → ReLU → maxpool 2 → conv(64w→64w, 3) →
+    BN → ReLU → global average pool → Linear(64w→fc) → ReLU → Linear head. Same sizes and input
+    range as ``small_cnn``; the BatchNorm layers keep running statistics (momentum 0.1), which
+    eval mode uses.
+
+    Args:
+        num_classes: Output logits.
+        input_shape: ``(C, H, W)``.
+        width: Channel multiplier (``w`` above); channel counts are rounded and at least 1.
+        fc: Width of the hidden fully connected layer.
+
+    Returns:
+        Module mapping ``(B, C, H, W)`` to ``(B, num_classes)``; in train mode a batch of one
+        example fails (BatchNorm needs more than one value per channel).
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"small_bn_cnn needs input_shape (C, H, W), got {input_shape}")
+    c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], c1, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c1),
+        nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c2, c2, 3, padding=1, bias=False),
+        nn.BatchNorm2d(c2),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),

@@ -24,6 +24,8 @@ CASES = [
     ("lenet_300_100", (1, 8, 8), {}),
     ("small_cnn", (1, 8, 8), {}),
     ("small_cnn", (3, 32, 32), {"width": 0.25}),
+    ("small_bn_cnn", (1, 8, 8), {}),
+    ("small_bn_cnn", (3, 32, 32), {"width": 0.25, "fc": 16}),
     ("timm:resnet18", (3, 32, 32), {}),
     ("timm:vit_tiny_patch16_224", (3, 32, 32), {"patch_size": 8, "depth": 2}),
     ("hf_bert", (12,), {"config": TINY_BERT}),
@@ -81,6 +83,27 @@ def test_small_cnn_has_no_batch_coupling():
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     x = torch.rand(5, 1, 8, 8)
     torch.testing.assert_close(model(x)[:2], model(x[:2]))
+
+
+def test_small_bn_cnn_has_batchnorm_and_runs_in_both_modes():
+    model = create_model("small_bn_cnn", num_classes=10, input_shape=(1, 8, 8), width=0.5)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(bns) == len(convs) == 3 and all(c.bias is None for c in convs)
+    assert [b.num_features for b in bns] == [16, 32, 32]
+    x = torch.rand(6, 1, 8, 8)
+    model.train()
+    out = model(x)
+    assert out.shape == (6, 10) and torch.isfinite(out).all()
+    out.sum().backward()  # gradients reach the BatchNorm affine parameters
+    assert all(b.weight.grad is not None and int(b.num_batches_tracked) == 1 for b in bns)
+    assert not torch.allclose(bns[0].running_mean, torch.zeros(16))  # train mode updated the statistics
+    # Train mode couples the examples of a batch; eval mode (running statistics) does not.
+    with torch.no_grad():
+        assert not torch.allclose(model(x)[:2], model(x[:2]))
+        model.eval()
+        torch.testing.assert_close(model(x)[:2], model(x[:2]))
+        assert int(bns[0].num_batches_tracked) == 3  # the two train-mode calls above; eval left it alone
 
 
 def test_unknown_name_lists_available():
