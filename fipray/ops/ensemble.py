@@ -387,9 +387,15 @@ class RobustEnsemble(Operation):
     # FIP paths: the undirected walk, sampling every `ensemble.sample_every` steps ------------------------
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
-        xtr, ytr = ctx.train_tensors()
         xte, yte = ctx.test_tensors()
-        phases = [undirected_phase(xtr[rank::world], ytr[rank::world], ctx.cfg, seed)]
+        if world > 1:  # each DDP rank walks on its own shard of the (in-memory) training data
+            if ctx.cfg.data.stream:
+                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory data; data.stream: true is "
+                                  "not supported there yet")
+            xtr, ytr = ctx.train_tensors()
+            phases = [undirected_phase(xtr[rank::world], ytr[rank::world], ctx.cfg, seed)]
+        else:
+            phases = [undirected_phase(ctx.train_data(), None, ctx.cfg, seed)]
         return phases, {"heldout": xte[: ctx.cfg.path.heldout], "evaluate": lambda m: {"accuracy": accuracy(m, xte, yte)}}
 
     # Sweep trials: an iteration per seed; white-box, transfer and clean accuracy at `eps` ---------------

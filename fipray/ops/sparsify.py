@@ -274,9 +274,17 @@ class Sparsify(Operation):
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
         cfg = ctx.cfg
-        xs = ctx.train_tensors()[0][rank::world]
         names = counted(model, cfg.sparsify.exclude_head, cfg.sparsify.include)  # as the (wrapped) model has them
-        phases = fip_sparsify_phases(xs, Anchor.from_model(model, xs), max(cfg.sparsify.targets), cfg, seed, names)
+        p = max(cfg.sparsify.targets)
+        if cfg.data.stream:  # streamed memory: w0's logits on every item, inputs read per memory batch
+            if world > 1:
+                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory data; data.stream: true is "
+                                  "not supported there yet")
+            phases = fip_sparsify_phases(ctx.train_data(), streamed_logits(model, ctx.train_data()), p, cfg, seed,
+                                         names)
+        else:
+            xs = ctx.train_tensors()[0][rank::world]
+            phases = fip_sparsify_phases(xs, Anchor.from_model(model, xs), p, cfg, seed, names)
         xte, yte = ctx.test_tensors()
         return phases, {"heldout": xte[: cfg.path.heldout], "evaluate": _evaluator(xte, yte, names)}
 

@@ -154,3 +154,21 @@ def test_streamed_continual_gives_the_in_memory_numbers(tmp_path):
     for m in ("fip", "er", "ewc"):
         assert a["methods"][m]["acc_mean"] == b["methods"][m]["acc_mean"], m
         assert a["methods"][m]["task_incremental"]["acc_mean"] == b["methods"][m]["task_incremental"]["acc_mean"]
+
+
+@pytest.mark.parametrize("op", ["ensemble", "sparsify"])
+def test_streamed_path_unit_gives_the_in_memory_path(op, tmp_path):
+    """The per-path unit of `fipray paths` (without Ray) streams too, to the same weights."""
+    from fipray.units import load_final, run_one_path, train_shared_base
+
+    common = [f"operation={op}", "seeds=[0]", "model.kwargs={hidden: [32]}", "train.steps=30", "path.steps=20",
+              "path.memory_batch_size=64", "ensemble.sample_every=10", "sparsify.invariance_steps=5",
+              "sparsify.targets=[0.6]", "threads=1"]
+    finals = []
+    for name, extra in (("mem", []), ("stream", ["data.stream=true", "data.workers=1"])):
+        cfg = load_config(None, [*common, *extra])
+        base = train_shared_base(cfg, tmp_path / name / "storage")
+        run_one_path(cfg, 1, base, tmp_path / name / "path1")
+        finals.append(load_final(tmp_path / name / "path1"))
+    for k in finals[0]:
+        assert torch.equal(finals[0][k], finals[1][k]), k
