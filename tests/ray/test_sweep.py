@@ -104,6 +104,7 @@ print("SUMMARY", s["num_trials"], s["resumed"])
 """
 
 
+@pytest.mark.slow  # ~55 s (a killed driver, a fresh Ray, a restore): kept out of the default tier's time budget
 def test_sweep_resumes_after_its_driver_is_killed(tmp_path):
     """SIGKILL the sweep's driver once a trial has finished; the same command then restores the experiment."""
     import glob
