@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import typing
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,20 @@ from fipray.path import Phase, PhaseState
 from fipray.precision import Scaler, autocast, device_of
 
 Extra = Callable[[nn.Module, int, PhaseState], Tensor]
+
+
+@contextlib.contextmanager
+def seeded_randomness(model: nn.Module, seed: int) -> Iterator[None]:
+    """In train mode, torch's global RNG (dropout masks) seeded by `seed` for this step and restored after:
+    a step's randomness is a pure function of (seed, step), like its batch, so runs repeat and resumes
+    are exact. Eval mode draws nothing: no change."""
+    if not model.training:
+        yield
+        return
+    dev = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _tag(name: str) -> int:
@@ -54,6 +69,10 @@ def supervised_phase(
     source = data.batches(train.batch_size, mix_seed(seed, _tag(name)))
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        with seeded_randomness(model, mix_seed(seed, 8, _tag(name), t)):
+            return _step(model, opt, t, state)
+
+    def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         xb, yb = source.batch(t)
         if train.precision == "fp32" and train.accumulate == 1:
             loss = F.cross_entropy(model(xb), yb)
@@ -221,6 +240,10 @@ def fip_phase(
         return anchor if idx is None else anchor.select(idx)
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        with seeded_randomness(model, mix_seed(seed, 8, _tag(name), t)):
+            return _step(model, opt, t, state)
+
+    def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         anchor = memory_batch(t, state)
         x_new = y_new = None
         if source is not None:

@@ -98,3 +98,20 @@ def test_supervised_phases_default_to_train_mode():
     cfg = load_config(None)
     x, y = torch.rand(8, 4), torch.zeros(8, dtype=torch.long)
     assert supervised_phase("s", x, y, cfg.train, 0).train_mode is True
+
+
+def test_dropout_masks_are_a_function_of_seed_and_step(data):
+    """Train-mode randomness (dropout) is seeded per step: runs repeat whatever the global RNG did before."""
+    x, y, _, _ = data
+    cfg = load_config(None, ["train.steps=20", "train.lr=0.01"])
+    a, b, c = bn_net(), bn_net(), bn_net()
+    train_base(a, x, y, cfg, 0)
+    torch.rand(1000)  # another consumer of the global RNG in between
+    train_base(b, x, y, cfg, 0)
+    train_base(c, x, y, cfg, 1)  # another seed: other batches and masks
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+    net = bn_net()
+    state = torch.get_rng_state()
+    train_base(net, x, y, cfg, 0)
+    assert torch.equal(state, torch.get_rng_state())  # the caller's global RNG is left as it was
