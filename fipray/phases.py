@@ -31,7 +31,7 @@ def seeded_randomness(model: nn.Module, seed: int) -> Iterator[None]:
     if not model.training:
         yield
         return
-    dev = next(model.parameters()).device
+    dev = device_of(model)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
@@ -119,13 +119,12 @@ def _mixed_supervised_step(model: nn.Module, opt: torch.optim.Optimizer, t: int,
 
 
 def _mixed_penalty_step(model: nn.Module, opt: torch.optim.Optimizer, anchor: Anchor, path: PathConfig,
-                        state: PhaseState, *, lam: float, beta: float, x_new: Tensor | None, y_new: Tensor | None,
+                        state: PhaseState, dist: Callable[[Tensor, Tensor], Tensor], *, lam: float, beta: float, x_new: Tensor | None, y_new: Tensor | None,
                         secondary: Callable[..., Tensor] | None, grad_hook: Callable[[nn.Module], None] | None
                         ) -> StepOutput:
     """The penalty step under autocast and/or over `path.accumulate` micro-batches of the new batch and
     the memory batch (S is a mean over both, so the chunks' S weighted by their share is the batch's S)."""
     dev = device_of(model)
-    dist = get_distance(path.distance)
     scaler = Scaler(path.precision, dev)
     scaler.load(state)
     k = path.accumulate
@@ -260,7 +259,7 @@ def fip_phase(
                                 iters=path.cg_iters, secondary=sec, x_new=x_new, grad_hook=hook, generator=gen)
             return so
         if path.precision != "fp32" or path.accumulate > 1:
-            return _mixed_penalty_step(model, opt, anchor, path, state, lam=lam, beta=beta, x_new=x_new, y_new=y_new,
+            return _mixed_penalty_step(model, opt, anchor, path, state, dist, lam=lam, beta=beta, x_new=x_new, y_new=y_new,
                                        secondary=secondary, grad_hook=grad_hook)
         return penalty_step(model, opt, anchor, distance=dist, lam=lam, beta=beta, secondary=sec,
                             x_new=x_new, grad_hook=hook)

@@ -74,23 +74,7 @@ def small_cnn(
     Returns:
         Module mapping ``(B, C, H, W)`` to ``(B, num_classes)``.
     """
-    if len(input_shape) != 3:
-        raise ValueError(f"small_cnn needs input_shape (C, H, W), got {input_shape}")
-    c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
-    return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c2, c2, 3, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(c2, fc),
-        nn.ReLU(),
-        nn.Linear(fc, num_classes),
-    )
+    return _three_conv(num_classes, input_shape, width, fc, batchnorm=False, name="small_cnn")
 
 
 @register_model("small_bn_cnn")
@@ -114,20 +98,25 @@ def small_bn_cnn(
         Module mapping ``(B, C, H, W)`` to ``(B, num_classes)``; in train mode a batch of one
         example fails (BatchNorm needs more than one value per channel).
     """
+    return _three_conv(num_classes, input_shape, width, fc, batchnorm=True, name="small_bn_cnn")
+
+
+def _three_conv(num_classes: int, input_shape: tuple[int, ...], width: float, fc: int, *, batchnorm: bool,
+                name: str) -> nn.Module:
+    """The layers of small_cnn; with `batchnorm`, a BatchNorm2d after each (then bias-free) convolution."""
     if len(input_shape) != 3:
-        raise ValueError(f"small_bn_cnn needs input_shape (C, H, W), got {input_shape}")
+        raise ValueError(f"{name} needs input_shape (C, H, W), got {input_shape}")
     c1, c2 = max(1, round(32 * width)), max(1, round(64 * width))
+
+    def conv(cin: int, cout: int) -> list[nn.Module]:
+        layers: list[nn.Module] = [nn.Conv2d(cin, cout, 3, padding=1, bias=not batchnorm)]
+        return [*layers, nn.BatchNorm2d(cout)] if batchnorm else layers
+
     return nn.Sequential(
-        nn.Conv2d(input_shape[0], c1, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c1),
-        nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c2),
-        nn.ReLU(),
+        *conv(input_shape[0], c1), nn.ReLU(),
+        *conv(c1, c2), nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(c2, c2, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c2),
-        nn.ReLU(),
+        *conv(c2, c2), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(c2, fc),

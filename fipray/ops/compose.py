@@ -158,8 +158,7 @@ class Compose(Operation):
         assert ctx.out is not None
         writer = NetworkSetWriter(ctx.out / "set", ctx.spec, metadata={
             "operation": self.name, "orders": list(cc.orders), "target": cc.target, "config_hash": cfg.run_id()})
-        steps_per = {Continual.name: (cfg.continual.num_tasks - 1) * cfg.path.steps,
-                     Sparsify.name: cfg.path.steps + cfg.sparsify.invariance_steps}
+        steps_per = {op.name: op().path_steps(cfg) for op in (Continual, Sparsify)}
         total = len(cfg.seeds) * (cfg.train.steps + sum(steps_per[op] for o in cc.orders for op in o.split(">")))
         path_rows: list[dict] = []
         results: list[dict] = []
