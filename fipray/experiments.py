@@ -16,17 +16,21 @@ import torch
 from fipray._io import atomic_write_json
 from fipray.config import Config
 from fipray.operation import get_operation
-from fipray.runtime import RunContext, prepare_out
+from fipray.runtime import prepare_out
 
 __all__ = ["run_experiment"]
 
 
-def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True, bundle: Any = None) -> dict:
+def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True, bundle: Any = None,
+                   tasks: Any = None) -> dict:
     """Run the experiment named by `cfg.operation`, write everything to `out_dir`, return the summary.
 
     Args:
         bundle: a `fipray.data.DataBundle` built from the user's own datasets; None loads
             `cfg.data` through the dataset registry.
+        tasks: for `continual`, a task stream built from the user's own data
+            (`fipray.data.streams.TaskStream`: `class_split`, `datasets_stream`, `domain_stream`) instead
+            of the stream the config describes.
     """
     op = get_operation(cfg.operation)
     out = prepare_out(cfg, out_dir)
@@ -35,7 +39,7 @@ def run_experiment(cfg: Config, out_dir: str | Path, *, progress: bool = True, b
         # process competes for the cores (OpenMP spin-waits); the config decides.
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    ctx = RunContext.create(cfg, bundle=bundle, out=out, show_progress=progress)
+    ctx = op.context(cfg, bundle=bundle, tasks=tasks, out=out, show_progress=progress)
     summary = op.run(ctx)
     summary["seconds_total"] = time.perf_counter() - t0
     atomic_write_json(out / "summary.json", {**json.loads((out / "summary.json").read_text()),

@@ -47,6 +47,20 @@ class Operation:
     cli_options: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (flag, config key, help): `--flag V` = key=V
 
     # The experiment --------------------------------------------------------------------------------
+    def context(self, cfg: Config, *, bundle: Any = None, tasks: Any = None, **kwargs: Any) -> RunContext:
+        """The run context of this operation (`RunContext.create`): the data of `cfg.data` unless the
+        caller gives its own `bundle` (or, for operations that take one, a task stream `tasks`)."""
+        if tasks is not None:
+            raise ConfigError(f"operation {self.name!r} does not take a task stream (tasks=...)")
+        return RunContext.create(cfg, bundle=bundle, **kwargs)
+
+    def train_base(self, ctx: RunContext, model: nn.Module, seed: int) -> None:
+        """Train the shared base network w0 of `fipray paths` (default: `base_data` with `train_base`)."""
+        from fipray.runtime import train_base
+
+        x, y = self.base_data(ctx, seed)
+        train_base(model, x, y, ctx.cfg, seed)
+
     def run(self, ctx: RunContext) -> dict[str, Any]:
         """Run the experiment into `ctx.out` (tables, plots, report.md) and return the summary."""
         raise NotImplementedError

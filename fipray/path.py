@@ -96,8 +96,10 @@ def _flat(model: nn.Module) -> Tensor:
 class _Tracker:
     """Path geometry along the records: ‖w − w0‖, cumulative length, output drift to w0."""
 
-    def __init__(self, model: nn.Module, heldout: Tensor | None, distance: Callable | None):
-        self.w0 = _flat(model).clone()
+    def __init__(self, model: nn.Module, heldout: Tensor | None, distance: Callable | None,
+                 weights: Callable[[nn.Module], Tensor] | None = None):
+        self.flat = _flat if weights is None else weights
+        self.w0 = self.flat(model).clone()
         self.prev = self.w0.clone()
         self.length = 0.0
         self.heldout, self.distance = heldout, distance
@@ -113,7 +115,7 @@ class _Tracker:
 
     @torch.no_grad()
     def row(self, model: nn.Module) -> dict:
-        w = _flat(model)
+        w = self.flat(model)
         self.length += float((w - self.prev).norm())
         self.prev = w.clone()
         row = {"weight_distance": float((w - self.w0).norm()), "fip_length": self.length}
@@ -309,6 +311,7 @@ def run_path(
     callback: Callable[[str, dict], None] | None = None,
     progress: Any = None,
     train_mode: bool = False,
+    weights: Callable[[nn.Module], Tensor] | None = None,
 ) -> PathResult:
     """Run `phases` in order on `model` (updated in place), resuming from `out_dir` if it holds a checkpoint.
 
@@ -326,6 +329,9 @@ def run_path(
         progress: a tqdm-like object with update(n) and set_postfix(dict), or None.
         train_mode: the default module mode of the phases' updates (each `Phase.train_mode` may
             override it): False keeps the deterministic eval-mode network whose invariance is measured.
+        weights: model -> the flat weight vector the path geometry is measured on; default all
+            parameters. A phase that changes the module structure (LoRA adapters) passes the effective
+            weights of the network it trains.
     """
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
@@ -333,7 +339,7 @@ def run_path(
     t0 = time.perf_counter()
     model.train(train_mode)
     run = _Run(model, phases, Path(out_dir) if out_dir is not None else None, record_every, checkpoint_every,
-               _Tracker(model, heldout, distance), evaluate, callback, progress, train_mode)
+               _Tracker(model, heldout, distance, weights), evaluate, callback, progress, train_mode)
     start_phase, start_step, resume_state, resume_optim = run.resume()
     for pi in range(start_phase, len(phases)):
         phase = phases[pi]

@@ -56,6 +56,7 @@ def supervised_phase(
     finish: Callable[[nn.Module, PhaseState], dict] | None = None,
     prepare: Callable[[nn.Module], PhaseState] | None = None,
     train_mode: bool = True,
+    loss: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Phase:
     """Cross-entropy on (x, y) minibatches, plus an optional extra penalty (EWC, replay).
 
@@ -64,7 +65,10 @@ def supervised_phase(
 
     Args:
         x, y: the examples as tensors (N, ...) and (N,), or `x` an `Examples` (e.g. streamed) and y None.
+        loss: (logits, labels) -> the task loss; default `F.cross_entropy` (e.g. a continual head's
+            cross-entropy over the live columns, `fipray.heads.Head.loss`).
     """
+    task_loss = F.cross_entropy if loss is None else loss
     data = typing.cast(Examples, x) if y is None else TensorExamples(typing.cast(Tensor, x), y)
     source = data.batches(train.batch_size, mix_seed(seed, _tag(name)))
 
@@ -75,7 +79,7 @@ def supervised_phase(
     def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         xb, yb = source.batch(t)
         if train.precision == "fp32" and train.accumulate == 1:
-            loss = F.cross_entropy(model(xb), yb)
+            loss = task_loss(model(xb), yb)
             ex = extra(model, t, state) if extra is not None else torch.zeros((), device=loss.device)
             total = loss + ex
             opt.zero_grad(set_to_none=True)
@@ -84,7 +88,7 @@ def supervised_phase(
                 grad_hook(model)
             opt.step()
             return StepOutput(total.detach(), ex.detach(), loss.detach())
-        return _mixed_supervised_step(model, opt, t, state, xb, yb, train, extra, grad_hook)
+        return _mixed_supervised_step(model, opt, t, state, xb, yb, train, extra, grad_hook, task_loss)
 
     return Phase(
         name=name, steps=train.steps if steps is None else steps, step=step,
@@ -95,7 +99,8 @@ def supervised_phase(
 
 def _mixed_supervised_step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState, x: Tensor,
                            y: Tensor, train: TrainConfig, extra: Extra | None,
-                           grad_hook: Callable[[nn.Module], None] | None) -> StepOutput:
+                           grad_hook: Callable[[nn.Module], None] | None,
+                           task_loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy) -> StepOutput:
     """A supervised step under autocast and/or over `train.accumulate` micro-batches (same batch)."""
     dev = device_of(model)
     scaler = Scaler(train.precision, dev)
@@ -105,7 +110,7 @@ def _mixed_supervised_step(model: nn.Module, opt: torch.optim.Optimizer, t: int,
     for chunk in torch.arange(len(x), device=x.device).chunk(train.accumulate):
         with autocast(train.precision, dev):
             logits = model(x[chunk])
-        part = F.cross_entropy(logits.float(), y[chunk]) * (len(chunk) / len(x))
+        part = task_loss(logits.float(), y[chunk]) * (len(chunk) / len(x))
         scaler.backward(part)
         loss_sum += part.detach()
     ex = extra(model, t, state) if extra is not None else torch.zeros((), device=dev)
@@ -183,6 +188,7 @@ def fip_phase(
     sample_every: int = 0,
     prepare_extra: Callable[[nn.Module], PhaseState] | None = None,
     memory_logits: Tensor | None = None,
+    distance: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Phase:
     """A FIP phase: S = λ·d(f(x_mem; w), f(x_mem; w_anchor)) + β·L.
 
@@ -199,8 +205,10 @@ def fip_phase(
         new_data: (x, y) of the secondary task, or its `Examples` (e.g. streamed), sampled in
             minibatches of path.batch_size.
         before_step: (model, step) -> None, e.g. a random kick of the undirected walk.
+        distance: the output distance d (logits, anchor logits) -> scalar; default `path.distance`
+            (e.g. a continual head's per-task-head distance, `fipray.heads.Head.invariance`).
     """
-    dist = get_distance(path.distance)
+    dist = get_distance(path.distance) if distance is None else distance
     lam = path.lam if lam is None else lam
     beta = path.beta if beta is None else beta
     source = as_examples(new_data).batches(path.batch_size, mix_seed(seed, 1, _tag(name))) \

@@ -38,7 +38,6 @@ from fipray._io import atomic_write, atomic_write_json, write_parquet
 from fipray.config import Config, ConfigError
 from fipray.operation import Operation, Report, get_operation
 from fipray.path import PathResult, Phase, run_path
-from fipray.runtime import RunContext, train_base
 
 BASE_DIR = "base"
 BASE_FILE = "model.safetensors"
@@ -98,10 +97,9 @@ def train_shared_base(cfg: Config, out: str | Path, device: str | torch.device =
         return target
     op = path_operation(cfg)
     seed = int(cfg.seeds[0])
-    ctx = RunContext.create(cfg, device=device)
+    ctx = op.context(cfg, device=device)
     model = ctx.model(seed)
-    x, y = op.base_data(ctx, seed)
-    train_base(model, x, y, cfg, seed)
+    op.train_base(ctx, model, seed)
     _save_state(target, model.state_dict(), {"seed": str(seed), "config_hash": cfg.run_id()})
     atomic_write_json(target.parent / "spec.json", ctx.spec)
     return target
@@ -123,7 +121,7 @@ def build_path(cfg: Config, k: int, base_file: str | Path, *, device: str | torc
     """Path k: the shared w0 loaded from `base_file`, the operation's phases with seed seeds[0] + k."""
     op = path_operation(cfg)
     seed = path_seed(cfg, k)
-    ctx = RunContext.create(cfg, device=device)
+    ctx = op.context(cfg, device=device)
     model = ctx.model(seed)
     model.load_state_dict(_load_state(Path(base_file)))
     if wrap is not None:
@@ -195,4 +193,4 @@ def run_trial(cfg: Config, report: Report, **options: Any) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     op = get_operation(cfg.operation)
-    op.trial(RunContext.create(cfg), report, **options)
+    op.trial(op.context(cfg), report, **options)
