@@ -20,6 +20,9 @@ weights (twice for Linear layers after the first, kept pre-transposed for the ba
 
 Saved ensembles are a folder with ``members.safetensors`` (keys ``m{k}.{name}``) and
 ``ensemble.json`` (model spec, member count, metadata, checksum of the weights). Nothing is pickled.
+Ensembles of text models also hold the tokenizer their inputs were made with, in ``tokenizer/``
+(``save_pretrained`` files, named by the key ``"tokenizer"`` of ``ensemble.json``), so a server can
+take raw strings; folders without it (every other ensemble, and older ones) load as before.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from fipray._io import _json_default, atomic_write, atomic_write_json
 
 MEMBERS_FILE = "members.safetensors"
 META_FILE = "ensemble.json"
+TOKENIZER_DIR = "tokenizer"
 _FORMAT = "fipray.ensemble"
 _VERSION = 1
 _SPEC_KEYS = ("name", "kwargs", "num_classes", "input_shape")
@@ -310,6 +314,7 @@ def save_ensemble(
     *,
     model_spec: Mapping[str, Any],
     metadata: Mapping[str, Any],
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Write an ensemble to ``directory`` as ``members.safetensors`` + ``ensemble.json``.
 
@@ -325,6 +330,10 @@ def save_ensemble(
             ``fipray.models.create_model`` that rebuild one member.
         metadata: JSON-serialisable facts about how the members were made (operation, path ids,
             steps, config hash, ...).
+        tokenizer: For members taking token ids: the tokenizer (a folder or a shortcut name such as
+            ``"minilm-l6"``, see :func:`fipray.data.text.load_tokenizer`) that made their inputs;
+            saved into ``tokenizer/``. None: the members' ``pretrained_dir`` when they are text
+            models built from a folder holding a tokenizer, else nothing.
 
     Returns:
         The directory.
@@ -332,6 +341,7 @@ def save_ensemble(
     Raises:
         ValueError: malformed ``model_spec`` or members of different architectures.
         TypeError: ``metadata`` is not JSON-serialisable.
+        FileNotFoundError: ``tokenizer`` names no folder holding a tokenizer.
     """
     from safetensors.torch import save_file
 
@@ -353,6 +363,9 @@ def save_ensemble(
     }
     directory = Path(directory)
     atomic_write(directory / MEMBERS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    tok = tokenizer if tokenizer is not None else _members_tokenizer(members, spec)
+    if tok is not None:
+        _save_tokenizer(tok, directory / TOKENIZER_DIR)
     meta = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -362,8 +375,65 @@ def save_ensemble(
         "members_file": MEMBERS_FILE,
         "members_sha256": _sha256(directory / MEMBERS_FILE),
     }
+    if tok is not None:  # only then: every other folder's ensemble.json stays byte-identical
+        meta["tokenizer"] = TOKENIZER_DIR
     atomic_write_json(directory / META_FILE, meta)
     return directory
+
+
+def _members_tokenizer(members: Sequence[nn.Module], spec: Mapping[str, Any]) -> str | None:
+    """The ``pretrained_dir`` of text members (``HFTextClassifier``) when it holds a tokenizer, else None."""
+    from fipray.models.hf import HFTextClassifier
+
+    source = spec["kwargs"].get("pretrained_dir")
+    if source is None or not isinstance(members[0], HFTextClassifier):
+        return None
+    from fipray.data.text import load_tokenizer
+
+    try:
+        load_tokenizer(source)
+    except FileNotFoundError:
+        return None
+    return str(source)
+
+
+def _save_tokenizer(tokenizer: str | Path, target: Path) -> None:
+    """``save_pretrained`` of the tokenizer into ``target`` (written aside, then renamed into place)."""
+    import shutil
+    import tempfile
+
+    from fipray.data.text import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tok.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def tokenizer_dir(directory: str | Path, meta: Mapping[str, Any] | None = None) -> Path | None:
+    """The tokenizer folder an ensemble folder records (text members), or None.
+
+    Raises:
+        FileNotFoundError: ``ensemble.json`` names a tokenizer folder that is missing.
+        ValueError: the recorded name leaves the ensemble folder.
+    """
+    meta = read_ensemble_meta(directory) if meta is None else meta
+    name = meta.get("tokenizer")
+    if name is None:
+        return None
+    if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{Path(directory) / META_FILE} is malformed: 'tokenizer' must name a subfolder, got {name!r}")
+    path = Path(directory) / name
+    if not path.is_dir():
+        raise FileNotFoundError(f"ensemble tokenizer folder not found: {path}")
+    return path
 
 
 def read_ensemble_meta(directory: str | Path) -> dict[str, Any]:
