@@ -11,6 +11,13 @@
 4. merge: the record rows of every path into `<out>/path.parquet` (column `path`), the sampled networks
    of every path into one ensemble folder `<out>/ensemble/` (`fipray.ensemble.load_ensemble`).
 
+Storage (`ray.storage_path`, default `<out>/storage`) is a folder every node sees or a `s3://`, `gs://`,
+`file://` URI (`fipray.ray.storage`): on an object store each path runs in a staging folder on its node,
+pushes its checkpoint (and the samples it names) at every checkpoint and its outputs at the end, and a
+path restarted on another node (its process or its whole node lost) starts from what storage holds. The
+merged outputs are then also put under `<storage>/merged/`, so a cluster without a shared filesystem
+still leaves them where every machine can read them.
+
 Paths push their record rows to a collector actor at most every `ray.report_every_s` seconds (and at
 each checkpoint); rows re-sent by a restarted path are dropped by key (path, phase, phase_step), so the
 driver's progress display and the merged table never count a row twice.
@@ -33,12 +40,13 @@ from fipray._io import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import ConfigError, save_config
 from fipray.job import JobConfig
 from fipray.ray._local import init_local
-from fipray.runtime import build_model, ensure_writable, prepare_out
+from fipray.ray.storage import Storage, Workspace, check_storage, open_storage
+from fipray.runtime import build_model, prepare_out
 from fipray.units import (
-    base_path,
+    BASE_DIR,
+    BASE_FILE,
     build_path,
     load_final,
-    load_path_result,
     load_samples,
     path_operation,
     path_steps,
@@ -46,6 +54,13 @@ from fipray.units import (
     train_shared_base,
     write_path_outputs,
 )
+
+BASE_REL = f"{BASE_DIR}/{BASE_FILE}"  # w0 in storage; written last, so its presence means w0 is complete
+
+
+def path_rel(k: int) -> str:
+    """Path k's folder in storage."""
+    return f"paths/path{k}"
 
 
 def quiet_ray() -> None:
@@ -120,28 +135,77 @@ def _threads(job: JobConfig) -> int:
     return job.cfg.threads or max(1, int(job.ray.cpus_per_path))
 
 
-def _base_task(cfg_dict: dict, storage: str, threads: int) -> str:
+def worker_device(requested: str, gpu_ids: list, visible: str | None) -> str:
+    """The torch device of a Ray worker: the GPU Ray assigned to it, never a hard-coded `cuda:0`.
+
+    Args:
+        requested: the config's `device` ("cpu" keeps the CPU even where Ray assigned a GPU, e.g. the
+            fake GPU resources of a placement test; any "cuda[:i]" means "the GPU Ray gave me").
+        gpu_ids: `ray.get_gpu_ids()` of this worker.
+        visible: CUDA_VISIBLE_DEVICES of this worker (Ray sets it to the assigned GPUs, so the assigned
+            GPU is usually `cuda:0` of this process; without it the index is the GPU's own id).
+    """
+    if not requested.startswith("cuda"):
+        return requested
+    if not gpu_ids:
+        raise ConfigError(f"config key 'device': {requested!r}, but Ray assigned this worker no GPU "
+                          "(ray.gpus_per_path is 0, or no node has a GPU)")
+    gid = str(gpu_ids[0])
+    order = [v.strip() for v in visible.split(",")] if visible else []
+    return f"cuda:{order.index(gid) if gid in order else int(float(gid))}"
+
+
+def _placement() -> dict:
+    """Where this worker runs and on what Ray gave it (worker.json; what placement tests read)."""
+    import socket
+
+    ctx = ray.get_runtime_context()
+    return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def _base_task(cfg_dict: dict, storage_uri: str, threads: int) -> str:
+    """w0 into `<storage>/base/` (on an object store: trained here, then put with model.safetensors last)."""
     from fipray.config import from_dict
 
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
-    return str(train_shared_base(cfg, storage, device=cfg.device))
+    st = open_storage(storage_uri)
+    device = worker_device(cfg.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if st.local is not None:
+        train_shared_base(cfg, st.local, device=device)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fipray-base-") as d:
+            train_shared_base(cfg, d, device=device)
+            st.upload_dir(Path(d) / BASE_DIR, BASE_DIR, last=[BASE_FILE])
+    return st.display(BASE_REL)
 
 
-def _worker_path(cfg_dict: dict, k: int, base_file: str, path_dir: str, collector: Any, threads: int,
-                 every_s: float) -> dict:
-    """Backend `worker`: path k's core loop in this Ray worker process."""
+def _worker_path(cfg_dict: dict, k: int, storage_uri: str, collector: Any, threads: int, every_s: float) -> dict:
+    """Backend `worker`: path k's core loop in this Ray worker process, its folder in storage."""
     from fipray.config import from_dict
 
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
     attempt = ray.get(collector.start.remote(k, os.getpid()))
-    # Where the fault-tolerance test finds the process to kill; also useful when debugging a cluster.
-    atomic_write_json(Path(path_dir) / "worker.json", {"pid": os.getpid(), "attempt": attempt,
-                                                        "node": ray.get_runtime_context().get_node_id()})
-    rep = Reporter(collector, k, every_s)
-    res = run_one_path(cfg, k, base_file, path_dir, callback=rep, device=cfg.device,
-                       extra={"attempts": attempt, "backend": "worker", "world": 1})
+    st = open_storage(storage_uri)
+    place = _placement()
+    device = worker_device(cfg.device, place["gpu_ids"], place["cuda_visible_devices"])
+    with Workspace(st, path_rel(k)) as ws:
+        # Where the fault-tolerance tests find the process (or node) to kill; useful when debugging a cluster.
+        st.write_json(f"{path_rel(k)}/worker.json", {**place, "attempt": attempt, "device": device})
+        rep = Reporter(collector, k, every_s)
+
+        def callback(event: str, payload: dict) -> None:
+            if event == "checkpoint":  # persisted before its rows are announced
+                ws.push(last=["checkpoint.pt"])
+            rep(event, payload)
+
+        res = run_one_path(cfg, k, ws.input_file(BASE_REL), ws.dir, callback=callback, device=device,
+                           extra={"attempts": attempt, "backend": "worker", "world": 1, "node": place["node"],
+                                  "gpu_ids": place["gpu_ids"], "device": device})
+        ws.push(last=["result.json"])
     rep.flush()
     return res
 
@@ -168,8 +232,9 @@ def _train_loop(config: dict) -> None:
         with restored.as_directory() as d:
             shutil.copy(Path(d) / "checkpoint.pt", local / "checkpoint.pt")
     attempt = ray.get(config["collector"].start.remote(k, os.getpid())) if rank == 0 else 0
+    st = open_storage(config["storage"])
     if rank == 0:
-        atomic_write_json(Path(config["path_dir"]) / "worker.json", {"pid": os.getpid(), "attempt": attempt})
+        st.write_json(f"{path_rel(k)}/worker.json", {**_placement(), "attempt": attempt})
     rep = Reporter(config["collector"], k, config["every_s"], enabled=rank == 0)
 
     def callback(event: str, payload: dict) -> None:
@@ -178,44 +243,46 @@ def _train_loop(config: dict) -> None:
             ckpt = Checkpoint.from_directory(str(local)) if rank == 0 else None
             ray.train.report({"global_step": payload["global_step"]}, checkpoint=ckpt)
 
-    job = build_path(cfg, k, config["base_file"], device=ray.train.torch.get_device(), rank=rank, world=world,
-                     wrap=ray.train.torch.prepare_model if world > 1 else None)
-    res = run_path(job.model, job.phases, out_dir=local, callback=callback, **job.kwargs)
-    rep.flush()
-    if rank == 0:
-        write_path_outputs(config["path_dir"], k, job, res,
-                           extra={"attempts": attempt, "backend": "train", "world": world})
+    device = ray.train.torch.get_device() if cfg.device.startswith("cuda") else torch.device(cfg.device)
+    with Workspace(st, path_rel(k), fetch=False) as ws:
+        job = build_path(cfg, k, ws.input_file(BASE_REL), device=device, rank=rank, world=world,
+                         wrap=ray.train.torch.prepare_model if world > 1 else None)
+        res = run_path(job.model, job.phases, out_dir=local, callback=callback, **job.kwargs)
+        rep.flush()
+        if rank == 0:
+            write_path_outputs(ws.dir, k, job, res, extra={"attempts": attempt, "backend": "train", "world": world})
+            ws.push(last=["result.json"])
     shutil.rmtree(local, ignore_errors=True)
 
 
-def _train_path(cfg_dict: dict, k: int, base_file: str, path_dir: str, collector: Any, job_ray: dict,
-                storage: str, run_name: str, threads: int) -> dict:
+def _train_path(cfg_dict: dict, k: int, storage_uri: str, collector: Any, job_ray: dict, run_name: str,
+                threads: int) -> dict:
     """Drives one path's TorchTrainer (a zero-CPU task, so drivers never hold the CPUs workers need)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    st = open_storage(storage_uri)
     gpus = float(job_ray["gpus_per_path"])
     res = {"CPU": float(job_ray["cpus_per_path"]), **({"GPU": gpus} if gpus else {})}
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg_dict, "k": k, "base_file": base_file, "path_dir": path_dir,
+        train_loop_config={"cfg": cfg_dict, "k": k, "storage": storage_uri,
                            "collector": collector, "threads": threads, "every_s": job_ray["report_every_s"]},
         scaling_config=ScalingConfig(num_workers=int(job_ray["workers_per_path"]), use_gpu=gpus > 0,
                                      resources_per_worker=res),
-        run_config=RunConfig(name=run_name, storage_path=storage,
+        # Train keeps the path's checkpoints in the same storage (a URI's filesystem handed over as is).
+        run_config=RunConfig(name=run_name, storage_path=st.path("train"), storage_filesystem=st.fs,
                              failure_config=FailureConfig(max_failures=int(job_ray["max_failures"])),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
-    return load_path_result(path_dir)
+    return st.read_json(f"{path_rel(k)}/result.json")
 
 
-def storage_dir(job: JobConfig, out: Path) -> Path:
+def run_storage(job: JobConfig, out: Path) -> Storage:
+    """The run's storage: `ray.storage_path` (a folder or a URI), or `<out>/storage` when it is empty."""
     sp = job.ray.storage_path
-    if "://" in sp:
-        raise ConfigError(f"config key 'ray.storage_path': {sp!r} is a URI; fipray paths needs a folder every "
-                          "node can write (a shared filesystem mount), e.g. /mnt/shared/fipray")
-    return (Path(sp).expanduser() if sp else out / "storage").resolve()
+    return open_storage(sp if sp else out / "storage", "ray.storage_path")
 
 
 def joined_cluster(address: str | None) -> bool:
@@ -270,8 +337,26 @@ def _members(out_paths: list[tuple[int, Path, dict]], spec: dict, seed: int) -> 
     return members, meta
 
 
-def merge(job: JobConfig, out: Path, storage: Path, results: list[dict]) -> dict:
-    """The merged path table and ensemble folder from the paths' folders."""
+def merge(job: JobConfig, out: Path, st: Storage, results: list[dict]) -> dict:
+    """The merged path table and ensemble folder from the paths' folders in storage.
+
+    From an object store the paths' outputs (not their checkpoints) are first copied to a private local
+    folder; the merged outputs go to `out` and, from an object store, also to `<storage>/merged/`.
+    """
+    if st.local is not None:
+        return _merge(job, out, st.local, results)
+    with tempfile.TemporaryDirectory(prefix="fipray-merge-") as d:
+        mirror = Path(d)
+        st.download_file(f"{BASE_DIR}/spec.json", mirror / BASE_DIR / "spec.json")
+        for r in results:
+            rel = path_rel(r["path"])
+            for n in st.files(rel):
+                if n != "checkpoint.pt" and n != "worker.json":
+                    st.download_file(f"{rel}/{n}", mirror / rel / n)
+        return _merge(job, out, mirror, results)
+
+
+def _merge(job: JobConfig, out: Path, storage: Path, results: list[dict]) -> dict:
     import json
 
     import pyarrow as pa
@@ -280,7 +365,7 @@ def merge(job: JobConfig, out: Path, storage: Path, results: list[dict]) -> dict
     from fipray.ensemble import save_ensemble
 
     cfg = job.cfg
-    dirs = [(r["path"], storage / "paths" / f"path{r['path']}", r) for r in results]
+    dirs = [(r["path"], storage / path_rel(r["path"]), r) for r in results]
     tables = [pq.read_table(d / "records.parquet") for _, d, _ in dirs if (d / "records.parquet").is_file()]
     table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     write_parquet(out / "path.parquet", table)
@@ -303,9 +388,9 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
     cfg = job.cfg
     path_operation(cfg)  # an operation without FIP paths fails before Ray starts
     out = Path(out).resolve()
-    storage = storage_dir(job, out)
+    storage = run_storage(job, out)  # a bad URI fails here
     prepare_out(cfg, out)  # fails on an unwritable --out
-    ensure_writable(storage, "storage path (ray.storage_path)")
+    check_storage(storage)  # no credentials, unreachable endpoint, no bucket, read-only: before any work
     atomic_write_text(out / "job.yaml", __import__("yaml").safe_dump(job.to_dict(), sort_keys=False))
     t0 = time.perf_counter()
     started = not ray.is_initialized()
@@ -320,14 +405,14 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
             ray.shutdown()
 
 
-def _run(job: JobConfig, out: Path, storage: Path, *, progress: bool, ray_start: float, t0: float) -> dict:
+def _run(job: JobConfig, out: Path, storage: Storage, *, progress: bool, ray_start: float, t0: float) -> dict:
     """Train w0 if needed, run every path to completion, merge them, and write the summary and report."""
     cfg, rc = job.cfg, job.ray
     P, threads, cfg_dict = rc.num_paths, _threads(job), cfg.to_dict()
-    base_file = _prepare_storage(job, storage, cfg_dict, threads)
-    collector = Collector.remote()  # type: ignore[attr-defined]
+    _prepare_storage(job, storage, cfg_dict, threads)
+    collector = _collector()
     t_launch = time.perf_counter()
-    refs = _launch_paths(job, storage, base_file, collector, cfg_dict, threads)
+    refs = _launch_paths(job, storage, collector, cfg_dict, threads)
     results = _wait_for_paths(refs, collector, total=P * path_steps(cfg),
                               desc=f"{P} {cfg.operation} paths ({rc.backend})", progress=progress)
     paths_seconds = time.perf_counter() - t_launch
@@ -338,7 +423,8 @@ def _run(job: JobConfig, out: Path, storage: Path, *, progress: bool, ray_start:
     summary = {
         "operation": cfg.operation, "backend": rc.backend, "num_paths": P, "seeds": [r["seed"] for r in ordered],
         "workers_per_path": rc.workers_per_path, "seconds": time.perf_counter() - t0,
-        "ray_start_seconds": ray_start, "paths_seconds": paths_seconds, "storage": str(storage), "ensemble": str(out / "ensemble"),
+        "ray_start_seconds": ray_start, "paths_seconds": paths_seconds, "storage": storage.display(),
+        "ensemble": str(out / "ensemble"), "nodes": len({r.get("node") for r in ordered if r.get("node")}),
         "ensemble_members": merged["members"], "path_rows": merged["rows"],
         "streamed_rows": len(snap["rows"]), "streamed_duplicates_dropped": snap["duplicates"],
         "streamed_rows_match_table": streamed,
@@ -348,7 +434,18 @@ def _run(job: JobConfig, out: Path, storage: Path, *, progress: bool, ray_start:
     }
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "report.md", _report(job, ordered, merged))
+    if storage.local is None:
+        storage.upload_dir(out, "merged", last=["summary.json"])
     return summary
+
+
+def _collector() -> Any:
+    """The row collector, pinned to the driver's node: a node lost mid-run never takes the rows with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return Collector.options(  # type: ignore[attr-defined]
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False)).remote()
 
 
 def _per_rank(rc: Any) -> dict:
@@ -356,45 +453,47 @@ def _per_rank(rc: Any) -> dict:
     return {"num_cpus": rc.cpus_per_path, "num_gpus": rc.gpus_per_path}
 
 
-def _prepare_storage(job: JobConfig, storage: Path, cfg_dict: dict, threads: int) -> Path:
-    """Claim `storage` for this config and train w0 there unless a previous run already did; returns w0's file.
+def _prepare_storage(job: JobConfig, st: Storage, cfg_dict: dict, threads: int) -> None:
+    """Claim storage for this config and train w0 there unless a previous run already did.
 
     Raises:
-        ConfigError: `storage` holds the checkpoints of another config, which resuming would mix in.
+        ConfigError: storage holds the checkpoints of another config, which resuming would mix in.
     """
+    import yaml
+
+    from fipray.config import from_dict
+
     cfg, rc = job.cfg, job.ray
-    if (storage / "config.yaml").is_file():  # resuming: the checkpoints there must be this config's
-        from fipray.config import load_config
-
-        old = load_config(storage / "config.yaml")
+    if st.is_file("config.yaml"):  # resuming: the checkpoints there must be this config's
+        old = from_dict(yaml.safe_load(st.read_text("config.yaml")))
         if old.run_id() != cfg.run_id():
-            raise ConfigError(f"storage {str(storage)!r} holds paths of another config (run id {old.run_id()}, "
+            raise ConfigError(f"storage {st.display()!r} holds paths of another config (run id {old.run_id()}, "
                               f"this one {cfg.run_id()}): use another --out or ray.storage_path")
-    save_config(cfg, storage / "config.yaml")
-    base_file = base_path(storage)
-    if not base_file.is_file():
+    if st.local is not None:
+        save_config(cfg, st.local / "config.yaml")
+    else:
+        st.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if not st.is_file(BASE_REL):
         ray.get(ray.remote(_base_task).options(**_per_rank(rc), max_retries=rc.max_failures)
-                .remote(cfg_dict, str(storage), threads))
-    return base_file
+                .remote(cfg_dict, st.uri, threads))
 
 
-def _launch_paths(job: JobConfig, storage: Path, base_file: Path, collector: Any, cfg_dict: dict,
-                  threads: int) -> dict:
-    """Start one unit per path (a worker task or a TorchTrainer driver); returns {object ref: path index}."""
+def _launch_paths(job: JobConfig, st: Storage, collector: Any, cfg_dict: dict, threads: int) -> dict:
+    """Start one unit per path (a worker task or a TorchTrainer driver); returns {object ref: path index}.
+
+    A worker task is retried (`ray.max_failures` times) when its process or its node dies: the retry may
+    land on any node and resumes from the path's checkpoint in storage.
+    """
     cfg, rc = job.cfg, job.ray
     refs = {}
     for k in range(rc.num_paths):
-        path_dir = storage / "paths" / f"path{k}"
-        path_dir.mkdir(parents=True, exist_ok=True)
         if rc.backend == "worker":
             wtask = ray.remote(_worker_path).options(**_per_rank(rc), max_retries=rc.max_failures,
                                                       retry_exceptions=False)
-            refs[wtask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, threads,
-                             rc.report_every_s)] = k
+            refs[wtask.remote(cfg_dict, k, st.uri, collector, threads, rc.report_every_s)] = k
         else:
             ttask = ray.remote(_train_path).options(num_cpus=0, max_retries=0)
-            refs[ttask.remote(cfg_dict, k, str(base_file), str(path_dir), collector, _dict(rc),
-                             str(storage / "train"), f"{cfg.run_id()}-path{k}", threads)] = k
+            refs[ttask.remote(cfg_dict, k, st.uri, collector, _dict(rc), f"{cfg.run_id()}-path{k}", threads)] = k
     return refs
 
 
