@@ -246,7 +246,10 @@ class EnsembleIngress:
         return b"".join(chunks)
 
     async def __call__(self, request: Request) -> JSONResponse:
-        path, method = request.url.path.rstrip("/") or "/", request.method
+        path, root = request.url.path, request.scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix sees its own routes
+            path = path[len(root):]
+        path, method = path.rstrip("/") or "/", request.method
         routes = {"/predict": "POST", "/healthz": "GET", "/metadata": "GET"}
         if path not in routes:
             return _error(404, f"unknown path {path!r}; use POST /predict, GET /healthz or GET /metadata")
@@ -348,6 +351,7 @@ def start(
     host: str = "127.0.0.1",
     port: int = 8000,
     http: bool = True,
+    route_prefix: str = "/",
 ):
     """Deploy the app on the running Ray instance and return a handle to its ingress.
 
@@ -356,6 +360,7 @@ def start(
         host: HTTP bind address (loopback unless asked otherwise).
         port: HTTP port.
         http: Expose HTTP (False: handle-only, e.g. for ``fipray attack``).
+        route_prefix: Where the app's routes live (``/text`` serves ``/text/predict``).
 
     Returns:
         A ``DeploymentHandle`` of the ingress.
@@ -363,10 +368,10 @@ def start(
     a = ServeArgs.from_dict(args)
     if http:
         serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s})
-    return serve.run(build_app(_asdict(a)), name=a.name, route_prefix="/" if http else None, blocking=False)
+    return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
 
 
-def update_ensemble(args: Mapping[str, Any], *, http: bool = True):
+def update_ensemble(args: Mapping[str, Any], *, http: bool = True, route_prefix: str = "/"):
     """Point the running app ``args["name"]`` at ``args["ensemble"]`` without dropping requests.
 
     Redeploys the app with the new ServeArgs: Serve starts the new replicas, which load and warm the
@@ -378,7 +383,7 @@ def update_ensemble(args: Mapping[str, Any], *, http: bool = True):
         A ``DeploymentHandle`` of the ingress.
     """
     a = ServeArgs.from_dict(args)
-    return serve.run(build_app(_asdict(a)), name=a.name, route_prefix="/" if http else None, blocking=False)
+    return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
 
 
 def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | None = None,

@@ -27,6 +27,8 @@ def load_test(
     time_limit_s: float = 120.0,
     timeout_s: float = 30.0,
     examples_per_request: int = 1,
+    content_type: str = "application/json",
+    timeline: bool = False,
 ) -> dict:
     """Send ``requests`` POSTs (body ``i`` = ``bodies[i % len(bodies)]``) with ``concurrency`` clients.
 
@@ -38,10 +40,14 @@ def load_test(
         time_limit_s: Wall-clock bound; requests not started by then are not sent.
         timeout_s: Per-request socket timeout.
         examples_per_request: Inputs per body, for the examples/s figure.
+        content_type: The bodies' ``Content-Type`` (``application/octet-stream`` for ``.npy`` bodies).
+        timeline: Also return ``"timeline"``: per request ``(start_s, seconds, status)`` from the
+            test's start, status 0 for a transport error (what fault tests read recovery from).
 
     Returns:
-        ``{"requests", "ok", "errors", "error_samples", "seconds", "throughput_rps", "examples_per_s",
-        "p50_ms", "p90_ms", "p99_ms", "max_ms", "concurrency", "stopped_by_time_limit"}``.
+        ``{"requests", "ok", "errors", "error_samples", "error_statuses", "seconds", "throughput_rps",
+        "examples_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "max_any_ms", "concurrency",
+        "stopped_by_time_limit"}`` (``max_any_ms``: the slowest request, failed ones included).
 
     Raises:
         ValueError: a non-loopback URL, no bodies, or non-positive bounds.
@@ -50,15 +56,19 @@ def load_test(
     if not bodies or requests < 1 or concurrency < 1 or not time_limit_s > 0:
         raise ValueError("need bodies, requests >= 1, concurrency >= 1 and time_limit_s > 0")
     load = _Load(requests, time_limit_s)
-    t_start = time.perf_counter()
-    threads = [threading.Thread(target=_client, args=(load, host, port, path, bodies, timeout_s), daemon=True)
+    t_start = load.t0
+    threads = [threading.Thread(target=_client, args=(load, host, port, path, bodies, timeout_s, content_type),
+                                daemon=True)
                for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(time_limit_s + timeout_s + 5)
     seconds = time.perf_counter() - t_start
-    return _summary(load, seconds, concurrency=concurrency, examples_per_request=examples_per_request)
+    out = _summary(load, seconds, concurrency=concurrency, examples_per_request=examples_per_request)
+    if timeline:
+        out["timeline"] = sorted(load.timeline)
+    return out
 
 
 def _loopback_target(url: str) -> tuple[str, int, str]:
@@ -78,7 +88,10 @@ class _Load:
         self.next = 0
         self.latencies: list[float] = []
         self.errors: list[str] = []
-        self.deadline = time.perf_counter() + time_limit_s
+        self.statuses: dict[int, int] = {}
+        self.timeline: list[tuple[float, float, int]] = []
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + time_limit_s
 
     def claim(self) -> int | None:
         """The next request's index, or None once all are sent or time is up."""
@@ -89,33 +102,37 @@ class _Load:
             self.next = i + 1
             return i
 
-    def record(self, ok: bool, seconds: float, data: bytes) -> None:
+    def record(self, status: int, started: float, seconds: float, data: bytes) -> None:
         """Keep a success's latency, or the start of a failure's body as an error sample."""
         with self.lock:
-            if ok:
+            self.timeline.append((started - self.t0, seconds, status))
+            if status == 200:
                 self.latencies.append(seconds)
             else:
                 self.errors.append(data[:200].decode(errors="replace"))
+                self.statuses[status] = self.statuses.get(status, 0) + 1
 
 
-def _client(load: _Load, host: str, port: int, path: str, bodies: Sequence[bytes], timeout_s: float) -> None:
+def _client(load: _Load, host: str, port: int, path: str, bodies: Sequence[bytes], timeout_s: float,
+            content_type: str) -> None:
     """One client thread: POST claimed bodies over one keep-alive connection, reconnecting after an error."""
     conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    headers = {"Content-Type": content_type}
     try:
         while (i := load.claim()) is not None:
             body = bodies[i % len(bodies)]
             t0 = time.perf_counter()
             try:
-                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                conn.request("POST", path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
-                ok = resp.status == 200
+                status = resp.status
             except (OSError, http.client.HTTPException) as e:
-                ok, data = False, f"{type(e).__name__}: {e}".encode()
+                status, data = 0, f"{type(e).__name__}: {e}".encode()
                 # The connection may be half-used after a failure; a fresh one keeps later requests clean.
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
-            load.record(ok, time.perf_counter() - t0, data)
+            load.record(status, t0, time.perf_counter() - t0, data)
     finally:
         conn.close()
 
@@ -130,6 +147,7 @@ def _summary(load: _Load, seconds: float, *, concurrency: int, examples_per_requ
         "ok": len(latencies),
         "errors": len(errors),
         "error_samples": errors[:3],
+        "error_statuses": dict(load.statuses),
         "seconds": seconds,
         "throughput_rps": len(latencies) / seconds,
         "examples_per_s": len(latencies) * examples_per_request / seconds,
@@ -137,6 +155,7 @@ def _summary(load: _Load, seconds: float, *, concurrency: int, examples_per_requ
         "p90_ms": float(np.percentile(lat, 90)),
         "p99_ms": float(np.percentile(lat, 99)),
         "max_ms": float(lat.max()),
+        "max_any_ms": max((t[1] for t in load.timeline), default=float("nan")) * 1e3,
         "concurrency": concurrency,
         "stopped_by_time_limit": sent < load.requests,
     }

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
+import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -52,6 +56,15 @@ def served(ray_2cpus, ens_dir):
         yield {"port": port, "handle": handle, "ensemble": load_ensemble(ens_dir)}
     finally:
         serve.shutdown()
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+NPY = {"Content-Type": "application/octet-stream"}
 
 
 def _request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -199,3 +212,140 @@ def test_bounded_load_test_has_no_errors(served):
     assert res["p50_ms"] <= res["p99_ms"]
     with pytest.raises(ValueError, match="loopback"):
         load_test("http://10.0.0.1:8000/predict", bodies)
+
+
+def test_npy_body_equals_in_process_and_bad_npy_is_4xx(served, ens_dir):
+    port, ens = served["port"], served["ensemble"]
+    rng = np.random.default_rng(5)
+    u8 = rng.integers(0, 256, (4, *SHAPE), dtype=np.uint8)
+    f32 = rng.random((3, *SHAPE), dtype=np.float32)
+    for arr, x in ((u8, torch.from_numpy(u8.astype(np.float32) / 255)), (f32, torch.from_numpy(f32))):
+        status, data = _request(port, "POST", "/predict", _npy(arr), NPY)
+        assert status == 200, data
+        with torch.no_grad():
+            assert torch.allclose(torch.tensor(json.loads(data)["probs"]), ens(x).exp(), atol=1e-5)
+    for arr, match in [(np.zeros((1, *SHAPE)), "dtype <f8"), (np.array([1, "a"], dtype=object), "unpickl"),
+                       (np.zeros((2, 1, 8, 7), np.float32), "must have shape"),
+                       (np.full((1, *SHAPE), 1.5, np.float32), "must lie in")]:
+        status, data = _request(port, "POST", "/predict", _npy(arr), NPY)
+        assert status == 400 and match in json.loads(data)["error"], data
+    status, data = _request(port, "POST", "/predict", _npy(u8)[:-5], NPY)
+    assert status == 400 and "header declares shape" in json.loads(data)["error"]
+    status, data = _request(port, "POST", "/predict", b"not numpy", NPY)
+    assert status == 400 and "not an .npy file" in json.loads(data)["error"]
+    meta = json.loads(_request(port, "GET", "/metadata")[1])
+    assert meta["ensemble"] == str(ens_dir.resolve()) and "npy" in meta["inputs"]["payloads"]
+
+
+@pytest.fixture(scope="module")
+def other_dir(tmp_path_factory):
+    """A second ensemble of the same input shape: 4 members, other seeds."""
+    d = tmp_path_factory.mktemp("other")
+    ms = []
+    for i in range(4):
+        torch.manual_seed(100 + i)
+        ms.append(create_model("small_cnn", num_classes=10, input_shape=SHAPE, width=0.5, fc=32))
+    spec = {"name": "small_cnn", "kwargs": {"width": 0.5, "fc": 32}, "num_classes": 10, "input_shape": list(SHAPE)}
+    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "paths", "seed": 1})
+    return d
+
+
+def _switch_under_load(port: int, args: dict) -> tuple[dict, float]:
+    """Run bounded load tests back to back while the app switches to ``args["ensemble"]``."""
+    from fipray.ray.serve import update_ensemble
+    from fipray.ray.serve_load import load_test
+
+    torch.manual_seed(6)
+    bodies = [json.dumps({"inputs": torch.rand(1, *SHAPE).tolist()}).encode() for _ in range(8)]
+    done, totals = threading.Event(), {"requests": 0, "ok": 0, "errors": 0, "samples": [], "rounds": 0}
+
+    def load():
+        while not done.is_set():
+            res = load_test(f"http://127.0.0.1:{port}/predict", bodies, requests=40, concurrency=4, time_limit_s=60)
+            for k in ("requests", "ok", "errors"):
+                totals[k] += res[k]
+            totals["samples"] += res["error_samples"]
+            totals["rounds"] += 1
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    update_ensemble(args)
+    switch_s = time.perf_counter() - t0
+    time.sleep(1.0)  # requests after the switch too
+    done.set()
+    t.join(120)
+    return totals, switch_s
+
+
+def test_live_switch_under_load_drops_no_request(served, ens_dir, other_dir):
+    port = served["port"]
+    args = {"ensemble": str(other_dir), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY}
+    totals, switch_s = _switch_under_load(port, args)
+    print(json.dumps({"live_switch": {k: totals[k] for k in ("requests", "ok", "errors", "rounds")},
+                      "switch_seconds": round(switch_s, 2)}))
+    assert totals["errors"] == 0, totals["samples"][:3]
+    assert totals["ok"] > 40 and totals["requests"] == totals["ok"]
+    meta = json.loads(_request(port, "GET", "/metadata")[1])
+    assert meta["ensemble"] == str(other_dir.resolve()) and meta["members"] == 4
+    x = torch.rand(3, *SHAPE)
+    out = _predict(port, x)
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(out["probs"]), load_ensemble(other_dir)(x).exp(), atol=1e-5)
+    # And back, for the tests after this one (also a switch under load).
+    totals, _ = _switch_under_load(port, {**args, "ensemble": str(ens_dir)})
+    assert totals["errors"] == 0, totals["samples"][:3]
+    assert json.loads(_request(port, "GET", "/metadata")[1])["ensemble"] == str(ens_dir.resolve())
+
+
+TEXT_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    """Two MiniLM-L6 members (pretrained encoder, heads initialised by seed): the folder records the tokenizer."""
+    d = tmp_path_factory.mktemp("minilm")
+    kwargs = {"pretrained_dir": "minilm-l6"}
+    ms = []
+    for i in range(2):
+        torch.manual_seed(i)
+        ms.append(create_model("hf_bert", num_classes=3, input_shape=(TEXT_LEN,), **kwargs))
+    spec = {"name": "hf_bert", "kwargs": kwargs, "num_classes": 3, "input_shape": [TEXT_LEN]}
+    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "test"})
+    return d
+
+
+def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):
+    from ray import serve
+
+    from fipray.data.text import tokenize
+    from fipray.ensemble import tokenizer_dir
+    from fipray.ray.serve import start
+
+    assert tokenizer_dir(minilm_dir) is not None  # recorded from the members' pretrained_dir
+    port = served["port"]
+    start({"ensemble": str(minilm_dir), "name": "text", "max_inputs": 4}, port=port, route_prefix="/text")
+    try:
+        texts = ["Shares rose after the bank's results.", "The striker scored twice in the final."]
+        status, data = _request(port, "POST", "/text/predict", json.dumps({"texts": texts}).encode())
+        assert status == 200, data
+        x = tokenize(texts, None, tokenizer_dir(minilm_dir), TEXT_LEN)
+        with torch.no_grad():
+            ref = load_ensemble(minilm_dir)(x).exp()
+        out = json.loads(data)
+        assert torch.allclose(torch.tensor(out["probs"]), ref, atol=1e-5) and out["labels"] == ref.argmax(-1).tolist()
+        status, data = _request(port, "POST", "/text/predict", _npy(x.numpy().astype(np.int32)), NPY)
+        assert status == 200 and torch.allclose(torch.tensor(json.loads(data)["probs"]), ref, atol=1e-5)
+        for body, match in [({"texts": ["word " * 40]}, "over the model's maximum of 16"),
+                            ({"texts": []}, "empty batch"), ({"texts": [""]}, "is empty"),
+                            ({"inputs": [[40000] * TEXT_LEN]}, "vocabulary range [0, 30522)"),
+                            ({"inputs": [[101] * 20]}, "exceeds the model's maximum"),
+                            ({"texts": ["a"] * 5}, "exceeds the maximum of 4")]:
+            status, data = _request(port, "POST", "/text/predict", json.dumps(body).encode())
+            assert 400 <= status < 500 and match in json.loads(data)["error"], (body, data)
+        meta = json.loads(_request(port, "GET", "/text/metadata")[1])
+        assert meta["inputs"]["max_length"] == TEXT_LEN and "json texts" in meta["inputs"]["payloads"]
+        assert _request(port, "POST", "/text/predict", json.dumps({"texts": texts}).encode())[0] == 200
+    finally:
+        serve.delete("text")
