@@ -1,0 +1,175 @@
+"""Faults under load: a shard replica's process killed mid-load; `fipray serve` stopped by a signal leaves no Ray."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fipray.ensemble import load_ensemble, save_ensemble
+from fipray.models import create_model
+
+pytestmark = pytest.mark.ray
+
+SHAPE = (1, 8, 8)
+TIMEOUT_S = 15.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ens_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    ms = []
+    for i in range(4):
+        torch.manual_seed(i)
+        ms.append(create_model("small_cnn", num_classes=10, input_shape=SHAPE, width=0.5, fc=32))
+    spec = {"name": "small_cnn", "kwargs": {"width": 0.5, "fc": 32}, "num_classes": 10, "input_shape": list(SHAPE)}
+    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "ensemble"})
+    return d
+
+
+def _post(port: int, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def fault_numbers(timeline: list[tuple[float, float, int]], t_kill: float, stall_s: float = 1.0) -> dict:
+    """What the kill cost the load (``timeline`` rows are ``(start_s, seconds, status)``).
+
+    A request is hit when it failed or took over ``stall_s`` (here requests take ~10-100 ms);
+    recovery is from the kill to the end of the last hit request.
+    """
+    failed = [r for r in timeline if r[2] != 200]
+    hit = [r for r in timeline if r[2] != 200 or r[1] > stall_s]
+    end = max((r[0] + r[1] for r in hit), default=t_kill)
+    return {"requests": len(timeline), "failed": len(failed), "failed_statuses": sorted({r[2] for r in failed}),
+            "delayed_over_1s": len(hit) - len(failed), "slowest_s": max(r[1] for r in timeline),
+            "recovery_s": end - t_kill, "ok_after_recovery": sum(r[2] == 200 and r[0] >= end for r in timeline)}
+
+
+def test_killed_shard_replica_fails_fast_restarts_and_answers_correctly(ray_2cpus, ens_dir):
+    from ray import serve
+
+    from fipray.ray.serve import start
+    from fipray.ray.serve_load import load_test
+
+    port = _free_port()
+    try:
+        start({"ensemble": str(ens_dir), "shards": 2, "request_timeout_s": TIMEOUT_S, "health_check_period_s": 1.0},
+              port=port)
+        shard = serve.get_deployment_handle("EnsembleShard0", app_name="fipray")
+        pid = shard.info.remote().result()["pid"]
+        torch.manual_seed(0)
+        bodies = [json.dumps({"inputs": torch.rand(2, *SHAPE).tolist()}).encode() for _ in range(8)]
+        out: dict = {}
+
+        def load():
+            out.update(load_test(f"http://127.0.0.1:{port}/predict", bodies, requests=100_000, concurrency=4,
+                                 time_limit_s=30, timeout_s=TIMEOUT_S + 10, timeline=True))
+
+        t = threading.Thread(target=load, daemon=True)
+        t0 = time.perf_counter()
+        t.start()
+        time.sleep(3.0)
+        t_kill = time.perf_counter() - t0
+        os.kill(pid, signal.SIGKILL)
+        new_pid = shard.info.remote().result(timeout_s=60)["pid"]  # answered once Serve restarted the replica
+        restart_s = time.perf_counter() - t0 - t_kill
+        t.join(90)
+        numbers = {**fault_numbers(out["timeline"], t_kill), "replica_restart_s": restart_s}
+        print(json.dumps({"fault_under_load": {k: round(v, 3) if isinstance(v, float) else v
+                                               for k, v in numbers.items()}}))
+        assert not t.is_alive()
+        assert numbers["failed"] < numbers["requests"] / 2  # bounded: most of the load was answered
+        assert all(500 <= s < 600 for s in numbers["failed_statuses"]), out["error_samples"]
+        assert numbers["slowest_s"] < TIMEOUT_S + 5  # nothing hung past the timeout
+        assert numbers["ok_after_recovery"] > 20 and numbers["recovery_s"] < 25
+        assert new_pid != pid and numbers["replica_restart_s"] < 25  # Serve restarted the replica
+        x = torch.rand(5, *SHAPE)
+        status, data = _post(port, json.dumps({"inputs": x.tolist()}).encode())
+        assert status == 200
+        with torch.no_grad():
+            assert torch.allclose(torch.tensor(json.loads(data)["probs"]), load_ensemble(ens_dir)(x).exp(), atol=1e-5)
+    finally:
+        serve.shutdown()
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
+def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig):
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="fsg", dir="/tmp")  # short: Ray's socket paths stay < 107 characters
+    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", "serve", "--ensemble", str(ens_dir),
+                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    ray_procs: list = []
+    try:
+        deadline, up = time.time() + 120, False
+        while time.time() < deadline and proc.poll() is None and not up:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/healthz")
+                up = conn.getresponse().status == 200
+                conn.close()
+            except OSError:
+                time.sleep(1.0)
+        assert up, proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "server did not come up"
+        ray_procs = _descendants(proc.pid)
+        assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
+        proc.send_signal(sig)
+        assert proc.wait(90) == 0
+        deadline = time.time() + 30
+        alive = ray_procs
+        while alive and time.time() < deadline:
+            alive = [p for p in alive if _alive(p)]
+            time.sleep(0.5)
+        assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in ray_procs:  # whatever a failed run left behind
+            if _alive(p):
+                p.kill()
+        import shutil
+
+        shutil.rmtree(Path(tmp), ignore_errors=True)
