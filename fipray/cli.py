@@ -161,15 +161,33 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     s.add_argument("--max-inputs", type=int, default=256, help="largest batch one request may carry")
     s.add_argument("--gpus-per-shard", type=float, default=0.0, help="GPUs each shard asks for")
+    s.add_argument("--max-queued-requests", type=int, help="requests queued per caller before 503 + Retry-After "
+                                                               "(default 64)")
+    s.add_argument("--request-timeout-s", type=float, help="end-to-end request timeout, 504 after it (default 30)")
+    s.add_argument("--truncate-texts", action="store_true", help="cut texts over the model's length (default: 400)")
+    s.add_argument("--set", dest="serve_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other ServeArgs key, e.g. --set shard_autoscaling='{\"max_replicas\": 3}'")
+    s.add_argument("--metrics-port", type=int, help="expose Ray's Prometheus metrics (Serve's too) on this port")
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     from fipray.ray.serve import main_serve
 
-    serve_args = {"ensemble": str(args.ensemble), "shards": args.shards, "max_inputs": args.max_inputs,
-                  "gpus_per_shard": args.gpus_per_shard}
-    return main_serve(serve_args, host=args.host, port=args.port, address=args.address, smoke_test=args.smoke_test)
+    serve_args: dict[str, Any] = {"ensemble": str(args.ensemble), "shards": args.shards,
+                                  "max_inputs": args.max_inputs, "gpus_per_shard": args.gpus_per_shard}
+    for key in ("max_queued_requests", "request_timeout_s"):
+        if getattr(args, key) is not None:
+            serve_args[key] = getattr(args, key)
+    if args.truncate_texts:
+        serve_args["truncate_texts"] = True
+    for item in args.serve_set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        serve_args[key.strip()] = value
+    return main_serve(serve_args, host=args.host, port=args.port, address=args.address, smoke_test=args.smoke_test,
+                      metrics_port=args.metrics_port)
 
 
 def _add_attack_args(s: argparse.ArgumentParser) -> None:
