@@ -160,7 +160,7 @@ def _placement() -> dict:
     import socket
 
     ctx = ray.get_runtime_context()
-    return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(),
+    return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(), "started_at": time.time(),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
@@ -429,7 +429,7 @@ def _run(job: JobConfig, out: Path, storage: Storage, *, progress: bool, ray_sta
         "streamed_rows": len(snap["rows"]), "streamed_duplicates_dropped": snap["duplicates"],
         "streamed_rows_match_table": streamed,
         "paths": [{k: r[k] for k in ("path", "seed", "steps", "seconds", "resumed_from", "attempts", "world",
-                                     "records", "final") if k in r} for r in ordered],
+                                     "records", "final", "node", "gpu_ids", "device") if k in r} for r in ordered],
         "config_hash": cfg.run_id(),
     }
     atomic_write_json(out / "summary.json", summary)
