@@ -29,6 +29,7 @@ from fipray.config import (
 from fipray.operation import get_operation
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "file")  # what fipray.ray.storage opens (pyarrow.fs)
 
 
 @dataclass(frozen=True)
@@ -43,15 +44,24 @@ class RayConfig:
     backend: str = knob("worker", choices=("worker", "train"))
     num_paths: int = knob(1, ge=1)
     cpus_per_path: float = knob(1.0, gt=0)  # per DDP rank with backend: train
-    gpus_per_path: float = knob(0.0, ge=0)  # per DDP rank with backend: train; > 0 also sets use_gpu
+    # Per path (per DDP rank with backend: train; per trial in a sweep); fractional packs several on one
+    # GPU (0.25: four per GPU). > 0 also sets use_gpu; the device is the GPU Ray assigned, never cuda:0.
+    gpus_per_path: float = knob(0.0, ge=0)
     workers_per_path: int = knob(1, ge=1)  # DDP ranks of one path (backend: train only)
     max_failures: int = knob(3, ge=0)  # restarts of one path after its process dies
-    storage_path: str = ""  # "" : <out>/storage; any local/shared folder (Train also takes s3://, gs://)
+    # "" : <out>/storage (paths), <out> (sweeps). A folder every node sees, or a URI through pyarrow.fs:
+    # s3://bucket/prefix, gs://bucket/prefix, file:///folder; options in the query string, as in Ray Train
+    # (s3://b/p?endpoint_override=host:port&scheme=http). Checked (credentials, endpoint) before any work.
+    storage_path: str = ""
     report_every_s: float = knob(2.0, ge=0)  # paths push their record rows to the driver at most this often
 
     def check(self) -> None:
         if self.workers_per_path > 1 and self.backend != "train":
             raise ConfigError("config key 'ray.workers_per_path' > 1 needs ray.backend: train (DDP ranks)")
+        scheme = self.storage_path.split("://", 1)[0].lower() if "://" in self.storage_path else ""
+        if scheme and scheme not in STORAGE_SCHEMES:
+            raise ConfigError(f"config key 'ray.storage_path': scheme {scheme!r} is not one of "
+                              f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} (or a folder)")
 
 
 @dataclass(frozen=True)

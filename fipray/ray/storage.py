@@ -37,8 +37,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from fipray._io import atomic_write, atomic_write_json
 from fipray.config import ConfigError
+from fipray.job import STORAGE_SCHEMES as SCHEMES
 
-SCHEMES = ("s3", "gs", "gcs", "file")
 CHECK_TIMEOUT_S = 30.0  # a storage probe that has not answered by then fails the run (unreachable endpoint)
 
 

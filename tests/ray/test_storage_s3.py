@@ -88,13 +88,12 @@ def test_bad_storage_fails_before_any_work(s3, tmp_path, monkeypatch):
     from fipray.ray.paths import run_paths
 
     def attempt(uri: str, name: str) -> str:
-        job = job_from_dict(_config(), {"ray.storage_path": uri})
-        with pytest.raises(ConfigError) as e:
-            run_paths(job, tmp_path / name, progress=False)
+        with pytest.raises(ConfigError) as e:  # at config load (scheme) or before Ray starts (the rest)
+            run_paths(job_from_dict(_config(), {"ray.storage_path": uri}), tmp_path / name, progress=False)
         assert not (tmp_path / name / "storage").exists()
         return str(e.value)
 
-    assert "scheme 'hdfs2'" in attempt("hdfs2://x/y", "a")
+    assert "scheme 'hdfs2' is not one of" in attempt("hdfs2://x/y", "a")
     assert "names no bucket" in attempt("s3://?endpoint_override=" + s3["endpoint"], "b")
     assert "bucket does not exist" in attempt(s3["uri"]("run", bucket="no-such-bucket"), "c")
     t0 = time.monotonic()
