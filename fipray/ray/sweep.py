@@ -18,6 +18,12 @@ Outputs in `out`: `trials.parquet` (one row per trial: searched values, metric, 
 status), `best_config.yaml` (a plain config `fipray continual|sparsify|ensemble|paths` accepts),
 `metric_vs_<field>.png`, `summary.json` and Tune's own experiment folder `tune/` (what `Tuner.restore`
 resumes from when the same command runs again after the driver was killed).
+
+With `ray.storage_path` set (a folder every node sees, or a `s3://`, `gs://`, `file://` URI; see
+`fipray.ray.storage`), Tune's experiment lives at `<storage>/tune/<sweep.name>` (resumed from there, on any
+machine), TorchTrainer trials at `<storage>/train/`, and on an object store the outputs above are also
+put under `<storage>/results/`. Fractional `ray.gpus_per_path` packs several trials on one GPU; a trial's
+`device` is the GPU Ray assigned to it (`fipray.ray.paths.worker_device`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from fipray.config import Config, ConfigError, from_dict, save_config
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
 from fipray.ray._local import init_local
-from fipray.ray.paths import joined_cluster, quiet_ray
+from fipray.ray.paths import joined_cluster, quiet_ray, worker_device
+from fipray.ray.storage import Storage, check_storage, open_storage
 from fipray.runtime import prepare_out
 from fipray.units import run_trial, trial_iterations
 
@@ -61,7 +68,12 @@ def _plain(v: Any) -> Any:
 
 
 def trial_config(cfg_dict: dict, params: dict) -> Config:
-    return from_dict(cfg_dict).replace(**{k: _plain(v) for k, v in params.items()})
+    """The trial's config; a CUDA device becomes the GPU Ray assigned to this trial's process."""
+    import os
+
+    cfg = from_dict(cfg_dict).replace(**{k: _plain(v) for k, v in params.items()})
+    device = worker_device(cfg.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return cfg if device == cfg.device else cfg.replace(device=device)
 
 
 def _function_trainable(params: dict, cfg_dict: dict, options: dict) -> None:
@@ -75,18 +87,20 @@ def _trial_loop(config: dict) -> None:
 
 
 def _train_trainable(params: dict, cfg_dict: dict, options: dict, storage: str, cpus: float, gpus: float) -> None:
+    """A trial as a one-worker TorchTrainer; `storage` is the URI or folder its Train run is kept in."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    st = open_storage(storage)
     trainer = TorchTrainer(
         _trial_loop,
         train_loop_config={"cfg": cfg_dict, "params": params, "options": options},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         # A stable name per trial, so a restarted trial finds its own Train run.
-        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=storage,
+        run_config=RunConfig(name=f"trial-{trial_id}", storage_path=st.path(), storage_filesystem=st.fs,
                              callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
     trainer.fit()
@@ -169,7 +183,9 @@ def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address
                           "(DDP) is for `fipray paths` with ray.backend: train")
     get_operation(cfg.operation).check_sweep(cfg)
     out = Path(out).resolve()
+    storage = open_storage(rc.storage_path or out, "ray.storage_path")  # a bad URI fails here
     prepare_out(cfg, out)
+    check_storage(storage)  # no credentials, unreachable endpoint, no bucket: before any work
     atomic_write_text(out / "job.yaml", __import__("yaml").safe_dump(job.to_dict(), sort_keys=False))
     t0 = time.perf_counter()
     started = not ray.is_initialized()
@@ -179,13 +195,13 @@ def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address
     ray_start = time.perf_counter() - t0
     try:
         concurrent = check_sweep_resources(job, strict=not joined_cluster(address))
-        return _sweep(job, out, metric, concurrent, progress=progress, t0=t0, ray_start=ray_start)
+        return _sweep(job, out, storage, metric, concurrent, progress=progress, t0=t0, ray_start=ray_start)
     finally:
         if started:
             ray.shutdown()
 
 
-def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress: bool, t0: float,
+def _sweep(job: JobConfig, out: Path, st: Storage, metric: str, concurrent: int, *, progress: bool, t0: float,
            ray_start: float) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -194,7 +210,6 @@ def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress:
     cfg_dict = cfg.to_dict()
     options = sc.options()
     max_t = trial_iterations(cfg)
-    storage = out / "tune"
     if sc.trainable == "function":
         trainable = tune.with_resources(
             tune.with_parameters(_function_trainable, cfg_dict=cfg_dict, options=options),
@@ -202,7 +217,7 @@ def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress:
     else:
         trainable = tune.with_resources(
             tune.with_parameters(_train_trainable, cfg_dict=cfg_dict, options=options,
-                                 storage=str(out / "train"), cpus=rc.cpus_per_path, gpus=rc.gpus_per_path),
+                                 storage=st.child("train").uri, cpus=rc.cpus_per_path, gpus=rc.gpus_per_path),
             {"cpu": TRAIN_DRIVER_CPU})
     grid = any(next(iter(s)) == "grid" for s in sc.search.values())
     total = sc.num_samples * math.prod(len(next(iter(s.values()))) for s in sc.search.values()
@@ -210,10 +225,12 @@ def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress:
     points = [] if grid or not sc.include_base_config else [
         {k: _get(cfg_dict, k) for k in sc.search}]
     cb = _Progress(total, metric, sc.mode, max_t, progress)
-    run_config = tune.RunConfig(name=sc.name, storage_path=str(storage), verbose=0, callbacks=[cb])
-    exp = storage / sc.name
-    if tune.Tuner.can_restore(str(exp)):
-        tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, restart_errored=True)
+    run_config = tune.RunConfig(name=sc.name, storage_path=st.path("tune"), storage_filesystem=st.fs, verbose=0,
+                                callbacks=[cb])
+    exp = st.path(f"tune/{sc.name}")
+    if tune.Tuner.can_restore(exp, storage_filesystem=st.fs):
+        tuner = tune.Tuner.restore(exp, trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=st.fs)
         resumed = True
     else:
         tuner = tune.Tuner(
@@ -230,7 +247,12 @@ def _sweep(job: JobConfig, out: Path, metric: str, concurrent: int, *, progress:
         grid_result = tuner.fit()
     finally:
         cb.close()
-    return _write(job, out, metric, grid_result, max_t, time.perf_counter() - t0, ray_start, resumed, concurrent)
+    summary = _write(job, out, metric, grid_result, max_t, time.perf_counter() - t0, ray_start, resumed, concurrent)
+    if st.local is None:  # a cluster without a shared filesystem: the results where every machine reads them
+        for f in sorted(out.iterdir()):
+            if f.is_file():
+                st.upload_file(f, f"results/{f.name}")
+    return summary
 
 
 def _get(d: dict, key: str) -> Any:
