@@ -98,21 +98,68 @@ def _pm(m: float, s: float) -> str:
     return f"{m:.4f} ± {s:.4f}"
 
 
+def plot_weight_pca(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
+    """Every method's path in the plane of the top two principal components of all their weights."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    for m in methods:
+        pts = sorted((r["k"], r["pc1"], r["pc2"]) for r in rows if r["method"] == m)
+        if not pts:
+            continue
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=".", ms=3, lw=1.2, label=m)
+        ax.plot(pts[-1][1], pts[-1][2], "o", ms=5, color=ax.lines[-1].get_color())
+    first = next(r for r in rows if r["k"] == 0)
+    ax.plot(first["pc1"], first["pc2"], "k*", ms=10, label="start (after task 0)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def continual_report(summary: dict, cfg: Any) -> str:
     setting = summary["setting"]
     other = "task" if setting == "class" else "class"
-    out = [f"# Continual learning: {cfg.data.name}, {summary['num_tasks']} tasks, model {cfg.model.name}",
+    methods = summary["methods"]
+    tasks = summary.get("tasks") or []
+    head_text = {"shared": "one head over one label space", "multi": "one head per task",
+                 "grow": "one head, output nodes appended per task"}.get(summary.get("head", "shared"), "")
+    stream_text = {"split": "class-incremental splits of one dataset", "class": "class-incremental splits of one "
+                   "dataset", "datasets": "a sequence of datasets with their own label spaces",
+                   "domain": "domain-incremental (same classes, one input transform per task)"}
+    out = [f"# Continual learning: {summary['num_tasks']} tasks, model {cfg.model.name}",
            "",
-           f"Memory: {summary['memory_per_task']} examples per earlier task (FIP and ER alike); "
+           f"Stream: {stream_text.get(summary.get('stream', 'class'), summary.get('stream'))}"
+           f"{' — ' + '; '.join(f'task {i}: {t}' for i, t in enumerate(tasks)) if tasks else ''}. "
+           f"Head: {summary.get('head', 'shared')} ({head_text}). Task 0: "
+           f"{'trained' if summary.get('base', 'train') == 'train' else 'the network as it is (no training)'}.",
+           "",
+           f"Memory: {summary['memory_per_task']} examples per earlier task (FIP, ER and DER++ alike; LwF, LoRA "
+           f"and naive use none; joint sees all data); "
            f"output distance: {summary['distance']}; seeds: {summary['seeds']} (mean ± std).", ""]
     for s, key in ((setting, None), (other, f"{other}_incremental")):
         rows = []
-        for m, v in summary["methods"].items():
+        for m, v in methods.items():
             d = v if key is None else v[key]
             rows.append([m, _pm(d["acc_mean"], d["acc_std"]), _pm(d["bwt_mean"], d.get("bwt_std", 0.0)),
                          d["forgetting_mean"], d["fwt_mean"], round(v["seconds"], 1)])
         out += [f"## {s}-incremental", "",
                 md_table(["method", "ACC", "BWT", "forgetting", "FWT", "seconds/seed"], rows), ""]
-    out += ["Plots: `path_accuracy.png` (FIP, first seed), `accuracy_matrix.png`. Tables: `results.parquet`, "
-            "`accuracy_matrix.parquet` (i = −1 is the random-init row), `path.parquet`.", ""]
+    if any("final_task_accuracy" in v for v in methods.values()):
+        T = summary["num_tasks"]
+        out += ["## After the last task, per task (task-incremental accuracy, mean over seeds)", "",
+                md_table(["method", *[f"task {j}" for j in range(T)]],
+                         [[m, *v["final_task_accuracy"]] for m, v in methods.items()]), ""]
+    if any(v.get("weight_change") for v in methods.values()):
+        layers = list(dict.fromkeys(k for v in methods.values() for k in v.get("weight_change", {}) if k != "all"))
+        out += ["## Weight change from the network after task 0 (‖ΔW‖F / ‖W0‖F per layer; path length in "
+                "weight space; mean output drift on held-out inputs)", "",
+                md_table(["method", "all", *layers, "path length", "straight distance", "held-out drift"],
+                         [[m, v["weight_change"].get("all", float("nan")),
+                           *[v["weight_change"].get(k, float("nan")) for k in layers],
+                           v["path"].get("fip_length", float("nan")), v["path"].get("straight_distance", float("nan")),
+                           v["path"].get("heldout_distance_mean", float("nan"))] for m, v in methods.items()]), ""]
+    out += ["Plots: `path_accuracy.png` (FIP, first seed), `accuracy_matrix.png`, `weight_pca.png` (every method's "
+            "path, first seed). Tables: `results.parquet`, `accuracy_matrix.parquet` (i = −1 is the random-init "
+            "row), `path.parquet`, `weight_change.parquet`, `pca.parquet`.", ""]
     return "\n".join(out)

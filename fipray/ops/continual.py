@@ -1,37 +1,47 @@
 """The `continual` operation: continual learning along a FIP (paper Algorithm 1) vs its baselines.
 
-Task 0 trains the base network. Each later task i is one FIP phase from the network after task
-i−1 (the anchor): its secondary objective is the new task's cross-entropy, and invariance is
-measured on a replay memory of `memory_per_task` examples of every earlier task. One output
-head covers all classes (class-incremental); labels are never remapped.
+A run learns a *task stream* (`fipray.data.streams`): class-incremental splits of one dataset (the
+default), a sequence of datasets with their own label spaces, or one dataset under a per-task input
+transform (domain-incremental). Task 0 is the base network: trained on it (from scratch, or fine-tuned
+from pretrained weights), or taken as it is (`continual.base: as_is`, e.g. with `base_weights`). Each
+later task i is one FIP phase from the network after task i−1 (the anchor): its secondary objective is
+the new task's cross-entropy, and invariance is measured on a replay memory of `memory_per_task`
+examples of every earlier task. The output head (`continual.head`, `fipray.heads`) is one head over one
+label space (`shared`, labels never remapped), one head per task (`multi`) or a head that grows as tasks
+bring classes (`grow`).
 
 Protocol (shared/PROTOCOLS.md): the full accuracy matrix R per method and seed in both the
 class-incremental and the task-incremental setting; ACC, BWT, forgetting and FWT from R; the
-same replay memory size for FIP and ER (`fipray.baselines.continual`), stated in every table
-with the output distance.
+same replay memory for FIP, ER and DER++ (`fipray.baselines.continual`), stated in every table
+with the output distance; per-layer ‖ΔW‖F/‖W0‖F, every method's path length and a weight-space PCA of
+all methods' paths (the paper's Fig. 3e).
 """
 
 from __future__ import annotations
 
+import re
 import time
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from fipray import report
 from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
 from fipray.data.stream import Examples, TensorExamples
+from fipray.data.streams import MappedDataset, TaskStream
 from fipray.eval.continual import cl_metrics, task_accuracy
+from fipray.heads import LAYOUTS, Head
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
-from fipray.phases import cross_entropy_secondary, fip_phase
-from fipray.runtime import RunContext, clone, mean_std, path_summary, tensors, train_base, write_outputs
+from fipray.phases import fip_phase, supervised_phase
+from fipray.runtime import RunContext, clone, mean_std, path_summary, tensors, write_outputs
 
 
 def _baselines() -> list[str]:
@@ -41,26 +51,80 @@ def _baselines() -> list[str]:
 
 
 @dataclass(frozen=True)
-class ContinualConfig:
-    """Split-task continual learning (paper Algorithm 1)."""
+class LoraOptions:
+    """The LoRA baseline (peft): one method per rank (`lora_r8`, ...); adapters merged after each task."""
 
-    num_tasks: int = knob(5, gt=0)
+    ranks: tuple[int, ...] = knob((8,), gt=0, nonempty=True)
+    alpha: float = knob(0.0, ge=0)  # LoRA's alpha; 0: 2 x rank
+    dropout: float = knob(0.0, ge=0, lt=1)
+    # peft target_modules: module-name suffixes; (): query/value projections of a transformer, every
+    # Linear layer but the output head otherwise. The head always trains (peft modules_to_save).
+    targets: tuple[str, ...] = knob(())
+    lr: float = knob(0.0, ge=0)  # 0: path.lr
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    """Continual learning on a task stream (paper Algorithm 1)."""
+
+    stream: str = knob("split", choices=("split", "datasets", "domain"))
+    head: str = knob("shared", choices=LAYOUTS)
+    num_tasks: int = knob(5, gt=0)  # split and domain streams; a datasets stream has one task per entry of `tasks`
     classes_per_task: int = knob(0, ge=0)  # 0: num_classes // num_tasks
+    tasks: tuple[dict, ...] = knob(())  # datasets stream: [{name, kwargs}] per task, as the `data` section
+    domain: str = knob("permute", choices=("permute", "rotate"))  # domain stream: the per-task transform
+    domain_seed: int = knob(0, ge=0)
+    rotate_degrees: float = knob(15.0)
     memory_per_task: int = knob(20, gt=0)
     setting: str = knob("class", choices=("class", "task"))  # the setting summary.json headlines; both computed
+    base: str = knob("train", choices=("train", "as_is"))  # task 0: train on it, or take the network as it is
+    base_weights: str = ""  # a state dict (.safetensors/.pt) loaded into the network before task 0
     baselines: tuple[str, ...] = knob(("naive", "er", "ewc"), choices=_baselines)
     ewc_lambda: float = knob(100.0, ge=0)
     ewc_samples: int = knob(200, gt=0)
+    lwf_lambda: float = knob(1.0, ge=0)
+    lwf_temperature: float = knob(2.0, gt=0)
+    der_alpha: float = knob(0.3, ge=0)  # DER++: weight of the logit-matching term
+    der_beta: float = knob(0.5, ge=0)  # DER++: weight of the replayed labels' cross-entropy
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    pca_coordinates: int = knob(100_000, gt=0)  # weight-space PCA: a seeded subset of this many coordinates
+
+    def check(self, cfg: Config) -> None:
+        if cfg.operation != "continual":
+            return
+        if self.stream == "datasets":
+            if not self.tasks:
+                raise ConfigError("config key 'continual.tasks': a datasets stream needs one entry per task "
+                                  "({name, kwargs}, like the data section)")
+            for i, t in enumerate(self.tasks):
+                bad = sorted(set(t) - {"name", "kwargs"})
+                if "name" not in t or bad:
+                    raise ConfigError(f"config key 'continual.tasks[{i}]': give name and optional kwargs"
+                                      f"{', not ' + ', '.join(bad) if bad else ''}")
+            if self.head == "shared":
+                raise ConfigError("config key 'continual.head': 'shared' needs one label space; the tasks of a "
+                                  "datasets stream have their own, use 'multi' or 'grow'")
+        elif self.tasks:
+            raise ConfigError(f"config key 'continual.tasks' lists datasets, but continual.stream is "
+                              f"{self.stream!r} (set stream: datasets)")
+        if self.stream == "split" and self.head == "multi" and self.setting == "class":
+            pass  # allowed: class-incremental evaluation reads every seen head
+
+
+def num_tasks(cfg: Config) -> int:
+    cc = cfg.continual
+    return len(cc.tasks) if cc.stream == "datasets" else cc.num_tasks
 
 
 @dataclass(frozen=True)
 class TaskTensors:
-    """One task of a split dataset, materialised on the run's device.
+    """One task of a stream, materialised on the run's device.
 
-    x_* are (N, *input_shape), y_* are (N,) global class labels; mem_* is the replay memory (taken
-    from the training examples at `mem_idx`). With streamed data (`data.stream`) the training split is
-    `train` (Examples loaded as needed) and x_train, y_train are None; the test split and the memory
-    stay in memory.
+    x_* are (N, *input_shape), y_* are (N,) output columns (labels mapped by the head; a shared head keeps
+    labels as they are); mem_* is the replay memory (taken from the training examples at `mem_idx`).
+    With streamed data (`data.stream`) the training split is `train` (Examples loaded as needed) and
+    x_train, y_train are None; the test split and the memory stay in memory. `classes` are the task's
+    output columns; `head` is the stream's head layout.
     """
 
     index: int
@@ -73,6 +137,9 @@ class TaskTensors:
     y_mem: Tensor
     train: Examples | None = None
     mem_idx: Tensor | None = None
+    head: Head | None = None
+    name: str = ""
+    dataset: Dataset | None = None  # streamed: the task's training set as the network sees it
 
     @property
     def train_data(self) -> Examples:
@@ -84,6 +151,15 @@ class TaskTensors:
 
     def __len__(self) -> int:
         return len(self.train_data)
+
+
+def head_of(tasks: list[TaskTensors]) -> Head:
+    """The head of a stream's tasks (a shared head over their classes when none was recorded)."""
+    h = tasks[0].head
+    if h is not None:
+        return h
+    width = 1 + max(c for t in tasks for c in t.classes)
+    return Head("shared", tuple(t.classes for t in tasks), width)
 
 
 def seen_classes(tasks: list[TaskTensors], upto: int) -> list[int]:
@@ -116,12 +192,22 @@ def memory_upto(tasks: list[TaskTensors], i: int) -> tuple[Tensor, Tensor]:
 
 def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """FIP phases for tasks 1..T−1 (the path starts at the network trained on task 0)."""
+    head = head_of(tasks)
+    from fipray.core.distances import get_distance
+
+    dist = get_distance(cfg.path.distance)
     phases = []
     for i in range(1, len(tasks)):
         x_mem, _ = memory_upto(tasks, i)
+
+        def secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None, y: Tensor | None,
+                      state: PhaseState, i: int = i) -> Tensor:
+            assert logits is not None and y is not None
+            return head.cross_entropy(logits, y, i)
+
         phases.append(fip_phase(
-            f"task{i}", cfg.path, seed, memory=x_mem, secondary=cross_entropy_secondary,
-            new_data=tasks[i].train_data,
+            f"task{i}", cfg.path, seed, memory=x_mem, secondary=secondary,
+            new_data=tasks[i].train_data, distance=head.invariance(dist, i),
             finish=row_finish(tasks, i),
         ))
     return phases
@@ -129,7 +215,7 @@ def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> li
 
 def accuracy_along_path(tasks: list[TaskTensors]):
     """Record-row metrics: class-incremental accuracy on every task's test set (over all classes)."""
-    every = [c for t in tasks for c in t.classes]
+    every = sorted({c for t in tasks for c in t.classes})
 
     def evaluate(model: nn.Module) -> dict:
         return {f"acc_task{j}": task_accuracy(model, t.x_test, t.y_test, every) for j, t in enumerate(tasks)}
@@ -149,56 +235,132 @@ def stratified_indices(y: Tensor, n: int, seed: int) -> Tensor:
     return torch.cat(out).to(y.device)
 
 
-def build_tasks(cfg: Config, bundle: Any, device: torch.device, seed: int) -> list[TaskTensors]:
-    """The class-incremental split of `bundle` into `continual.num_tasks` tasks, with replay memories."""
-    from fipray.data import split_tasks
+def stream_from_config(cfg: Config, bundle: Any = None) -> TaskStream:
+    """The task stream `cfg.continual` describes (`bundle`: the data of a split or domain stream; None
+    loads `cfg.data`)."""
+    from fipray.data import streams
+    from fipray.runtime import load_bundle
 
     cc = cfg.continual
+    if cc.stream == "datasets":
+        from fipray.data import get_data
+
+        bundles = []
+        for i, t in enumerate(cc.tasks):
+            try:
+                bundles.append(get_data(t["name"], **dict(t.get("kwargs") or {})))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ConfigError(f"config key 'continual.tasks[{i}]': {e.args[0] if e.args else e}") from None
+        try:
+            return streams.datasets_stream(bundles)
+        except ValueError as e:
+            raise ConfigError(f"config key 'continual.tasks': {e}") from None
+    bundle = bundle if bundle is not None else load_bundle(cfg)
+    if cc.stream == "domain":
+        tfs = (streams.permutations(cc.num_tasks, bundle.input_shape, cc.domain_seed) if cc.domain == "permute"
+               else streams.rotations(cc.num_tasks, cc.rotate_degrees))
+        names = [f"{cc.domain} {i}" if i else "original" for i in range(cc.num_tasks)]
+        return streams.domain_stream(bundle, tfs, names)
     try:
-        split = split_tasks(bundle, cc.num_tasks, classes_per_task=cc.classes_per_task or None)
+        return streams.class_split(bundle, cc.num_tasks, classes_per_task=cc.classes_per_task or None)
     except ValueError as e:
         raise ConfigError(f"config section 'continual': {e}") from None
+
+
+def make_head(layout: str, stream: TaskStream) -> tuple[Head, list[dict[int, int]]]:
+    try:
+        return Head.build(layout, [t.classes for t in stream.tasks], stream.shared_labels, stream.num_labels)
+    except ValueError as e:
+        raise ConfigError(f"config key 'continual.head': {e}") from None
+
+
+def _relabel(y: Tensor, column: dict[int, int]) -> Tensor:
+    lookup = torch.full((max(column) + 1,), -1, dtype=torch.long, device=y.device)
+    lookup[torch.tensor(list(column), device=y.device)] = torch.tensor(list(column.values()), device=y.device)
+    out = lookup[y]
+    if (out < 0).any():
+        raise ValueError(f"labels {sorted(set(y[out < 0].tolist()))[:10]} are not among the task's classes")
+    return out
+
+
+def _transformed(x: Tensor, tf: Callable[[Tensor], Tensor] | None) -> Tensor:
+    if tf is None:
+        return x
+    return torch.cat([tf(x[i:i + 512]) for i in range(0, len(x), 512)])
+
+
+def build_tasks(cfg: Config, bundle: Any, device: torch.device, seed: int, *, stream: TaskStream | None = None,
+                head: Head | None = None, columns: list[dict[int, int]] | None = None) -> list[TaskTensors]:
+    """The tasks of a stream (default: the one `cfg.continual` describes over `bundle`) with their replay
+    memories, labels mapped to the head's output columns."""
+    cc = cfg.continual
+    if stream is None:
+        stream = stream_from_config(cfg, bundle)
+    if head is None or columns is None:
+        head, columns = make_head(cc.head, stream)
     tasks = []
-    for t in split:
+    for i, t in enumerate(stream.tasks):
         train: Examples
+        dataset = None
         if cfg.data.stream:
             from fipray.data import dataset_labels
             from fipray.data.stream import StreamedExamples, build_transform
 
-            train = StreamedExamples(t.train, device, workers=cfg.data.workers,
+            dataset = MappedDataset(t.train, columns[i], t.transform)
+            train = StreamedExamples(dataset, device, workers=cfg.data.workers,
                                      train_transform=build_transform(cfg.data.train_transforms),
                                      eval_transform=build_transform(cfg.data.eval_transforms))
-            ytr = dataset_labels(t.train).to(device)
+            ytr = _relabel(dataset_labels(t.train).to(device), columns[i])
         else:
-            train = TensorExamples(*tensors(t.train, device))
-            ytr = train.y
+            xtr, ytr = tensors(t.train, device)
+            ytr = _relabel(ytr, columns[i])
+            train = TensorExamples(_transformed(xtr, t.transform), ytr)
         xte, yte = tensors(t.test, device)
+        xte, yte = _transformed(xte, t.transform), _relabel(yte, columns[i])
         if cc.memory_per_task > len(ytr):
             raise ConfigError(f"config key 'continual.memory_per_task': {cc.memory_per_task} "
-                              f"exceeds the {len(ytr)} training examples of task {t.index}")
-        mem = stratified_indices(ytr, cc.memory_per_task, mix_seed(seed, 5, t.index))
+                              f"exceeds the {len(ytr)} training examples of task {i}")
+        mem = stratified_indices(ytr, cc.memory_per_task, mix_seed(seed, 5, i))
         x_mem, y_mem = train.take(mem)  # the replay memory: training examples by index
-        classes = tuple(int(c) for c in t.classes)
+        common: dict[str, Any] = dict(mem_idx=mem, head=head, name=t.name, dataset=dataset)
         if isinstance(train, TensorExamples):
-            tasks.append(TaskTensors(t.index, classes, train.x, train.y, xte, yte, x_mem, y_mem, None, mem))
+            tasks.append(TaskTensors(i, head.blocks[i], train.x, train.y, xte, yte, x_mem, y_mem, None, **common))
         else:
-            tasks.append(TaskTensors(t.index, classes, None, None, xte, yte, x_mem, y_mem, train, mem))
+            tasks.append(TaskTensors(i, head.blocks[i], None, None, xte, yte, x_mem, y_mem, train, **common))
     return tasks
+
+
+def _stream(ctx: RunContext) -> tuple[TaskStream, Head, list[dict[int, int]]]:
+    return ctx._cache["stream"]
 
 
 def _tasks(ctx: RunContext, seed: int) -> list[TaskTensors]:
     key = ("tasks", seed)
     if key not in ctx._cache:
-        ctx._cache[key] = build_tasks(ctx.cfg, ctx.bundle, ctx.device, seed)
+        stream, head, columns = _stream(ctx)
+        ctx._cache[key] = build_tasks(ctx.cfg, ctx.bundle, ctx.device, seed, stream=stream, head=head,
+                                      columns=columns)
     return ctx._cache[key]
 
 
-def _method_phases(method: str) -> Any:
+def methods_of(cfg: Config) -> list[str]:
+    """FIP, then the baselines; `lora` is one method per rank (`lora_r8`, ...)."""
+    out = ["fip"]
+    for b in cfg.continual.baselines:
+        out += [f"lora_r{r}" for r in cfg.continual.lora.ranks] if b == "lora" else [b]
+    return out
+
+
+def method_phases(method: str, tasks: list[TaskTensors], cfg: Config, seed: int) -> tuple[list[Phase], dict]:
+    """A method's phases for tasks 1..T−1 and extra `run_path` arguments (e.g. LoRA's weights view)."""
     if method == "fip":
-        return fip_continual_phases
+        return fip_continual_phases(tasks, cfg, seed), {}
     from fipray.baselines.continual import CONTINUAL_BASELINES
 
-    return CONTINUAL_BASELINES.get(method)
+    m = re.fullmatch(r"lora_r(\d+)", method)
+    got = (CONTINUAL_BASELINES.get("lora")(tasks, cfg, seed, rank=int(m.group(1))) if m
+           else CONTINUAL_BASELINES.get(method)(tasks, cfg, seed))
+    return got if isinstance(got, tuple) else (got, {})
 
 
 def _random_rows(base: nn.Module, tasks: list[TaskTensors]) -> dict[str, list[float]]:
@@ -210,7 +372,7 @@ def _random_rows(base: nn.Module, tasks: list[TaskTensors]) -> dict[str, list[fl
 def _method_rows(method: str, seed: int, R_rows: dict, rand: dict, cfg: Config, seconds: float) -> tuple[list, list]:
     """Result rows (CL metrics) and accuracy-matrix rows of one method and seed, both settings."""
     results, matrices = [], []
-    T = cfg.continual.num_tasks
+    T = len(R_rows)
     for setting in ("class", "task"):
         R = np.array([R_rows[i][setting] for i in range(T)])
         m = cl_metrics(R, np.array(rand[setting]))
@@ -224,9 +386,92 @@ def _method_rows(method: str, seed: int, R_rows: dict, rand: dict, cfg: Config, 
     return results, matrices
 
 
+# Weight-change analysis (the paper's Fig. 3e) ----------------------------------------------------------
+def layer_of(name: str) -> str:
+    """A parameter's layer for the per-layer table: its module path cut after the first numeric index
+    (a transformer block `...encoder.layer.3`, an MLP's `3`), else its module path."""
+    parts = name.split(".")[:-1] or [name]
+    for k, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: k + 1])
+    return ".".join(parts)
+
+
+def weight_change(w0: dict[str, Tensor], model: nn.Module) -> dict[str, float]:
+    """Per layer ‖ΔW‖F / ‖W0‖F between the start of the continual phases (w0) and `model`, plus 'all'."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if name not in w0:
+            continue
+        layer = layer_of(name)
+        d = (p.detach().float() - w0[name].float()).pow(2).sum().item()
+        n = w0[name].float().pow(2).sum().item()
+        for key in (layer, "all"):
+            num[key] = num.get(key, 0.0) + d
+            den[key] = den.get(key, 0.0) + n
+    return {k: float(np.sqrt(num[k] / den[k])) if den[k] > 0 else float("nan") for k in num}
+
+
+class _Snapshots:
+    """Weights along a method's path at every record, on a seeded subset of coordinates (for the PCA)."""
+
+    def __init__(self, n: int, keep: int, weights: Callable[[nn.Module], Tensor] | None):
+        from fipray.path import _flat
+
+        self.flat = weights if weights is not None else _flat
+        g = torch.Generator().manual_seed(0)
+        self.idx = torch.randperm(n, generator=g)[:keep].sort().values if n > keep else None
+        self.rows: list[np.ndarray] = []
+
+    def take(self, model: nn.Module) -> np.ndarray:
+        w = self.flat(model).detach().float().cpu()
+        return (w if self.idx is None else w[self.idx]).numpy()
+
+    def __call__(self, model: nn.Module) -> dict:
+        self.rows.append(self.take(model))
+        return {}
+
+
+def _pca(paths: dict[str, list[np.ndarray]], start: np.ndarray) -> dict[str, np.ndarray]:
+    """Every method's path (start -> its snapshots) in the plane of the top two principal components of
+    all snapshots (centred at their mean, the common start included)."""
+    names = list(paths)
+    X = np.stack([start] + [r for m in names for r in paths[m]]).astype(np.float64)
+    mean = X.mean(0)
+    _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
+    comps = vt[:2]
+    out, k = {}, 1
+    s = (start - mean) @ comps.T
+    for m in names:
+        n = len(paths[m])
+        out[m] = np.vstack([s, (X[k:k + n] - mean) @ comps.T])
+        k += n
+    return out
+
+
+def _load_weights(model: nn.Module, file: str) -> None:
+    from pathlib import Path
+
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key 'continual.base_weights': {file!r} is not a file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(f"config key 'continual.base_weights': {file!r} does not fit the model: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 @register_operation
 class Continual(Operation):
-    """FIP continual learning vs naive fine-tuning, experience replay and EWC, over seeds."""
+    """FIP continual learning vs its baselines (naive, ER, EWC, LwF, DER++, LoRA, joint), over seeds."""
 
     name = "continual"
     help = "run the continual experiment (FIP vs its baselines over seeds)"
@@ -235,49 +480,103 @@ class Continual(Operation):
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "path.record_every=10", "path.checkpoint_every=20")
     supports_paths = True
 
+    def context(self, cfg: Config, *, bundle: Any = None, tasks: Any = None, **kwargs: Any) -> RunContext:
+        """The stream (the caller's `tasks`, else the config's), its head, and a model spec as wide as
+        the head."""
+        from fipray.data import DataBundle
+
+        if tasks is not None and not isinstance(tasks, TaskStream):
+            raise ConfigError(f"tasks= must be a fipray.data.streams.TaskStream (class_split, datasets_stream, "
+                              f"domain_stream), got {type(tasks).__name__}")
+        if cfg.operation == "continual":
+            stream = tasks if tasks is not None else stream_from_config(cfg, bundle)
+        else:  # another operation (compose) reuses the continual section: a split of its data
+            stream = stream_from_config(cfg, bundle)
+        head, columns = make_head(cfg.continual.head, stream)
+        first = stream.tasks[0]
+        if bundle is None or tasks is not None:
+            bundle = DataBundle(first.train, first.test, stream.num_labels, stream.input_shape, stream.name)
+        ctx = RunContext.create(cfg, bundle=bundle, **kwargs)
+        ctx.spec["num_classes"] = head.num_outputs
+        ctx._cache["stream"] = (stream, head, columns)
+        return ctx
+
+    def prepare_base(self, ctx: RunContext, model: nn.Module, tasks: list[TaskTensors], seed: int) -> None:
+        """Task 0: the base network trained on it (from `base_weights` when given), or taken as it is."""
+        cc = ctx.cfg.continual
+        if cc.base_weights:
+            _load_weights(model, cc.base_weights)
+        if cc.base == "train":
+            head = head_of(tasks)
+            run_path(model, [supervised_phase("base", tasks[0].train_data, None, ctx.cfg.train, seed,
+                                              loss=head.loss(0))],
+                     record_every=max(ctx.cfg.train.steps, 1), checkpoint_every=10**9, progress=ctx.bar)
+
     # The experiment -------------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
-        methods = ["fip", *cfg.continual.baselines]
-        total = len(cfg.seeds) * (cfg.train.steps + len(methods) * (cfg.continual.num_tasks - 1) * cfg.path.steps)
-        rows = collect_seeds(ctx, total, self.name, ("results", "accuracy_matrix", "path", "geometry"),
+        methods = methods_of(cfg)
+        T = len(_stream(ctx)[0])
+        total = len(cfg.seeds) * (cfg.train.steps + len(methods) * (T - 1) * cfg.path.steps)
+        rows = collect_seeds(ctx, total, self.name,
+                             ("results", "accuracy_matrix", "path", "geometry", "weight_change", "pca"),
                              lambda seed: self.run_seed(ctx, seed, methods))
-        summary = self.aggregate(cfg, methods, rows)
+        summary = self.aggregate(ctx, methods, rows)
         self.report(ctx, summary, methods, rows)
         return summary
 
     def run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         """Base network on task 0, then every method's phases for tasks 1..T−1 from it."""
         cfg = ctx.cfg
-        tasks = build_tasks(cfg, ctx.bundle, ctx.device, seed)
+        tasks = _tasks(ctx, seed)
         base = ctx.model(seed)
         rand = _random_rows(base, tasks)
         t0 = time.perf_counter()
-        train_base(base, tasks[0].train_data, None, cfg, seed, progress=ctx.bar)
+        self.prepare_base(ctx, base, tasks, seed)
         base_seconds = time.perf_counter() - t0
         row0 = evaluate_row(base, tasks, 0)
+        w0 = {k: v.detach().clone() for k, v in base.named_parameters()}
+        n_params = sum(v.numel() for v in w0.values())
         heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
-        out: dict[str, list] = {"results": [], "accuracy_matrix": [], "path": [], "geometry": []}
+        out: dict[str, list] = {k: [] for k in ("results", "accuracy_matrix", "path", "geometry", "weight_change",
+                                                "pca")}
+        snaps: dict[str, list[np.ndarray]] = {}
+        start = None
         for method in methods:
             model = clone(base)
-            phases = _method_phases(method)(tasks, cfg, seed)
+            phases, extra = method_phases(method, tasks, cfg, seed)
             fip = method == "fip"
+            snap = _Snapshots(n_params, cfg.continual.pca_coordinates, extra.get("weights"))
+            if start is None:
+                start = snap.take(model)
+            along = accuracy_along_path(tasks) if fip else None
+
+            def evaluate(m: nn.Module, along: Any = along, snap: _Snapshots = snap) -> dict:
+                return {**snap(m), **(along(m) if along is not None else {})}
+
             t0 = time.perf_counter()
             res = run_path(model, phases, out_dir=ctx.checkpoint_dir(method, f"seed{seed}") if fip else None,
-                           **ctx.path_kwargs(heldout, accuracy_along_path(tasks) if fip else None))
+                           **{**ctx.path_kwargs(heldout, evaluate), **extra})
             seconds = base_seconds + time.perf_counter() - t0
             out["path"] += [{"method": method, "seed": seed, **r} for r in res.records]
-            if fip:
-                out["geometry"].append(path_summary(res.records))
+            out["geometry"].append({"method": method, "seed": seed, **path_summary(res.records)})
+            out["weight_change"] += [{"method": method, "seed": seed, "layer": k, "ratio": v}
+                                     for k, v in weight_change(w0, model).items()]
+            snaps[method] = snap.rows
             R_rows = {0: row0, **{i: res.phase_results[f"task{i}"] for i in range(1, len(tasks))}}
             results, matrices = _method_rows(method, seed, R_rows, rand, cfg, seconds)
             out["results"] += results
             out["accuracy_matrix"] += matrices
+        if seed == cfg.seeds[0] and start is not None:
+            out["pca"] = [{"method": m, "k": k, "pc1": float(x), "pc2": float(y)}
+                          for m, xy in _pca(snaps, start).items() for k, (x, y) in enumerate(xy)]
         return out
 
     @staticmethod
-    def aggregate(cfg: Config, methods: list[str], rows: dict[str, list]) -> dict:
+    def aggregate(ctx: RunContext, methods: list[str], rows: dict[str, list]) -> dict:
+        cfg = ctx.cfg
         results = rows["results"]
+        stream, head, _ = _stream(ctx)
 
         def agg(method: str, setting: str) -> dict:
             sel = [r for r in results if r["method"] == method and r["setting"] == setting]
@@ -287,14 +586,32 @@ class Continual(Operation):
                     "fwt_mean": mean_std([r["fwt"] for r in sel])[0],
                     "seconds": float(np.mean([r["seconds"] for r in sel]))}
 
+        def last_row(method: str) -> list[float]:
+            T = len(stream)
+            R = [r for r in rows["accuracy_matrix"] if r["method"] == method and r["setting"] == "task"
+                 and r["i"] == T - 1]
+            return [float(np.mean([r["acc"] for r in R if r["j"] == j])) for j in range(T)]
+
+        def geometry(method: str) -> dict:
+            sel = [g for g in rows["geometry"] if g["method"] == method]
+            return {k: float(np.mean([g[k] for g in sel])) for k in sel[0] if k not in ("method", "seed")}
+
+        def change(method: str) -> dict:
+            sel = [r for r in rows["weight_change"] if r["method"] == method]
+            layers = list(dict.fromkeys(r["layer"] for r in sel))
+            return {k: float(np.mean([r["ratio"] for r in sel if r["layer"] == k])) for k in layers}
+
         setting = cfg.continual.setting
         other = "task" if setting == "class" else "class"
-        geometry = rows["geometry"]
         return {
-            "operation": "continual", "setting": setting, "memory_per_task": cfg.continual.memory_per_task,
-            "distance": cfg.path.distance, "seeds": list(cfg.seeds), "num_tasks": cfg.continual.num_tasks,
-            "methods": {m: {**agg(m, setting), f"{other}_incremental": agg(m, other)} for m in methods},
-            "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]},
+            "operation": "continual", "setting": setting, "stream": stream.setting, "head": head.layout,
+            "tasks": [t.name for t in stream.tasks], "memory_per_task": cfg.continual.memory_per_task,
+            "distance": cfg.path.distance, "seeds": list(cfg.seeds), "num_tasks": len(stream),
+            "base": cfg.continual.base,
+            "methods": {m: {**agg(m, setting), f"{other}_incremental": agg(m, other),
+                            "final_task_accuracy": last_row(m), "path": geometry(m),
+                            "weight_change": change(m)} for m in methods},
+            "fip_path": geometry("fip"),
         }
 
     @staticmethod
@@ -304,7 +621,11 @@ class Continual(Operation):
         report.plot_path_accuracy([r for r in rows["path"] if r["method"] == "fip" and r["seed"] == cfg.seeds[0]],
                                   out / "path_accuracy.png")
         report.plot_matrices(rows["accuracy_matrix"], methods, cfg.continual.setting, out / "accuracy_matrix.png")
-        write_outputs(out, cfg, summary, {k: rows[k] for k in ("path", "accuracy_matrix", "results")},
+        if rows["pca"]:
+            report.plot_weight_pca(rows["pca"], methods, out / "weight_pca.png",
+                                   f"Weight-space PCA of every method's path (seed {cfg.seeds[0]})")
+        write_outputs(out, cfg, summary, {k: rows[k] for k in ("path", "accuracy_matrix", "results",
+                                                               "weight_change", "pca")},
                       report.continual_report(summary, cfg))
 
     def brief(self, summary: dict) -> dict:
@@ -314,6 +635,9 @@ class Continual(Operation):
     def base_data(self, ctx: RunContext, seed: int) -> tuple[Any, Tensor | None]:
         t0 = _tasks(ctx, seed)[0]
         return t0.train_data, None
+
+    def train_base(self, ctx: RunContext, model: nn.Module, seed: int) -> None:
+        self.prepare_base(ctx, model, _tasks(ctx, seed), seed)
 
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
@@ -331,11 +655,11 @@ class Continual(Operation):
                                                             "evaluate": accuracy_along_path(all_tasks)}
 
     def path_steps(self, cfg: Config) -> int:
-        return (cfg.continual.num_tasks - 1) * cfg.path.steps
+        return (num_tasks(cfg) - 1) * cfg.path.steps
 
     # Sweep trials -----------------------------------------------------------------------------------
     def trial_iterations(self, cfg: Config) -> int:
-        return len(cfg.seeds) * (cfg.continual.num_tasks - 1)
+        return len(cfg.seeds) * (num_tasks(cfg) - 1)
 
     def trial(self, ctx: RunContext, report: Report, **options: Any) -> None:
         """An iteration per task phase per seed; `acc_mean` is the running mean over seeds of the
@@ -343,10 +667,10 @@ class Continual(Operation):
         cfg = ctx.cfg
         done: dict[str, list[float]] = {"class": [], "task": [], "bwt": []}
         for seed in cfg.seeds:
-            tasks = build_tasks(cfg, ctx.bundle, ctx.device, seed)
+            tasks = _tasks(ctx, seed)
             base = ctx.model(seed)
             rand = [task_accuracy(base, t.x_test, t.y_test, seen_classes(tasks, j)) for j, t in enumerate(tasks)]
-            train_base(base, tasks[0].train_data, None, cfg, seed)
+            self.prepare_base(ctx, base, tasks, seed)
             rows = {0: evaluate_row(base, tasks, 0)}
 
             def on_event(event: str, payload: dict, rows: dict = rows, rand: list = rand, seed: int = seed,
