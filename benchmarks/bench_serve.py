@@ -1,16 +1,21 @@
-"""Ensemble serving: fused in-process forward vs loop vs vmap, and HTTP (Ray Serve) vs in-process.
+"""Ensemble serving: the in-process ensemble against the machine's limits, and HTTP (Ray Serve) vs in-process.
 
-    python benchmarks/bench_serve.py --ensemble runs/ensemble/ensembles/fip_seed0   # a trained ensemble
-    python benchmarks/bench_serve.py                                                # 10 random small CNNs
+    python benchmarks/bench_serve.py                                                # defaults below
+    python benchmarks/bench_serve.py --ensemble runs/ensemble/ensembles/fip_seed0   # serve a trained ensemble
     python benchmarks/bench_serve.py --smoke-test                                   # seconds, tiny
 
 Prints, from one run on one machine (torch single-threaded, as the serving actors run):
+  limits               10 MLP members (hidden 256, 256) on 8x8 inputs, no-grad forward of `Ensemble`:
+                       batch-1 latency / the time to read all members' weights once (bandwidth
+                       measured in the same run on a buffer of the weights' size, and on a 256 MB one)
+                       (goal <= 1.3); batch-256 FLOP rate / a plain 256x256 matmul's (goal >= 0.8)
   forward table        per model, batch 1 and 256, no-grad forward and forward + input gradient:
                        time of a Python loop over members, torch.func vmap, the fused forward, and
                        `Ensemble` itself (fused, except conv nets on CPU batches > 32: the loop)
-  Ensemble/member      in-process ensemble latency over one member's, same batch (goal <= 2 at batch 1)
   http / in-process    examples/s through POST /predict (bounded load test, @serve.batch) over
-                       examples/s of the in-process ensemble on the same request batches (goal >= 0.5)
+                       examples/s of the in-process ensemble on the same request batches, for JSON
+                       and binary (.npy float32) bodies at 1 and 32 inputs per request; default model
+                       10 small CNNs on 3x32x32 (goals: >= 0.8 at 32 with the binary body, >= 0.5 at 1)
   latency percentiles  p50 / p90 / p99 of the HTTP requests
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -28,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta, save_ensemble
@@ -104,10 +111,51 @@ def bench_forward(name: str, kwargs: dict, shape: tuple, k: int, batches: list[i
             row["vmap/loop"] = row["vmap_ms"] / row["loop_ms"]
             row["fused/loop"] = row["fused_ms"] / row["loop_ms"]
             row["Ensemble/loop"] = row["Ensemble_ms"] / row["loop_ms"]
-            row["Ensemble/member"] = row["Ensemble_ms"] / row["single_member_ms"]
             row["loop/member"] = row["loop_ms"] / row["single_member_ms"]
             rows.append(row)
     return rows
+
+
+def bench_limits(k: int, repeats: int, hidden: tuple[int, ...] = (256, 256), shape: tuple = (1, 8, 8)) -> dict:
+    """The two goal ratios of the in-process ensemble, from timings interleaved in this process."""
+    members = []
+    for i in range(k):
+        torch.manual_seed(i)
+        members.append(create_model("mlp", num_classes=10, input_shape=shape, hidden=list(hidden)).eval())
+    ens = Ensemble(members).requires_grad_(False)
+    weights = [p for m in members for p in m.parameters()]
+    nbytes = sum(p.numel() * p.element_size() for p in weights)
+    same = torch.rand(nbytes // 4)  # a buffer of the weights' size: read hot, like the forward reads them
+    dram = torch.rand(64 << 20)  # 256 MB: no cache holds it
+    n_mm = 256
+    a, b = torch.rand(n_mm, n_mm), torch.rand(n_mm, n_mm)
+    x1, x256 = torch.rand(1, *shape), torch.rand(256, *shape)
+    with torch.no_grad():
+        fast = _best_interleaved({"read_weights_size": lambda: same.sum(), "batch1": lambda: ens(x1)}, 200, repeats)
+        slow = _best_interleaved({"read_256MB": lambda: dram.sum(), "matmul_256": lambda: a @ b,
+                                  "batch256": lambda: ens(x256)}, 5, repeats)
+    mm_flops = 2 * n_mm**3
+    ens_flops = 2 * 256 * sum(p.numel() for m in members for name, p in m.named_parameters() if name.endswith("weight"))
+    bw_same, bw_dram = nbytes / fast["read_weights_size"], dram.numel() * 4 / slow["read_256MB"]
+    out = {
+        "members": k, "hidden": list(hidden), "weight_bytes": nbytes,
+        "bandwidth_GBps_weights_size": bw_same / 1e9, "bandwidth_GBps_256MB": bw_dram / 1e9,
+        "weight_read_ms": 1e3 * nbytes / bw_same, "batch1_ms": 1e3 * fast["batch1"],
+        "batch1/weight_read": fast["batch1"] / (nbytes / bw_same),
+        "batch1/weight_read_at_256MB_bandwidth": fast["batch1"] / (nbytes / bw_dram),
+        "matmul256_GFLOPs": mm_flops / slow["matmul_256"] / 1e9, "batch256_GFLOPs": ens_flops / slow["batch256"] / 1e9,
+        "batch256_ms": 1e3 * slow["batch256"],
+    }
+    out["batch256/matmul_flop_rate"] = out["batch256_GFLOPs"] / out["matmul256_GFLOPs"]
+    out["verdicts"] = {"batch1/weight_read <= 1.3": out["batch1/weight_read"] <= 1.3,
+                       "batch256/matmul_flop_rate >= 0.8": out["batch256/matmul_flop_rate"] >= 0.8}
+    return out
+
+
+def _npy(x: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x.numpy())
+    return buf.getvalue()
 
 
 def _free_port() -> int:
@@ -117,7 +165,7 @@ def _free_port() -> int:
 
 
 def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency: int, request_batches: list[int],
-               seed: int = 0) -> list[dict]:
+               payloads: list[str], seed: int = 0) -> list[dict]:
     from ray import serve
 
     from fipray.ray._local import init_local
@@ -128,10 +176,11 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
     shape = tuple(meta["model_spec"]["input_shape"])
     g = torch.Generator().manual_seed(seed)
     ens = load_ensemble(ens_dir).requires_grad_(False)
+    encode = {"json": lambda x: json.dumps({"inputs": x.tolist()}).encode(), "npy": _npy}
+    ctype = {"json": "application/json", "npy": "application/octet-stream"}
     workloads = {}
     for rb in request_batches:
         inputs = [torch.rand(rb, *shape, generator=g) for _ in range(64)]
-        bodies = [json.dumps({"inputs": x.tolist()}).encode() for x in inputs]
         # In-process: the same request batches, one at a time, the Ensemble, one thread.
         order = [inputs[i % len(inputs)] for i in range(min(requests, 200))]
 
@@ -142,7 +191,7 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
 
         run_inproc()
         t_in = min(_timed(run_inproc) for _ in range(3))
-        workloads[rb] = (bodies, len(order) * rb / t_in)
+        workloads[rb] = ({p: [encode[p](x) for x in inputs] for p in payloads}, len(order) * rb / t_in)
 
     tmp = tempfile.mkdtemp(prefix="fbs", dir="/tmp")
     init_local(num_cpus=2, temp_dir=tmp, object_store_memory=256 * 1024**2)
@@ -151,19 +200,19 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
         for shards in shards_list:
             port = _free_port()
             t0 = time.perf_counter()
-            start({"ensemble": str(ens_dir), "shards": shards, "max_inputs": max(256, *request_batches)},
-                  host="127.0.0.1", port=port)
+            start({"ensemble": str(ens_dir), "shards": shards, "max_inputs": max(256, *request_batches),
+                   "max_queued_requests": 4 * concurrency}, host="127.0.0.1", port=port)
             deploy_s = time.perf_counter() - t0
             url = f"http://127.0.0.1:{port}/predict"
             for rb, (bodies, inproc_eps) in workloads.items():
-                load_test(url, bodies, requests=min(50, requests), concurrency=concurrency, time_limit_s=60,
-                          examples_per_request=rb)  # warm-up
-                res = load_test(url, bodies, requests=requests, concurrency=concurrency, time_limit_s=300,
-                                examples_per_request=rb)
-                res.update({"shards": shards, "request_batch": rb, "deploy_s": deploy_s,
-                            "inproc_examples_per_s": inproc_eps,
-                            "http/in-process": res["examples_per_s"] / inproc_eps})
-                rows.append(res)
+                for payload in payloads:
+                    kw = {"concurrency": concurrency, "examples_per_request": rb, "content_type": ctype[payload]}
+                    load_test(url, bodies[payload], requests=min(50, requests), time_limit_s=60, **kw)  # warm-up
+                    res = load_test(url, bodies[payload], requests=requests, time_limit_s=300, **kw)
+                    res.update({"shards": shards, "request_batch": rb, "payload": payload, "deploy_s": deploy_s,
+                                "body_bytes": len(bodies[payload][0]), "inproc_examples_per_s": inproc_eps,
+                                "http/in-process": res["examples_per_s"] / inproc_eps})
+                    rows.append(res)
             serve.shutdown()
     finally:
         import ray
@@ -190,49 +239,60 @@ def _random_ensemble(directory: Path, name: str, kwargs: dict, shape: tuple, k: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ensemble", type=Path, help="ensemble folder to serve (default: 10 random small CNNs)")
+    p.add_argument("--ensemble", type=Path, help="ensemble folder to serve (default: 10 random small CNNs, 3x32x32)")
     p.add_argument("--members", type=int, default=10)
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--request-batch", type=int, nargs="+", default=[1, 32], help="inputs per HTTP request")
-    p.add_argument("--shards", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--payload", nargs="+", default=["json", "npy"], choices=("json", "npy"), help="request bodies")
+    p.add_argument("--shards", type=int, nargs="+", default=[1])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script runs (seconds)")
-    p.add_argument("--skip-http", action="store_true", help="only the in-process forward table")
-    p.add_argument("--skip-forward", action="store_true", help="only the HTTP part")
+    p.add_argument("--skip-http", action="store_true", help="no HTTP part")
+    p.add_argument("--skip-forward", action="store_true", help="no forward table")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     torch.set_num_threads(1)
 
     models = [("small_cnn", {}, (1, 8, 8)), ("mlp", {"hidden": [256, 256]}, (1, 8, 8))]
-    batches, repeats, members = [1, 256], args.repeats, args.members
+    serve_model = ("small_cnn", {}, (3, 32, 32))
+    batches, repeats, members, hidden = [1, 256], args.repeats, args.members, (256, 256)
     if args.smoke_test:
         models = [("mlp", {"hidden": [16]}, (1, 4, 4))]
-        batches, repeats, members = [1, 8], 1, 3
+        serve_model = ("mlp", {"hidden": [16]}, (3, 4, 4))
+        batches, repeats, members, hidden = [1, 8], 1, 3, (16,)
         args.requests, args.shards, args.request_batch = 20, [2], [1, 4]
 
     print(json.dumps({"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                       "torch": torch.__version__, "threads": torch.get_num_threads(), "members": members,
+                      "load_average": os.getloadavg(),
                       "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])}))
-    print("\n# in-process forward: loop vs vmap vs fused (ms per call, best of repeats)")
-    for name, kwargs, shape in [] if args.skip_forward else models:
-        for row in bench_forward(name, kwargs, shape, members, batches, repeats):
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
+    print("\n# limits of the in-process ensemble (goal 7): ratios from timings interleaved in this run")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                      for k, v in bench_limits(members, repeats, hidden).items()}))
+    if not args.skip_forward:
+        print("\n# in-process forward: loop vs vmap vs fused (ms per call, best of repeats)")
+        for name, kwargs, shape in models:
+            for row in bench_forward(name, kwargs, shape, members, batches, repeats):
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
 
     if args.skip_http:
         return 0
     with tempfile.TemporaryDirectory(prefix="fbs_ens") as tmp:
         ens_dir = args.ensemble
         if ens_dir is None:
-            name, kwargs, shape = models[0]
+            name, kwargs, shape = serve_model
             ens_dir = _random_ensemble(Path(tmp) / "ens", name, kwargs, shape, members)
-        print(f"\n# HTTP through Ray Serve vs in-process, ensemble {ens_dir} "
-              f"({read_ensemble_meta(ens_dir)['num_members']} members), {args.requests} requests, "
-              f"concurrency {args.concurrency}, {args.request_batch} input(s) per request; in-process = the "
-              f"Ensemble on the same request batches, one at a time")
-        for row in bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch):
-            keep = ("shards", "request_batch", "requests", "ok", "errors", "seconds", "throughput_rps", "examples_per_s",
-                    "inproc_examples_per_s", "http/in-process", "p50_ms", "p90_ms", "p99_ms", "max_ms", "deploy_s")
+        meta = read_ensemble_meta(ens_dir)
+        print(f"\n# HTTP through Ray Serve vs in-process, ensemble {ens_dir} ({meta['num_members']} members "
+              f"{meta['model_spec']['name']} on {meta['model_spec']['input_shape']}), {args.requests} requests, "
+              f"concurrency {args.concurrency}, {args.request_batch} input(s) per request, bodies {args.payload}; "
+              f"in-process = the Ensemble on the same request batches, one at a time")
+        for row in bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch,
+                              args.payload):
+            keep = ("shards", "payload", "request_batch", "body_bytes", "requests", "ok", "errors", "seconds",
+                    "throughput_rps", "examples_per_s", "inproc_examples_per_s", "http/in-process", "p50_ms",
+                    "p90_ms", "p99_ms", "max_ms", "deploy_s")
             print(json.dumps({k: round(row[k], 3) if isinstance(row[k], float) else row[k] for k in keep}))
     return 0
 
