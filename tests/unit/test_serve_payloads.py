@@ -199,3 +199,22 @@ def test_engine_cache_keeps_two_versions_and_refuses_a_rewritten_folder(text_ens
     assert len(cache.versions()) == 2 and (str(text_ens), sha, (0,)) not in cache.versions()
     with pytest.raises(ValueError, match="changed on disk"):
         cache.get(str(text_ens), "0" * 64, [0])
+
+
+def test_serve_args_from_command_line_strings_and_bad_keys(text_ens, capsys):
+    from fipray.cli import main
+    from fipray.serving import ServeArgs
+
+    a = ServeArgs.from_dict({"ensemble": str(text_ens), "truncate_texts": "true", "max_queued_requests": "8",
+                             "shard_autoscaling": '{"min_replicas": 1, "max_replicas": 3}', "retry_after_s": "2"})
+    assert a.truncate_texts is True and a.max_queued_requests == 8 and a.retry_after_s == 2.0
+    assert a.shard_autoscaling == {"min_replicas": 1, "max_replicas": 3}
+    with pytest.raises(ValueError, match="'serve.max_queued_requests' must be >= 1"):
+        ServeArgs.from_dict({"ensemble": str(text_ens), "max_queued_requests": 0})
+    with pytest.raises(ValueError, match="'serve.shard_autoscaling': expected a mapping"):
+        ServeArgs.from_dict({"ensemble": str(text_ens), "shard_autoscaling": "{not json"})
+    # The CLI validates before Ray starts: a bad --set exits 2 naming the key.
+    assert main(["serve", "--ensemble", str(text_ens), "--set", "nope=1"]) == 2
+    assert "unknown config key 'serve.nope'" in capsys.readouterr().err
+    assert main(["serve", "--ensemble", str(text_ens), "--set", "shards"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
