@@ -47,7 +47,11 @@ class RayConfig:
     # Per path (per DDP rank with backend: train; per trial in a sweep); fractional packs several on one
     # GPU (0.25: four per GPU). > 0 also sets use_gpu; the device is the GPU Ray assigned, never cuda:0.
     gpus_per_path: float = knob(0.0, ge=0)
-    workers_per_path: int = knob(1, ge=1)  # DDP ranks of one path (backend: train only)
+    workers_per_path: int = knob(1, ge=1)  # ranks of one path (backend: train only)
+    # How those ranks share a path (backend: train): ddp, each rank its own data shard (an effective batch
+    # workers_per_path times larger); fsdp, the network's parameters sharded over the ranks (FSDP2) and
+    # every rank on the path's own batches, so the path is the unsharded one, for networks larger than a device.
+    parallel: str = knob("ddp", choices=("ddp", "fsdp"))
     max_failures: int = knob(3, ge=0)  # restarts of one path after its process dies
     # "" : <out>/storage (paths), <out> (sweeps). A folder every node sees, or a URI through pyarrow.fs:
     # s3://bucket/prefix, gs://bucket/prefix, file:///folder; options in the query string, as in Ray Train
@@ -58,6 +62,8 @@ class RayConfig:
     def check(self) -> None:
         if self.workers_per_path > 1 and self.backend != "train":
             raise ConfigError("config key 'ray.workers_per_path' > 1 needs ray.backend: train (DDP ranks)")
+        if self.parallel == "fsdp" and self.backend != "train":
+            raise ConfigError("config key 'ray.parallel': fsdp needs ray.backend: train (ranks of a TorchTrainer)")
         scheme = self.storage_path.split("://", 1)[0].lower() if "://" in self.storage_path else ""
         if scheme and scheme not in STORAGE_SCHEMES:
             raise ConfigError(f"config key 'ray.storage_path': scheme {scheme!r} is not one of "

@@ -184,3 +184,28 @@ def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
     assert max(float((got[k] - ref[k]).abs().max()) for k in ref) <= 1e-6
     # The local --out folder holds the same merged outputs.
     assert pq.read_table(out / "path.parquet").num_rows == len(rows)
+
+
+@pytest.mark.slow  # two sweeps, each its own Ray (~1-2 min under load)
+def test_fipray_sweep_on_s3_keeps_tune_in_the_bucket_and_resumes_from_it(s3, tmp_path):
+    from fipray.ray.storage import open_storage
+
+    uri = s3["uri"]("runs/sweep")
+    st = open_storage(uri)
+    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "fipray.cli", "sweep", "--smoke-test", "--config",
+           str(ROOT / "jobs/configs/sweep_continual_digits.yaml"), "--no-progress", f"ray.storage_path={uri}"]
+    summaries = []
+    for i in range(2):  # the second run, from another --out, finds the finished experiment in the bucket
+        ray_tmp = tempfile.mkdtemp(prefix="fpsw", dir="/tmp")
+        r = subprocess.run([*cmd, "--out", str(tmp_path / f"out{i}")], cwd=ROOT, env={**env, "RAY_TMPDIR": ray_tmp},
+                           capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+        summaries.append(st.read_json("results/summary.json"))
+    assert [s["resumed"] for s in summaries] == [False, True]
+    assert summaries[0]["num_trials"] == summaries[1]["num_trials"] == 2
+    assert summaries[1]["best_metric"] == summaries[0]["best_metric"]
+    assert [n for n in st.files("tune") if "experiment_state" in n]
+    assert pq.read_table(io.BytesIO(st.read_bytes("results/trials.parquet"))).num_rows == 2
+    assert "continual" in st.read_text("results/best_config.yaml")
