@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 
 import torch
@@ -180,3 +180,44 @@ def pairwise_disagreement(
     preds = torch.stack([predictions(m, x, batch_size=batch_size).cpu() for m in ms])  # (K, N)
     pairs = list(combinations(range(len(ms)), 2))
     return sum(float((preds[i] != preds[j]).float().mean()) for i, j in pairs) / len(pairs)
+
+
+def coherence_by_surrogate(
+    members: Sequence[nn.Module] | nn.Module,
+    surrogates: Mapping[str, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    *,
+    batch_size: int = 256,
+) -> dict[str, float]:
+    """:func:`coherence` of ``members`` against each named surrogate (e.g. w0 and an independent ensemble).
+
+    A surrogate may itself be an Ensemble: its input-gradient is that of the log-mean-softmax head, the
+    gradient a transfer attack crafted on it follows.
+
+    Returns:
+        ``{name: coherence in [-1, 1]}`` in the order of ``surrogates``.
+    """
+    return {name: coherence(members, s, x, y, batch_size=batch_size) for name, s in surrogates.items()}
+
+
+def member_coherence(
+    members: Sequence[nn.Module] | nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256
+) -> float:
+    """Mean over member pairs and inputs of cos(∇ₓ L_i, ∇ₓ L_j): how aligned the members' attack directions are.
+
+    Args:
+        members: K >= 2 modules, or an Ensemble.
+        x: Float inputs ``(N, *input_shape)``.
+        y: Labels ``(N,)``.
+
+    Returns:
+        Mean cosine in [-1, 1]; 1 when every member's input-gradient points the same way on every input.
+    """
+    ms = as_members(members)
+    if len(ms) < 2:
+        raise ValueError(f"member coherence needs at least 2 members, got {len(ms)}")
+    grads = [input_gradients(m, x, y, batch_size=batch_size).flatten(1) for m in ms]
+    pairs = list(combinations(range(len(ms)), 2))
+    return sum(float(F.cosine_similarity(grads[i], grads[j].to(grads[i].device), dim=1).mean())
+               for i, j in pairs) / len(pairs)

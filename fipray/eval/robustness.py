@@ -10,7 +10,7 @@ random start draws from a seeded, forked RNG so that evaluation never perturbs t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -44,15 +44,102 @@ def _run_attack(attack, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Te
         return attack(x, y).detach()
 
 
+def _adv_correct(
+    target: nn.Module, x: Tensor, y: Tensor, craft: Callable[..., Tensor], *, seed: int, batch_size: int
+) -> Tensor:
+    """Per example (N,) bool: ``target`` right on ``craft(xb, yb, seed=seed + i)`` for each batch i of (x, y)."""
+    out = []
+    for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size))):
+        pred = predictions(target, craft(xb, yb, seed=seed + i), batch_size=batch_size)
+        out.append((pred == yb.to(pred.device)).cpu())
+    return torch.cat(out)
+
+
 def _adv_accuracy(
     target: nn.Module, x: Tensor, y: Tensor, craft: Callable[..., Tensor], *, seed: int, batch_size: int
 ) -> float:
     """Accuracy of ``target`` on ``craft(xb, yb, seed=seed + i)`` for each batch i of (x, y)."""
-    correct = 0
-    for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size))):
-        pred = predictions(target, craft(xb, yb, seed=seed + i), batch_size=batch_size)
-        correct += int((pred == yb.to(pred.device)).sum())
-    return correct / x.shape[0]
+    return int(_adv_correct(target, x, y, craft, seed=seed, batch_size=batch_size).sum()) / x.shape[0]
+
+
+RESTART_SEED_STRIDE = 100_003  # restart r of a curve seeds its batches from seed + r * stride
+
+
+def _worst_case_accuracy(
+    target: nn.Module, x: Tensor, y: Tensor, craft: Callable[..., Tensor], *, seed: int, batch_size: int,
+    restarts: int,
+) -> float:
+    """Accuracy when an example counts only if it survives every one of ``restarts`` random starts."""
+    correct = torch.ones(x.shape[0], dtype=torch.bool)
+    for r in range(restarts):
+        correct &= _adv_correct(target, x, y, craft, seed=seed + r * RESTART_SEED_STRIDE, batch_size=batch_size)
+    return int(correct.sum()) / x.shape[0]
+
+
+def craft_transfer(
+    surrogate: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps_list: Sequence[float],
+    *,
+    steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> dict[float, Tensor]:
+    """PGD examples crafted on ``surrogate`` once, to evaluate any number of targets on (transfer attacks).
+
+    Batch i uses seed ``seed + i``, exactly as :func:`robustness_curve` crafts its ``surrogate`` attack,
+    so evaluating a target on these examples gives the same transfer accuracy.
+
+    Args:
+        surrogate: The model attacked (e.g. w0, or an independently trained Ensemble).
+        x: Clean inputs ``(N, *input_shape)`` in [0, 1].
+        y: Labels ``(N,)``.
+        eps_list: L∞ radii.
+
+    Returns:
+        ``{eps: adversarial inputs (N, *input_shape) on the CPU}``.
+    """
+    check_batch(x, y)
+    check_unit_range(x)
+    check_batch_size(batch_size)
+    out = {}
+    for eps in map(float, eps_list):
+        parts = [pgd_attack(surrogate, xb, yb, eps, steps=steps, seed=seed + i).cpu()
+                 for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size)))]
+        out[eps] = torch.cat(parts)
+    return out
+
+
+def transfer_matrix(
+    members: Sequence[nn.Module],
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    steps: int = 20,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> list[list[float]]:
+    """``M[i][j]``: accuracy of member j on PGD examples crafted on member i (the diagonal is white-box).
+
+    Low off-diagonal entries mean an attack on one member breaks the others: the members are close to
+    one function, and averaging them buys little robustness.
+
+    Args:
+        members: K modules mapping ``(B, *input_shape)`` in [0, 1] to logits ``(B, C)``.
+        x: Clean inputs ``(N, *input_shape)`` in [0, 1].
+        y: Labels ``(N,)``.
+        eps: L∞ radius.
+
+    Returns:
+        K lists of K accuracies in [0, 1].
+    """
+    rows = []
+    for src in members:
+        adv = craft_transfer(src, x, y, [eps], steps=steps, seed=seed, batch_size=batch_size)[float(eps)]
+        rows.append([accuracy(m, adv, y, batch_size=batch_size) for m in members])
+    return rows
 
 
 def pgd_attack(
@@ -129,21 +216,41 @@ class _AsImage(nn.Module):
         return self.model(x.reshape(x.shape[0], *self.shape))
 
 
-def _autoattack(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_classes: int, seed: int) -> Tensor:
-    """torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at L∞ radius ``eps``."""
+AUTOATTACK_VERSIONS = ("standard", "apgd")
+
+
+def _autoattack(
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_classes: int, seed: int, version: str = "standard"
+) -> Tensor:
+    """torchattacks' AutoAttack at L∞ radius ``eps``.
+
+    ``version="standard"``: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square with 5000
+    queries). ``"apgd"``: its two gradient attacks only, built exactly as the standard version builds them
+    (APGD-CE and APGD-T, one restart each), without FAB-T and Square — the black-box Square attack is what
+    catches gradient masking, and also what makes the standard version cost minutes per ε on a CPU.
+    """
     import torchattacks
 
+    if version not in AUTOATTACK_VERSIONS:
+        raise ValueError(f"AutoAttack version {version!r}: expected one of {AUTOATTACK_VERSIONS}")
     if eps == 0:
         return x.detach().clone().to(model_device(model, x.device))
     if x.ndim != 4:
         wrapped = _AsImage(model, x.shape[1:])
         adv = _autoattack(
-            wrapped, x.reshape(x.shape[0], 1, 1, -1), y, eps=eps, num_classes=num_classes, seed=seed
+            wrapped, x.reshape(x.shape[0], 1, 1, -1), y, eps=eps, num_classes=num_classes, seed=seed,
+            version=version,
         )
         return adv.reshape(x.shape)
-    attack = torchattacks.AutoAttack(
-        model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed
-    )
+    if version == "apgd":
+        attack = torchattacks.MultiAttack([
+            torchattacks.APGD(model, norm="Linf", eps=eps, seed=seed, loss="ce", n_restarts=1),
+            torchattacks.APGDT(model, norm="Linf", eps=eps, seed=seed, n_classes=num_classes, n_restarts=1),
+        ])
+    else:
+        attack = torchattacks.AutoAttack(
+            model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed
+        )
     return _run_attack(attack, model, x, y, seed)
 
 
@@ -158,6 +265,10 @@ def robustness_curve(
     seed: int = 0,
     batch_size: int = 256,
     autoattack: bool = False,
+    restarts: int = 1,
+    transfer_from: Mapping[str, Mapping[float, Tensor]] | None = None,
+    autoattack_examples: int = 0,
+    autoattack_version: str = "standard",
 ) -> list[dict[str, float]]:
     """Clean, white-box and transfer accuracy of ``target`` for each ε.
 
@@ -176,14 +287,27 @@ def robustness_curve(
         batch_size: Examples per attack batch.
         autoattack: Also run torchattacks' standard AutoAttack on ``target`` (slow: includes a
             5000-query Square attack); otherwise the ``autoattack`` column is NaN.
+        restarts: White-box PGD random starts; an example counts as robust only if it survives all of
+            them (restart r seeds batch i with ``seed + r * RESTART_SEED_STRIDE + i``; 1 = one start).
+        transfer_from: ``{name: {eps: adversarial inputs (N, ...)}}`` crafted in advance on other models
+            (:func:`craft_transfer`), adding a ``transfer_<name>`` column per name.
+        autoattack_examples: AutoAttack on the first this many examples only (0: all); the row's
+            ``autoattack_n`` says how many.
+        autoattack_version: ``"standard"`` or ``"apgd"`` (its APGD-CE and APGD-T only; see ``_autoattack``).
 
     Returns:
         One row per ε, in the given order: ``{"eps", "clean", "whitebox", "transfer", "autoattack",
-        "steps", "n"}`` with accuracies in [0, 1].
+        "steps", "n"}`` (plus ``transfer_<name>`` and, with restarts or AutoAttack, ``restarts`` and
+        ``autoattack_n``) with accuracies in [0, 1].
     """
     check_batch(x, y)
     check_unit_range(x)
     check_batch_size(batch_size)
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    if autoattack_examples < 0:
+        raise ValueError(f"autoattack_examples must be >= 0, got {autoattack_examples}")
+    n_aa = min(autoattack_examples or x.shape[0], x.shape[0])
     clean = accuracy(target, x, y, batch_size=batch_size)
     num_classes = 0
     if autoattack:
@@ -201,18 +325,26 @@ def robustness_curve(
     for eps in map(float, eps_list):
         whitebox = partial(pgd_attack, target, eps=eps, steps=steps)
         transfer = None if surrogate is None else partial(pgd_attack, surrogate, eps=eps, steps=steps)
-        auto = partial(_autoattack, target, eps=eps, num_classes=num_classes) if autoattack else None
-        rows.append(
-            {
-                "eps": eps,
-                "clean": clean,
-                "whitebox": adv_acc(whitebox),
-                "transfer": adv_acc(transfer),
-                "autoattack": adv_acc(auto),
-                "steps": steps,
-                "n": int(x.shape[0]),
-            }
-        )
+        auto = partial(_autoattack, target, eps=eps, num_classes=num_classes, version=autoattack_version) \
+            if autoattack else None
+        row = {
+            "eps": eps,
+            "clean": clean,
+            "whitebox": adv_acc(whitebox) if restarts == 1 else _worst_case_accuracy(
+                target, x, y, whitebox, seed=seed, batch_size=batch_size, restarts=restarts),
+            "transfer": adv_acc(transfer),
+            "autoattack": adv_acc(auto) if n_aa == x.shape[0] or auto is None else _adv_accuracy(
+                target, x[:n_aa], y[:n_aa], auto, seed=seed, batch_size=batch_size),
+            "steps": steps,
+            "n": int(x.shape[0]),
+        }
+        if restarts > 1 or autoattack_examples or autoattack_version != "standard":
+            row |= {"restarts": restarts, "autoattack_n": n_aa if autoattack else 0}
+        for name, sets in (transfer_from or {}).items():
+            if eps not in sets:
+                raise ValueError(f"transfer_from[{name!r}] has no examples at eps {eps}")
+            row[f"transfer_{name}"] = accuracy(target, sets[eps], y, batch_size=batch_size)
+        rows.append(row)
     return rows
 
 
@@ -239,8 +371,9 @@ def sanity_flags(
       more likely hides gradient masking than real robustness).
     - ``more_steps_not_better``: PGD at ``eps`` with each number of steps in ``steps_list`` (sorted)
       reaches an accuracy at most ``tol`` above the one with fewer steps.
-    - ``whitebox_le_transfer``: at every ε, white-box accuracy <= transfer accuracy + ``tol``;
-      None when no row has a transfer accuracy (nothing to check).
+    - ``whitebox_le_transfer``: at every ε, white-box accuracy <= transfer accuracy + ``tol``, for the
+      ``transfer`` column and every ``transfer_<name>`` column; None when no row has a transfer
+      accuracy (nothing to check).
     - ``nonzero_input_gradients``: no input of ``x`` has an all-zero gradient of the loss.
 
     ``tol`` absorbs the randomness of PGD's random start (one example of 100 is 0.01).
@@ -281,8 +414,10 @@ def sanity_flags(
     steps_ok = all(by_steps[b] <= by_steps[a] + tol for a, b in zip(steps_sorted, steps_sorted[1:]))
 
     pairs = [(float(r["eps"]), float(r["whitebox"]), float(r["transfer"])) for r in ordered]
-    checked = [(e, w, t) for e, w, t in pairs if not math.isnan(t)]
-    wb_le_tr = all(w <= t + tol for _, w, t in checked) if checked else None
+    # Every transfer column (w0's and those of `transfer_from`): white-box must be the stronger attack.
+    checked = [(float(r["whitebox"]), float(v)) for r in ordered for k, v in r.items()
+               if k.startswith("transfer") and not math.isnan(float(v))]
+    wb_le_tr = all(w <= t + tol for w, t in checked) if checked else None
 
     grads = input_gradients(target, x, y, batch_size=batch_size)
     zero_frac = float((grads.flatten(1).abs().amax(dim=1) == 0).float().mean())

@@ -31,11 +31,18 @@ from torch import Tensor, nn
 
 from fipray import report
 from fipray._batches import mix_seed
+from fipray._registry import Registry
 from fipray.config import Config, ConfigError, knob
 from fipray.core.distances import get_distance
 from fipray.ensemble import Ensemble, save_ensemble
-from fipray.eval.diversity import coherence, pairwise_disagreement, representation_diversity
-from fipray.eval.robustness import robustness_curve, sanity_flags
+from fipray.eval.diversity import (
+    coherence,
+    coherence_by_surrogate,
+    member_coherence,
+    pairwise_disagreement,
+    representation_diversity,
+)
+from fipray.eval.robustness import craft_transfer, robustness_curve, sanity_flags, transfer_matrix
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase
@@ -46,6 +53,15 @@ def _baselines() -> list[str]:
     from fipray.baselines.ensemble import ENSEMBLE_BASELINES
 
     return ENSEMBLE_BASELINES.names()
+
+
+# How the FIP ensemble is built: `(ctx, base, seed, base_seconds, out) -> Deployed`. "undirected" is the walk
+# below; other operations add theirs (`fipray.ops.robust` registers "robust": FIP with an adversarial L).
+FIP_ENSEMBLES: Registry = Registry("FIP ensemble method")
+
+
+def _fip_methods() -> list[str]:
+    return FIP_ENSEMBLES.names()
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,20 @@ class EnsembleConfig:
     autoattack: bool = False  # also run torchattacks' AutoAttack on each deployed model (slow)
     load: str = ""  # an ensemble folder (e.g. `fipray paths`' ensemble/) whose networks replace the walk's samples
     baselines: tuple[str, ...] = knob(("deep", "base"), choices=_baselines)
+    fip: str = knob("undirected", choices=_fip_methods)  # the FIP that builds the ensemble (results name: fip[_<name>])
+    restarts: int = knob(1, ge=1)  # white-box PGD random starts; an example counts only if it survives all
+    autoattack_examples: int = knob(0, ge=0)  # AutoAttack on the first this many evaluation examples (0: all)
+    autoattack_version: str = knob("standard", choices=("standard", "apgd"))  # apgd: APGD-CE + APGD-T only
+    # The review tables: transfer from an independently trained ensemble of `members` networks (beside w0),
+    # coherence against each surrogate, per-layer diversity, the member transfer matrix at `focus_eps`,
+    # gradient evaluations per method and the robust-accuracy-vs-compute plot.
+    review: bool = False
+    focus_eps: float = knob(0.1, gt=0)  # the ε of the transfer matrix, the compute plot and the goals
+
+    def check(self, cfg: Config) -> None:
+        if self.review and self.focus_eps not in self.eps:
+            raise ConfigError(f"config key 'ensemble.focus_eps': {self.focus_eps} is not one of ensemble.eps "
+                              f"{list(self.eps)}")
 
 
 def input_gradient(logits_fn, x: Tensor, y: Tensor, create_graph: bool = False) -> Tensor:
@@ -148,7 +178,7 @@ def select_members(candidates: list[nn.Module], x: Tensor, y: Tensor, *, members
 def check_samples(cfg: Config) -> None:
     """The walk must sample at least `members` networks."""
     ec = cfg.ensemble
-    if not ec.load and cfg.path.steps // ec.sample_every < ec.members:
+    if not ec.load and ec.fip == "undirected" and cfg.path.steps // ec.sample_every < ec.members:
         raise ConfigError(f"path.steps // ensemble.sample_every = {cfg.path.steps // ec.sample_every} sampled "
                           f"networks < ensemble.members = {ec.members}")
 
@@ -209,15 +239,32 @@ class Deployed:
     members: list[nn.Module]
     seconds: float
     gradient_steps: int
+    # Forward+backward passes over one minibatch, attack steps included (0: `gradient_steps`, the methods
+    # whose every step is one such pass).
+    gradient_evals: int = 0
+
+    @property
+    def evals(self) -> int:
+        return self.gradient_evals or self.gradient_steps
 
 
-def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, seed: int) -> tuple[dict, list, dict]:
-    """Robustness curve, members' own white-box accuracy, sanity flags, diversity: (row, curve rows, flags)."""
+def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, seed: int,
+                      review: Review | None = None) -> tuple[dict, list, dict]:
+    """Robustness curve, members' own white-box accuracy, sanity flags, diversity: (row, curve rows, flags).
+
+    With `review` (ensemble.review) the transfer examples are the ones crafted once per seed on each
+    surrogate (w0's give the `transfer` column, exactly as crafting them here would), and the review
+    measurements of the deployed model go to `review.rows`."""
     ec = ctx.cfg.ensemble
     xte, yte = ctx.test_tensors()
     x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
-    curve = robustness_curve(d.target, x_eval, y_eval, list(ec.eps), surrogate=base, steps=ec.pgd_steps, seed=seed,
-                             autoattack=ec.autoattack)
+    curve = robustness_curve(d.target, x_eval, y_eval, list(ec.eps), surrogate=None if review else base,
+                             steps=ec.pgd_steps, seed=seed, autoattack=ec.autoattack, restarts=ec.restarts,
+                             autoattack_examples=ec.autoattack_examples, autoattack_version=ec.autoattack_version,
+                             transfer_from=review.transfer if review else None)
+    if review is not None:
+        for r in curve:
+            r["transfer"] = r["transfer_w0"]
     # Each member's own white-box accuracy (PROTOCOLS.md) on the first 100 examples: K extra
     # attacks per ε would otherwise cost more than attacking the ensemble itself.
     member_wb = {e: float(np.mean([r["whitebox"] for m in d.members for r in robustness_curve(
@@ -236,7 +283,59 @@ def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, 
            "disagreement": pairwise_disagreement(d.members, x_eval) if many else 0.0,
            "seconds": d.seconds, "gradient_steps": d.gradient_steps, "members": len(d.members),
            **{f"member_whitebox_{e:g}": v for e, v in member_wb.items()}}
+    if review is not None:
+        row["gradient_evals"] = d.evals
+        review.rows.append(review_measurements(ctx, name, d, review, seed, x_eval, y_eval))
     return row, [{"method": name, "seed": seed, **r} for r in curve], flags
+
+
+@dataclass
+class Review:
+    """One seed's surrogates and the transfer examples crafted on them (ensemble.review)."""
+
+    surrogates: dict[str, nn.Module]  # {"w0": base, "independent": an independently trained ensemble}
+    transfer: dict[str, dict[float, Tensor]]  # {surrogate: {eps: PGD examples on the evaluation inputs}}
+    rows: list[dict]
+
+
+def independent_ensemble(ctx: RunContext, seed: int) -> Ensemble:
+    """`ensemble.members` networks trained like w0 from initialisations and batch orders of their own (not
+    the deep ensemble's): the surrogate of a transfer attack that knows the task but not the deployed model."""
+    cfg = ctx.cfg
+    members = []
+    for k in range(cfg.ensemble.members):
+        ms = mix_seed(seed, 13, k)
+        m = ctx.model(ms)
+        train_base(m, ctx.train_data(), None, cfg, ms, progress=ctx.bar)
+        members.append(m.eval())
+    return Ensemble(members)
+
+
+def prepare_review(ctx: RunContext, base: nn.Module, seed: int) -> Review:
+    """Train the independent ensemble and craft each surrogate's PGD examples once for every method."""
+    ec = ctx.cfg.ensemble
+    xte, yte = ctx.test_tensors()
+    x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
+    surrogates = {"w0": base.eval(), "independent": independent_ensemble(ctx, seed)}
+    transfer = {k: craft_transfer(s, x_eval, y_eval, list(ec.eps), steps=ec.pgd_steps, seed=seed)
+                for k, s in surrogates.items()}
+    return Review(surrogates, transfer, [])
+
+
+def review_measurements(ctx: RunContext, name: str, d: Deployed, review: Review, seed: int, x: Tensor,
+                        y: Tensor) -> dict:
+    """Per-layer diversity, coherence against each surrogate, the members' coherence and transfer matrix."""
+    ec = ctx.cfg.ensemble
+    many = len(d.members) > 1
+    out: dict[str, Any] = {"method": name, "seed": seed, "gradient_evals": d.evals,
+                           "coherence": coherence_by_surrogate(d.members, review.surrogates, x, y)}
+    if many:
+        out["diversity_layers"] = representation_diversity(d.members, x)
+        out["member_coherence"] = member_coherence(d.members, x, y)
+        # On the first 100 examples: K PGD attacks, one per member.
+        out["transfer_matrix"] = transfer_matrix(d.members, x[:100], y[:100], ec.focus_eps, steps=ec.pgd_steps,
+                                                 seed=seed)
+    return out
 
 
 @register_operation
@@ -257,11 +356,11 @@ class RobustEnsemble(Operation):
     # The experiment -------------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
-        methods = ["fip", *ec.baselines]
+        methods = [fip_method_name(ec.fip), *ec.baselines]
         check_samples(cfg)
-        n_train = 1 + (ec.members if "deep" in methods else 0)
+        n_train = 1 + (ec.members if "deep" in methods else 0) + (ec.members if ec.review else 0)
         rows = collect_seeds(ctx, len(cfg.seeds) * (n_train * cfg.train.steps + cfg.path.steps), self.name,
-                             ("results", "robustness", "path", "geometry", "sanity"),
+                             ("results", "robustness", "path", "geometry", "sanity", "review"),
                              lambda seed: self.run_seed(ctx, seed, methods))
         summary = self.aggregate(cfg, methods, rows, len(ctx.test_tensors()[0][: ec.eval_examples]))
         self.report(ctx, summary, rows)
@@ -275,18 +374,22 @@ class RobustEnsemble(Operation):
         t0 = time.perf_counter()
         train_base(base, ctx.train_data(), None, cfg, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
-        out: dict[str, list] = {"results": [], "robustness": [], "path": [], "geometry": [], "sanity": []}
-        deployed = {"fip": self.fip_ensemble(ctx, base, seed, base_seconds, out)}
+        out: dict[str, list] = {"results": [], "robustness": [], "path": [], "geometry": [], "sanity": [],
+                                "review": []}
+        deployed = {methods[0]: FIP_ENSEMBLES.get(cfg.ensemble.fip)(ctx, base, seed, base_seconds, out)}
         for name in methods[1:]:
             deployed[name] = ENSEMBLE_BASELINES.get(name)(ctx, base, seed, base_seconds)
+        review = prepare_review(ctx, base, seed) if cfg.ensemble.review else None
         for name, d in deployed.items():
-            row, curve, flags = evaluate_deployed(ctx, name, d, base, seed)
+            row, curve, flags = evaluate_deployed(ctx, name, d, base, seed, review)
             out["results"].append(row)
             out["robustness"] += curve
             out["sanity"].append((name, flags))
+        out["review"] += review.rows if review is not None else []
         return out
 
-    def fip_ensemble(self, ctx: RunContext, base: nn.Module, seed: int, base_seconds: float,
+    @staticmethod
+    def fip_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float,
                      out: dict[str, list]) -> Deployed:
         """Undirected walk from w0 (or networks loaded from a folder), then the δ rule picks the members."""
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
@@ -307,7 +410,7 @@ class RobustEnsemble(Operation):
         seconds = base_seconds + time.perf_counter() - t0
         if ctx.out is not None:
             save_ensemble(members, ctx.out / "ensembles" / f"fip_seed{seed}", model_spec=ctx.spec, metadata={
-                "operation": self.name, "seed": seed, "config_hash": cfg.run_id(),
+                "operation": "ensemble", "seed": seed, "config_hash": cfg.run_id(),
                 "path_ids": [path_ids[i] for i in keep], "steps": [sample_steps[i] for i in keep],
                 "fgsm_shift": [h[i] for i in keep], "candidates": len(candidates)})
         return Deployed(Ensemble(members), members, seconds, cfg.train.steps + walk_steps)
@@ -350,7 +453,8 @@ class RobustEnsemble(Operation):
                            for m, fl in sanity.items()},
                 "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]} if geometry else {},
                 "loaded_from": ec.load or None,
-                "sanity_measurements": {m: [f["measured"] for f in fl] for m, fl in sanity.items()}}
+                "sanity_measurements": {m: [f["measured"] for f in fl] for m, fl in sanity.items()}} \
+            | (review_summary(cfg, methods, rows, per_method, curve_mean) if ec.review else {})
 
     @staticmethod
     def report(ctx: RunContext, summary: dict, rows: dict[str, list]) -> None:
@@ -379,6 +483,9 @@ class RobustEnsemble(Operation):
             report.md_table(["method"] + list(next(iter(sanity.values())).keys()), flag_rows), "",
             "Plot: `robust_accuracy.png`. Tables: `results.parquet`, `robustness.parquet`, `path.parquet`. "
             "FIP ensembles: `ensembles/fip_seed*/`.", ""])
+        if ec.review:
+            plot_compute(summary, out / "robust_vs_compute.png")
+            md += review_report(summary)
         write_outputs(out, cfg, summary, {k: rows[k] for k in ("results", "robustness", "path")}, md)
 
     def brief(self, summary: dict) -> dict:
@@ -418,3 +525,136 @@ class RobustEnsemble(Operation):
             for k in got:
                 got[k].append(float(curve[0][k]))
             report({k: float(np.mean(v)) for k, v in got.items()} | {"seed": seed, "eps": e})
+
+
+# The review tables (ensemble.review) ------------------------------------------------------------------------
+def _mean_dicts(ds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([d[k] for d in ds])) for k in ds[0]} if ds else {}
+
+
+def review_summary(cfg: Config, methods: list[str], rows: dict[str, list], per_method: dict, curve_mean: Any) -> dict:
+    """Per method: gradient evaluations, transfer from each surrogate, coherence against each surrogate,
+    per-layer diversity, member coherence and transfer matrix (means over seeds); then the goals."""
+    ec = cfg.ensemble
+    for m in methods:
+        sel = [r for r in rows["review"] if r["method"] == m]
+        v = per_method[m]
+        v["gradient_evals"] = int(sel[0]["gradient_evals"])
+        v["transfer_independent"] = curve_mean(m, "transfer_independent")
+        v["coherence_by_surrogate"] = _mean_dicts([r["coherence"] for r in sel])
+        if "diversity_layers" in sel[0]:
+            v["diversity_layers"] = _mean_dicts([r["diversity_layers"] for r in sel])
+            v["member_coherence"] = float(np.mean([r["member_coherence"] for r in sel]))
+            v["transfer_matrix"] = np.mean([r["transfer_matrix"] for r in sel], axis=0).tolist()
+    return {"restarts": ec.restarts, "autoattack_examples": ec.autoattack_examples,
+            "autoattack_version": ec.autoattack_version, "focus_eps": f"{ec.focus_eps:g}",
+            "surrogates": ["w0", "independent"], "goals": goals(per_method, f"{ec.focus_eps:g}")}
+
+
+def goals(per_method: dict, e: str, clean_slack: float = 0.01) -> dict:
+    """The robust-ensemble goals at ε = `e`, for each FIP method, with the numbers behind each verdict.
+
+    clean_ok: clean accuracy (full test split) at least the base network's minus `clean_slack`.
+    a: white-box accuracy >= the deep ensemble's with at most half its gradient evaluations (and clean_ok).
+    b: white-box accuracy >= PGD adversarial training of one network's, with at most its gradient
+       evaluations (and clean_ok). None where the baseline did not run.
+    """
+    out = {}
+    base, deep, at = per_method.get("base"), per_method.get("deep"), per_method.get("pgd_at")
+    for m, v in per_method.items():
+        if not m.startswith("fip"):
+            continue
+        clean_ok = None if base is None else v["clean_full_test_mean"] >= base["clean_full_test_mean"] - clean_slack
+        g: dict[str, Any] = {"eps": e, "clean_ok": clean_ok, "whitebox": v["whitebox"][e],
+                             "gradient_evals": v["gradient_evals"]}
+        if deep is not None:
+            g["a"] = bool(v["whitebox"][e] >= deep["whitebox"][e] and v["gradient_evals"] <= deep["gradient_evals"] / 2
+                          and clean_ok is not False)
+            g["a_measured"] = {"deep_whitebox": deep["whitebox"][e],
+                               "evals_ratio": v["gradient_evals"] / deep["gradient_evals"]}
+        if at is not None:
+            g["b"] = bool(v["whitebox"][e] >= at["whitebox"][e] and v["gradient_evals"] <= at["gradient_evals"]
+                          and clean_ok is not False)
+            g["b_measured"] = {"pgd_at_whitebox": at["whitebox"][e],
+                               "evals_ratio": v["gradient_evals"] / at["gradient_evals"],
+                               "pgd_at_clean": at["clean_full_test_mean"]}
+        out[m] = g
+    return out
+
+
+def plot_compute(summary: dict, path: Any) -> None:
+    """White-box accuracy at the focus ε against gradient evaluations, one point per method, clean beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e = summary["focus_eps"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, v in summary["methods"].items():
+        ax.scatter(v["gradient_evals"], v["whitebox"][e], s=30)
+        ax.annotate(f"{m} (clean {v['clean_full_test_mean']:.3f})", (v["gradient_evals"], v["whitebox"][e]),
+                    fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("gradient evaluations (forward+backward minibatch passes, attack steps included)")
+    ax.set_ylabel(f"white-box PGD accuracy, ε = {e}")
+    ax.set_title("Robust accuracy vs compute")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+AA_NOTE = {"standard": "standard: APGD-CE, APGD-T, FAB-T, Square",
+           "apgd": "its gradient attacks APGD-CE and APGD-T only, no FAB-T or Square"}
+
+
+def review_report(summary: dict) -> str:
+    """The review section of report.md: attacks per ε, compute, diversity, transfer matrices, goals."""
+    eps, pm, e = summary["eps"], summary["methods"], summary["focus_eps"]
+
+    def f(x: float) -> str:
+        return "—" if x != x else f"{x:.3f}"  # NaN: not run
+
+    attacks = [[m, f(v["clean_full_test_mean"])] + [f(v["whitebox"][k]) for k in eps]
+               + [f(v["autoattack"][k]) for k in eps] + [f(v["transfer"][k]) for k in eps]
+               + [f(v["transfer_independent"][k]) for k in eps] + [v["gradient_evals"], round(v["seconds"], 1)]
+               for m, v in pm.items()]
+    header = (["method", "clean"] + [f"PGD ε={k}" for k in eps] + [f"AA ε={k}" for k in eps]
+              + [f"w0→ ε={k}" for k in eps] + [f"indep→ ε={k}" for k in eps] + ["grad evals", "seconds"])
+    div = [[m, f(v["diversity"]), f(v.get("member_coherence", float("nan"))), f(v["disagreement"])]
+           + [f(c) for c in v["coherence_by_surrogate"].values()]
+           + [" ".join(f"{k}:{x:.2f}" for k, x in v.get("diversity_layers", {}).items() if k != "mean")]
+           for m, v in pm.items()]
+    mats = [f"- {m}: " + "; ".join(" ".join(f"{x:.2f}" for x in row) for row in v["transfer_matrix"])
+            for m, v in pm.items() if "transfer_matrix" in v]
+    goal_lines = []
+    for m, g in summary["goals"].items():
+        a, b = g.get("a_measured", {}), g.get("b_measured", {})
+        goal_lines.append(
+            f"- {m} at ε = {e}: white-box {g['whitebox']:.3f}, {g['gradient_evals']} gradient evaluations, clean "
+            f"within 1 point of the base: {g['clean_ok']}. (a) vs deep ensemble {a.get('deep_whitebox', float('nan')):.3f} "
+            f"at {a.get('evals_ratio', float('nan')):.2f}× its evaluations: {'met' if g.get('a') else 'NOT met'}. "
+            f"(b) vs PGD-AT {b.get('pgd_at_whitebox', float('nan')):.3f} at {b.get('evals_ratio', float('nan')):.2f}× "
+            f"its evaluations: {'met' if g.get('b') else 'NOT met'}.")
+    return "\n".join([
+        "", "## Review: every attack, compute, diversity", "",
+        f"White-box PGD-{summary['pgd_steps']} with {summary['restarts']} random start(s) (an example counts only if "
+        f"it survives all); AutoAttack (torchattacks; {AA_NOTE[summary['autoattack_version']]}) on the first "
+        f"{summary['autoattack_examples'] or 'all'} evaluation examples (— = not run); transfer crafted on w0 (w0→) and on an independently trained ensemble "
+        "of the same size (indep→). Clean: the full test split.", "",
+        report.md_table(header, attacks), "",
+        "Diversity: representation diversity (mean over layers, then per layer), members' mean pairwise "
+        "input-gradient cosine, pairwise disagreement, coherence against w0 and against the independent ensemble.", "",
+        report.md_table(["method", "diversity", "member coherence", "disagreement", "coherence w0",
+                         "coherence indep", "diversity per layer"], div), "",
+        f"Member transfer matrices at ε = {e} (row i: PGD crafted on member i; entry j: member j's accuracy):", "",
+        *mats, "", "## Goals", "", *goal_lines, "", "Plot: `robust_vs_compute.png`.", ""])
+
+
+def fip_method_name(fip: str) -> str:
+    """The results' name of the FIP ensemble built by `ensemble.fip`: "fip" for the undirected walk."""
+    return "fip" if fip == "undirected" else f"fip_{fip}"
+
+
+FIP_ENSEMBLES.register("undirected")(RobustEnsemble.fip_ensemble)

@@ -1,0 +1,312 @@
+"""The `robust` operation: FIPs whose secondary objective is adversarial robustness (paper Fig. 1a, "Task 1 + robust").
+
+Along the path S = λ·d(f(x_mem; w), f(x_mem; w0)) + β·L(w): the invariance term, measured on clean
+training inputs against w0, keeps clean behaviour, while L is an adversarial objective computed on the
+fly against the *current* weights:
+
+- `objective: ce`: cross-entropy on L∞ PGD examples (random start, `attack_steps` steps of size
+  `step_size`, radius `train_eps`) crafted on w, i.e. PGD adversarial training as the path's L;
+- `objective: trades`: KL(f(x) ‖ f(x + δ)) with δ from PGD on that same KL (TRADES' robust term; the
+  clean term is the invariance's job).
+
+Optionally a diversity term pushes each new sample away from the networks already taken (w0 and the
+path's earlier samples, the `diversity_window` most recent), weighted by `diversity_weight`:
+
+- `coherence`: the mean cosine between w's input-gradient of the loss and each earlier member's (the
+  paper's coherence, measured against the members, not only w0): a transfer attack follows one of them;
+- `disagreement`: the cosine between w's and each earlier member's distribution over the *wrong* classes
+  on the PGD examples (ADP-style): members whose errors differ are not all fooled by one perturbation.
+
+Networks are sampled every `ensemble.sample_every` steps; with `robust.paths` > 1 the experiment runs
+that many paths from one w0 (seeds mix_seed(seed, 14, p)) and the δ rule of `fipray.ops.ensemble`
+picks `ensemble.members` of the union, saved as an ordinary ensemble folder (`fipray serve` / `attack`).
+
+The experiment is the ensemble comparison (`fipray.ops.ensemble`) with this FIP: `fipray robust` and
+`fipray ensemble` with `ensemble.fip: robust` run the same thing (this module registers "robust" among
+the ensemble operation's FIP methods). Cost is counted in gradient evaluations: forward+backward passes
+over one minibatch of `path.batch_size` examples (memory batches pro rata), attack steps included, and a
+forward-only pass of an earlier member (disagreement) counted as a whole one (an over-count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fipray._batches import mix_seed
+from fipray.config import Config, ConfigError, knob
+from fipray.ensemble import Ensemble, save_ensemble
+from fipray.eval._common import eval_mode
+from fipray.eval.robustness import robustness_curve
+from fipray.operation import Operation, Report, register_operation
+from fipray.ops.ensemble import FIP_ENSEMBLES, Deployed, RobustEnsemble, input_gradient, select
+from fipray.path import Phase, PhaseState, run_path
+from fipray.phases import fip_phase
+from fipray.runtime import RunContext, accuracy, clone, path_summary, train_base
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """Robustness-directed FIP (L = an adversarial objective) and the adversarial baselines' budgets."""
+
+    objective: str = knob("ce", choices=("ce", "trades"))
+    train_eps: float = knob(0.1, gt=0, lt=1)  # L∞ radius of the training attack (ε_train)
+    attack_steps: int = knob(3, ge=1)  # PGD steps crafting each training batch
+    step_size: float = knob(0.0, ge=0)  # 0: 2.5 · train_eps / attack_steps
+    diversity: str = knob("none", choices=("none", "coherence", "disagreement"))
+    diversity_weight: float = knob(0.0, ge=0)  # weight of the diversity term inside L
+    diversity_window: int = knob(3, ge=1)  # the most recent networks taken (w0 first) it pushes away from
+    paths: int = knob(1, ge=1)  # paths from one w0 per seed in the experiment; the union is the candidate set
+    clean_floor: float = knob(0.01, ge=0, lt=1)  # sweep metric whitebox_floor: clean >= base clean − this
+    # Baselines (`fipray.baselines.ensemble`): pgd_at / adv_deep train with the attack above.
+    at_evals: int = knob(0, ge=0)  # PGD-AT's gradient evaluations after w0 (0: those of the robust FIP paths)
+    fge_cycle: int = knob(50, ge=2)  # fast geometric ensembling: steps per learning-rate cycle
+    fge_lr: float = knob(0.05, gt=0)  # its largest (SGD, momentum 0.9) learning rate; the smallest is 1/100 of it
+
+    def check(self, cfg: Config) -> None:
+        ec = cfg.ensemble
+        if ec.fip == "robust" and not ec.load and self.paths * (cfg.path.steps // ec.sample_every) < ec.members:
+            raise ConfigError(f"robust.paths × (path.steps // ensemble.sample_every) = "
+                              f"{self.paths * (cfg.path.steps // ec.sample_every)} sampled networks < "
+                              f"ensemble.members = {ec.members}")
+        if ec.fip == "robust" and not cfg.path.memory_batch_size:
+            raise ConfigError("config key 'path.memory_batch_size' is 0 (the whole memory every step): the robust "
+                              "FIP counts its compute per memory batch; set a batch size")
+        if self.diversity != "none" and self.diversity_weight == 0:
+            raise ConfigError(f"config key 'robust.diversity_weight' is 0: robust.diversity: {self.diversity} "
+                              "would do nothing (set a weight, or diversity: none)")
+
+
+def step_size(rc: RobustConfig) -> float:
+    return rc.step_size or 2.5 * rc.train_eps / rc.attack_steps
+
+
+def pgd_examples(model: nn.Module, x: Tensor, y: Tensor, rc: RobustConfig, generator: torch.Generator,
+                 clean_logits: Tensor | None = None) -> Tensor:
+    """L∞ PGD with a uniform random start in the ε-ball, crafted on `model` in eval mode: (B, ...) in [0, 1].
+
+    Maximises cross-entropy (objective ce) or KL(softmax(clean_logits) ‖ softmax(f(x'))) (trades). Only
+    the input gets gradients; the random start draws from `generator` (CPU), so crafting never touches
+    torch's global RNG and a resumed path crafts the same examples.
+    """
+    eps, alpha = rc.train_eps, step_size(rc)
+    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device)
+    x_adv = (x + eps * noise).clamp(0, 1).detach()
+    target = None if clean_logits is None else F.softmax(clean_logits.detach(), dim=1)
+    with eval_mode(model), torch.enable_grad():
+        for _ in range(rc.attack_steps):
+            x_adv.requires_grad_(True)
+            out = model(x_adv)
+            loss = F.cross_entropy(out, y, reduction="sum") if target is None else \
+                F.kl_div(F.log_softmax(out, dim=1), target, reduction="sum")
+            (g,) = torch.autograd.grad(loss, x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+
+def _wrong_class_probs(logits: Tensor, y: Tensor) -> Tensor:
+    """Softmax over the classes other than the label: (B, C − 1)."""
+    keep = torch.ones_like(logits, dtype=torch.bool).scatter_(1, y[:, None], False)
+    return F.softmax(logits[keep].view(len(logits), -1), dim=1)
+
+
+def diversity_term(model: nn.Module, taken: list[dict[str, Tensor]], x: Tensor, y: Tensor, x_adv: Tensor,
+                   kind: str) -> Tensor:
+    """Mean similarity of `model` to each network in `taken` (lower = more diverse); see the module docstring."""
+    sims = []
+    if kind == "coherence":
+        g = input_gradient(model, x, y, create_graph=True).flatten(1)
+        for state in taken:
+            gj = input_gradient(lambda z, s=state: torch.func.functional_call(model, s, (z,)), x, y).flatten(1)
+            sims.append(F.cosine_similarity(g, gj.detach(), dim=1, eps=1e-12).mean())
+    else:
+        p = _wrong_class_probs(model(x_adv), y)
+        for state in taken:
+            with torch.no_grad():
+                pj = _wrong_class_probs(torch.func.functional_call(model, state, (x_adv,)), y)
+            sims.append(F.cosine_similarity(p, pj, dim=1).mean())
+    return torch.stack(sims).mean()
+
+
+def step_evals(cfg: Config, taken: int) -> float:
+    """Gradient evaluations of one robust FIP step with `taken` networks in the diversity window.
+
+    The memory and the new batch share one forward+backward (memory pro rata to path.batch_size), the PGD
+    examples one more, each attack step one; coherence adds a double backward (2) and one per earlier
+    network, disagreement one per earlier network (a forward only, counted whole)."""
+    p, rc = cfg.path, cfg.robust
+    mem = p.memory_batch_size / p.batch_size if p.lam else 0.0
+    n = 1 + mem + 1 + rc.attack_steps
+    if rc.diversity == "coherence":
+        n += 2 + taken
+    elif rc.diversity == "disagreement":
+        n += taken
+    return n
+
+
+def path_evals(cfg: Config) -> int:
+    """Gradient evaluations of one robust FIP path (what the phase counts, computed from the config)."""
+    rc, every = cfg.robust, cfg.ensemble.sample_every
+    total = 0.0
+    for t in range(cfg.path.steps):
+        taken = min(rc.diversity_window, 1 + t // every) if rc.diversity != "none" else 0
+        total += step_evals(cfg, taken)
+    return int(math.ceil(total))
+
+
+def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Phase:
+    """The robustness-directed FIP from the network at the phase start (w0), sampling every
+    `ensemble.sample_every` steps. `data` (Examples or (x, y)) serves as memory and as the new batches.
+
+    The phase state holds the step count, the gradient evaluations so far and the networks the diversity
+    term pushes away from (w0, then each sample), so a resumed path continues exactly."""
+    rc, every = cfg.robust, cfg.ensemble.sample_every
+    x_mem = data[0] if isinstance(data, tuple) else data
+
+    def prepare_extra(model: nn.Module) -> PhaseState:
+        w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {"t": 0, "evals": 0.0, "taken": [w0] if rc.diversity != "none" else []}
+
+    def secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None, y: Tensor | None,
+                  state: PhaseState) -> Tensor:
+        assert x is not None and y is not None and logits is not None
+        gen = torch.Generator().manual_seed(mix_seed(seed, 15, state["t"]))
+        trades = rc.objective == "trades"
+        x_adv = pgd_examples(model, x, y, rc, gen, clean_logits=logits if trades else None)
+        adv_logits = model(x_adv)
+        loss = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean") \
+            if trades else F.cross_entropy(adv_logits, y)
+        window = state["taken"][-rc.diversity_window:]
+        state["evals"] += step_evals(cfg, len(window))
+        if rc.diversity != "none":
+            loss = loss + rc.diversity_weight * diversity_term(model, window, x, y, x_adv, rc.diversity)
+        return loss
+
+    def after_step(model: nn.Module, state: PhaseState) -> None:
+        state["t"] += 1
+        if rc.diversity != "none" and state["t"] % every == 0:  # the sample run_path takes at this step
+            state["taken"].append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    return fip_phase(name, cfg.path, seed, memory=x_mem, secondary=secondary, new_data=data,
+                     after_step=after_step, sample_every=every, prepare_extra=prepare_extra,
+                     finish=lambda m, state: {"gradient_evals": int(math.ceil(state["evals"]))})
+
+
+def robust_paths(ctx: RunContext, base: nn.Module, seed: int, *, out_dir: bool = True,
+                 **path_kwargs: Any) -> tuple[list[Any], list[nn.Module], list[int], list[int], int]:
+    """`robust.paths` paths from `base`: (results, candidates in eval mode, path ids, sample steps, evals)."""
+    results, candidates, path_ids, steps, evals = [], [], [], [], 0
+    for p in range(ctx.cfg.robust.paths):
+        ps = seed if p == 0 else mix_seed(seed, 14, p)
+        res = run_path(clone(base), [robust_phase(ctx.train_data(), ctx.cfg, ps)],
+                       out_dir=ctx.checkpoint_dir(f"seed{seed}", f"robust{p}") if out_dir else None, **path_kwargs)
+        results.append(res)
+        evals += res.phase_results["robust"]["gradient_evals"]
+        for i, s in enumerate(res.samples):
+            m = clone(base)
+            m.load_state_dict(res.sample_state(i))
+            candidates.append(m.eval())
+            path_ids.append(p)
+            steps.append(s["global_step"])
+    return results, candidates, path_ids, steps, evals
+
+
+@FIP_ENSEMBLES.register("robust")
+def robust_fip_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float,
+                        out: dict[str, list]) -> Deployed:
+    """Robust FIP paths from w0, the δ rule over the union of their samples, saved as an ensemble folder."""
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    xte, yte = ctx.test_tensors()
+    results, candidates, path_ids, steps, evals = robust_paths(
+        ctx, base, seed, **ctx.path_kwargs(xte[: cfg.path.heldout], lambda m: {"accuracy": accuracy(m, xte, yte)}))
+    for p, res in enumerate(results):
+        out["path"] += [{"seed": seed, "path": p, **r} for r in res.records]
+        out["geometry"].append(path_summary(res.records))
+    keep, h = select(ctx, candidates)
+    members = [candidates[i] for i in keep]
+    seconds = base_seconds + time.perf_counter() - t0
+    if ctx.out is not None:
+        save_ensemble(members, ctx.out / "ensembles" / f"fip_robust_seed{seed}", model_spec=ctx.spec, metadata={
+            "operation": "robust", "seed": seed, "config_hash": cfg.run_id(), "path_ids": [path_ids[i] for i in keep],
+            "steps": [steps[i] for i in keep], "fgsm_shift": [h[i] for i in keep], "candidates": len(candidates)})
+    # The δ rule's FGSM shift: one forward+backward over its 256 examples per candidate.
+    select_evals = len(candidates) * math.ceil(256 / cfg.path.batch_size)
+    return Deployed(Ensemble(members), members, seconds, cfg.train.steps + cfg.robust.paths * cfg.path.steps,
+                    cfg.train.steps + evals + select_evals)
+
+
+@register_operation
+class Robust(Operation):
+    """Robust FIP ensembles: the ensemble comparison with a robustness-directed FIP, its paths and sweeps."""
+
+    name = "robust"
+    help = "robust FIP ensembles (L = adversarial loss, optional diversity) vs deep / adversarial baselines"
+    section = RobustConfig
+    metrics = ("whitebox_floor", "whitebox", "clean", "transfer")
+    smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "ensemble.members=2", "ensemble.sample_every=10",
+             "ensemble.pgd_steps=2", "ensemble.eval_examples=40", "ensemble.autoattack=false",
+             "path.record_every=10", "path.checkpoint_every=10", "robust.attack_steps=1", "robust.paths=1")
+    supports_paths = True
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg = ctx.cfg if ctx.cfg.ensemble.fip == "robust" else ctx.cfg.replace(**{"ensemble.fip": "robust"})
+        return RobustEnsemble().run(dataclasses.replace(ctx, cfg=cfg))
+
+    def brief(self, summary: dict) -> dict:
+        return RobustEnsemble().brief(summary)
+
+    # FIP paths (`fipray paths`): one robust path from the shared w0; the union of samples is one ensemble.
+    def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
+             world: int = 1) -> tuple[list[Phase], dict]:
+        xte, yte = ctx.test_tensors()
+        if world > 1:
+            if ctx.cfg.data.stream:
+                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory data; data.stream: true is "
+                                  "not supported there yet")
+            xtr, ytr = ctx.train_tensors()
+            phases = [robust_phase((xtr[rank::world], ytr[rank::world]), ctx.cfg, seed)]
+        else:
+            phases = [robust_phase(ctx.train_data(), ctx.cfg, seed)]
+        return phases, {"heldout": xte[: ctx.cfg.path.heldout],
+                        "evaluate": lambda m: {"accuracy": accuracy(m, xte, yte)}}
+
+    # Sweep trials: an iteration per seed --------------------------------------------------------------------
+    def check_sweep(self, cfg: Config) -> None:
+        RobustConfig.check(cfg.robust, cfg.replace(**{"ensemble.fip": "robust"}))
+
+    def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, **options: Any) -> None:
+        """White-box PGD accuracy of the robust FIP ensemble at `eps` (default ensemble.focus_eps), clean and
+        transfer-from-w0 accuracy, and `whitebox_floor`: the white-box accuracy when the ensemble's clean
+        accuracy (full test split) is at least the base network's minus `robust.clean_floor`, else that
+        accuracy minus 1 and the shortfall (negative: trials below the floor rank below every trial above it,
+        and among themselves by how far below they are)."""
+        cfg, ec = ctx.cfg, ctx.cfg.ensemble
+        e = eps or ec.focus_eps
+        xte, yte = ctx.test_tensors()
+        x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
+        got: dict[str, list[float]] = {"whitebox_floor": [], "whitebox": [], "transfer": [], "clean": []}
+        for seed in cfg.seeds:
+            base = ctx.model(seed)
+            train_base(base, ctx.train_data(), None, cfg, seed)
+            _, candidates, _, _, _ = robust_paths(ctx, base, seed, out_dir=False, record_every=10**9,
+                                                  checkpoint_every=10**9)
+            keep, _h = select(ctx, candidates)
+            ens = Ensemble([candidates[i] for i in keep])
+            curve = robustness_curve(ens, x_eval, y_eval, [e], surrogate=base.eval(), steps=ec.pgd_steps, seed=seed,
+                                     restarts=ec.restarts)
+            clean, base_clean = accuracy(ens, xte, yte), accuracy(base, xte, yte)
+            shortfall = max(0.0, base_clean - cfg.robust.clean_floor - clean)
+            got["whitebox_floor"].append(curve[0]["whitebox"] - (1.0 + shortfall if shortfall > 0 else 0.0))
+            got["whitebox"].append(curve[0]["whitebox"])
+            got["transfer"].append(curve[0]["transfer"])
+            got["clean"].append(clean)
+            report({k: float(np.mean(v)) for k, v in got.items()} | {"seed": seed, "eps": e})
