@@ -155,7 +155,10 @@ def _run_query(args: argparse.Namespace) -> int:
 
 # Serving ----------------------------------------------------------------------------------------------
 def _add_serve_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--ensemble", type=Path, required=True, help="ensemble folder (ensemble.json + members.safetensors)")
+    s.add_argument("--ensemble", type=Path, help="ensemble folder (ensemble.json + members.safetensors)")
+    s.add_argument("--config", dest="serve_config", type=Path,
+                   help="a Serve config file (the one `serve run` takes; its fipray app's args and http_options) "
+                        "instead of --ensemble; SIGTERM then stops it cleanly, unlike `serve run FILE`")
     s.add_argument("--shards", type=int, default=1, help="shard deployments the members are split over (1: one deployment)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -174,6 +177,14 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from fipray.ray.serve import main_serve
 
+    if (args.ensemble is None) == (args.serve_config is None):
+        raise ConfigError("give --ensemble DIR or --config SERVE_YAML (one of them)")
+    if args.serve_config is not None:
+        from fipray.ray.serve import args_from_serve_config
+
+        from_file, http = args_from_serve_config(args.serve_config)
+        return main_serve(from_file, host=http.get("host", args.host), port=int(http.get("port", args.port)),
+                          address=args.address, smoke_test=args.smoke_test, metrics_port=args.metrics_port)
     serve_args: dict[str, Any] = {"ensemble": str(args.ensemble), "shards": args.shards,
                                   "max_inputs": args.max_inputs, "gpus_per_shard": args.gpus_per_shard}
     for key in ("max_queued_requests", "request_timeout_s"):

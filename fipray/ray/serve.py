@@ -51,6 +51,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -384,6 +385,31 @@ def update_ensemble(args: Mapping[str, Any], *, http: bool = True, route_prefix:
     """
     a = ServeArgs.from_dict(args)
     return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
+
+
+def args_from_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fipray app's ``args`` (with its ``name``) and the ``http_options`` of a Serve config file.
+
+    Raises:
+        ConfigError: not a mapping with one application whose import_path is this module's build_app.
+    """
+    from fipray.config import read_yaml_mapping
+
+    doc = read_yaml_mapping(path)
+    apps = [a for a in doc.get("applications") or [] if isinstance(a, dict)
+            and a.get("import_path") == "fipray.ray.serve:build_app"]
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: expected exactly one application with import_path "
+                          f"fipray.ray.serve:build_app under 'applications', found {len(apps)}")
+    args = dict(apps[0].get("args") or {})
+    if "name" in apps[0]:
+        args.setdefault("name", apps[0]["name"])
+    http = doc.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise ConfigError(f"{path}: 'http_options' must be a mapping")
+    if "request_timeout_s" in http:
+        args.setdefault("request_timeout_s", http["request_timeout_s"])
+    return args, http
 
 
 def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | None = None,

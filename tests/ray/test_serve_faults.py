@@ -133,15 +133,26 @@ def _alive(p) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM])
-def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig):
+@pytest.mark.parametrize("sig, how", [
+    (signal.SIGTERM, "ensemble"),
+    pytest.param(signal.SIGINT, "config", marks=pytest.mark.slow),  # the same path; a Serve config file
+])
+def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how, tmp_path):
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="fsg", dir="/tmp")  # short: Ray's socket paths stay < 107 characters
     env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", "serve", "--ensemble", str(ens_dir),
-                             "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    if how == "config":
+        cfg = tmp_path / "serve.yaml"
+        cfg.write_text(json.dumps({"http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 20},
+                                   "applications": [{"name": "fipray", "route_prefix": "/",
+                                                     "import_path": "fipray.ray.serve:build_app",
+                                                     "args": {"ensemble": str(ens_dir), "shards": 2}}]}))
+        what = ["--config", str(cfg)]
+    else:
+        what = ["--ensemble", str(ens_dir), "--port", str(port)]
+    proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", "serve", *what], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
     ray_procs: list = []
     try:
         deadline, up = time.time() + 120, False
