@@ -267,8 +267,9 @@ def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, 
             r["transfer"] = r["transfer_w0"]
     # Each member's own white-box accuracy (PROTOCOLS.md) on the first 100 examples: K extra
     # attacks per ε would otherwise cost more than attacking the ensemble itself.
+    n_member = 50 if review else 100  # the review's many methods and attacks: the first 50
     member_wb = {e: float(np.mean([r["whitebox"] for m in d.members for r in robustness_curve(
-        m, x_eval[:100], y_eval[:100], [e], steps=ec.pgd_steps, seed=seed)])) for e in ec.eps}
+        m, x_eval[:n_member], y_eval[:n_member], [e], steps=ec.pgd_steps, seed=seed)])) for e in ec.eps}
     # The steps comparison (PGD at 10 and 40 steps) runs on the first 100 examples: it
     # checks the attack, not the model, and 40-step PGD on an ensemble is the costliest call.
     flags = sanity_flags(curve, target=d.target, x=x_eval[:100], y=y_eval[:100], eps=max(ec.eps))
@@ -642,7 +643,8 @@ def review_report(summary: dict) -> str:
         f"White-box PGD-{summary['pgd_steps']} with {summary['restarts']} random start(s) (an example counts only if "
         f"it survives all); AutoAttack (torchattacks; {AA_NOTE[summary['autoattack_version']]}) on the first "
         f"{summary['autoattack_examples'] or 'all'} evaluation examples (— = not run); transfer crafted on w0 (w0→) and on an independently trained ensemble "
-        "of the same size (indep→). Clean: the full test split.", "",
+        "of the same size (indep→). Clean: the full test split. Members' own white-box accuracy (`member_whitebox`): "
+        "the first 50 examples here. Robust FIP ensembles: `ensembles/fip_robust_seed*/`.", "",
         report.md_table(header, attacks), "",
         "Diversity: representation diversity (mean over layers, then per layer), members' mean pairwise "
         "input-gradient cosine, pairwise disagreement, coherence against w0 and against the independent ensemble.", "",

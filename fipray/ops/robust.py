@@ -293,7 +293,8 @@ class Robust(Operation):
         e = eps or ec.focus_eps
         xte, yte = ctx.test_tensors()
         x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
-        got: dict[str, list[float]] = {"whitebox_floor": [], "whitebox": [], "transfer": [], "clean": []}
+        got: dict[str, list[float]] = {"whitebox_floor": [], "whitebox": [], "transfer": [], "clean": [],
+                                       "base_clean": []}
         for seed in cfg.seeds:
             base = ctx.model(seed)
             train_base(base, ctx.train_data(), None, cfg, seed)
@@ -309,4 +310,5 @@ class Robust(Operation):
             got["whitebox"].append(curve[0]["whitebox"])
             got["transfer"].append(curve[0]["transfer"])
             got["clean"].append(clean)
+            got["base_clean"].append(base_clean)
             report({k: float(np.mean(v)) for k, v in got.items()} | {"seed": seed, "eps": e})

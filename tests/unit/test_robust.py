@@ -210,3 +210,41 @@ def test_goals_verdicts():
     pm["fip_robust"] = m(0.9, 1300, 0.95)  # more than half the deep ensemble's compute, more than PGD-AT's
     g = goals(pm, "0.1")["fip_robust"]
     assert not g["a"] and not g["b"]
+
+
+def test_sweep_trial_reports_the_floored_metric():
+    """`fipray sweep`'s trial (run here without Ray): whitebox_floor equals white-box accuracy above the clean
+    floor, and is negative below it (a floor no ensemble can meet)."""
+    from fipray.units import run_trial
+
+    over = [*TINY, "train.steps=100", "ensemble.eval_examples=60", "ensemble.pgd_steps=5"]
+    for floor, above in ((0.5, True), (0.0, None)):
+        reports: list[dict] = []
+        cfg = load_config(None, [*over, f"robust.clean_floor={floor}"])
+        run_trial(cfg, reports.append, eps=0.1)
+        r = reports[-1]
+        assert len(reports) == 1 and r["eps"] == 0.1 and 0 <= r["whitebox"] <= r["clean"]
+        met = r["clean"] >= r["base_clean"] - floor
+        assert met or not above
+        assert (r["whitebox_floor"] == r["whitebox"]) == met and (met or r["whitebox_floor"] < 0)
+
+
+def test_sweep_config_loads():
+    from fipray.job import load_job, sweep_metric
+
+    job = load_job("jobs/configs/sweep_robust_digits.yaml")
+    assert job.cfg.operation == "robust" and sweep_metric(job) == "whitebox_floor"
+    assert job.sweep.options()["eps"] == 0.1
+
+
+def test_fipray_paths_unit_runs_robust_paths(tmp_path):
+    """The per-path unit `fipray paths` runs in each Ray worker (here without Ray): robust paths from one w0."""
+    from fipray.units import load_samples, run_one_path, train_shared_base
+
+    cfg = load_config(None, [*TINY, "train.steps=60"])
+    base_file = train_shared_base(cfg, tmp_path)
+    results = [run_one_path(cfg, k, base_file, tmp_path / f"p{k}") for k in range(2)]
+    assert [len(r["samples"]) for r in results] == [3, 3]
+    assert all(r["phase_results"]["robust"]["gradient_evals"] == path_evals(cfg) for r in results)
+    a, b = load_samples(tmp_path / "p0")[-1], load_samples(tmp_path / "p1")[-1]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # path k has its own batches and attack starts
