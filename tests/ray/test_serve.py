@@ -349,3 +349,38 @@ def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):
         assert _request(port, "POST", "/text/predict", json.dumps({"texts": texts}).encode())[0] == 200
     finally:
         serve.delete("text")
+
+
+def test_vit_members_serve_and_give_exact_gradients_through_shards(served):
+    """Transformer members (timm ViT) through 2 shards: predictions and the input gradient PGD uses."""
+    import tempfile
+
+    from ray import serve
+
+    from fipray.ray.attack import RemoteEnsemble
+    from fipray.ray.serve import start
+
+    kwargs = {"patch_size": 2, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
+    ms = []
+    for i in range(4):
+        torch.manual_seed(i)
+        ms.append(create_model("timm:vit_tiny_patch16_224", num_classes=10, input_shape=SHAPE, **kwargs))
+    with tempfile.TemporaryDirectory(prefix="vit") as d:
+        spec = {"name": "timm:vit_tiny_patch16_224", "kwargs": kwargs, "num_classes": 10, "input_shape": list(SHAPE)}
+        save_ensemble(ms, d, model_spec=spec, metadata={"operation": "ensemble"})
+        ens = load_ensemble(d)
+        handle = start({"ensemble": d, "shards": 2, "name": "vit"}, http=False)
+        try:
+            remote = RemoteEnsemble(handle)
+            torch.manual_seed(3)
+            x, y = torch.rand(6, *SHAPE), torch.randint(0, 10, (6,))
+            with torch.no_grad():
+                assert torch.allclose(remote(x), ens(x), atol=1e-5)
+            grads = []
+            for model in (ens, remote):
+                xg = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), y), xg)
+                grads.append(g)
+            assert grads[0].abs().max() > 0 and (grads[0] - grads[1]).abs().max() <= 1e-5
+        finally:
+            serve.delete("vit")
