@@ -287,6 +287,10 @@ def _autoscaling(where: str, value: Mapping[str, Any]) -> dict[str, Any]:
     """``num_replicas`` / ``autoscaling_config`` options from a ServeArgs mapping ({} = one replica)."""
     if not value:
         return {"num_replicas": 1}
+    unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+    if unknown:  # the config model itself ignores unknown keys: a typo would silently do nothing
+        raise ConfigError(f"config key 'serve.{where}': unknown autoscaling option(s) {unknown}; valid: "
+                          f"{', '.join(sorted(AutoscalingConfig.model_fields))}")
     try:
         AutoscalingConfig(**value)
     except Exception as e:  # pydantic's ValidationError names the bad field

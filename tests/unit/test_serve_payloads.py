@@ -218,3 +218,21 @@ def test_serve_args_from_command_line_strings_and_bad_keys(text_ens, capsys):
     assert "unknown config key 'serve.nope'" in capsys.readouterr().err
     assert main(["serve", "--ensemble", str(text_ens), "--set", "shards"]) == 2
     assert "--set takes KEY=VALUE" in capsys.readouterr().err
+
+
+def test_autoscaling_and_backpressure_options_reach_the_deployments(text_ens):
+    from fipray.config import ConfigError
+    from fipray.ray.serve import build_app
+
+    app = build_app({"ensemble": str(text_ens), "shards": 3, "max_queued_requests": 7, "retry_after_s": 2,
+                     "shard_autoscaling": {"min_replicas": 1, "max_replicas": 2}})
+    ingress = app._bound_deployment
+    cfg = ingress._deployment_config
+    assert cfg.max_queued_requests == 7 and cfg.user_config == {"ensemble": str(text_ens.resolve())}
+    assert cfg.backpressure_config.retry_after_s == 2 and cfg.num_replicas == 1
+    shards = ingress.init_args[1]
+    assert len(shards) == 3
+    shard_cfg = shards[0]._bound_deployment._deployment_config
+    assert shard_cfg.autoscaling_config.max_replicas == 2 and shard_cfg.max_queued_requests == 7
+    with pytest.raises(ConfigError, match="serve.shard_autoscaling"):
+        build_app({"ensemble": str(text_ens), "shards": 2, "shard_autoscaling": {"max_replica": 2}})
