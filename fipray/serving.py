@@ -1,7 +1,10 @@
 """The ensemble server's engine: shard maths, request validation and validated app arguments.
 
 Nothing here imports Ray or Serve (``fipray.ray.serve`` wraps it in deployments), so all of it is
-unit-testable in-process.
+unit-testable in-process. Requests (:func:`parse_request`) are JSON inputs, JSON texts (tokenised
+with the tokenizer the ensemble folder records) or a binary ``.npy`` body, validated against an
+:class:`InputSpec`; shards hold engines by ensemble version (:class:`EngineCache`), so a live switch
+never mixes two ensembles in one answer.
 
 Sharding is exact. A shard holding members ``k ∈ M_s`` returns, in log space for stability, its
 softmax sum ``L_s = log Σ_{k∈M_s} softmax(f_k(x))`` ``(B, C)``. The ensemble's head is then
