@@ -313,6 +313,35 @@ def joined_cluster(address: str | None) -> bool:
     return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
+def _check_here(storage_uri: str) -> str | None:
+    try:
+        check_storage(open_storage(storage_uri))
+        return None
+    except ConfigError as e:
+        return str(e)
+
+
+def check_storage_on_nodes(st: Storage) -> None:
+    """Prove every node alive now can write storage (its credentials, its mounts), before any work.
+
+    The driver's own check (`check_storage`) says nothing of the workers: a worker node without the
+    bucket's role, or without the shared folder mounted, would fail only when its first path checkpoints.
+
+    Raises:
+        ConfigError: naming the nodes that cannot, and why.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(_check_here)
+    refs = {f"{n['NodeManagerAddress']} {n['NodeID'][:8]}": task.options(
+        num_cpus=0, max_retries=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)).remote(st.uri)
+        for n in ray.nodes() if n.get("Alive")}
+    errors = {where: err for where, err in zip(refs, ray.get(list(refs.values()))) if err}
+    if errors:
+        raise ConfigError("; ".join(f"node {where}: {err}" for where, err in sorted(errors.items())))
+
+
 def check_resources(job: JobConfig, what: str = "path", *, strict: bool = True) -> None:
     """Fail before any work when one path (all its ranks) can never be placed on this cluster.
 
@@ -422,6 +451,7 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
     ray_start = time.perf_counter() - t0
     try:
         check_resources(job, strict=not joined_cluster(address))
+        check_storage_on_nodes(storage)
         return _run(job, out, storage, progress=progress, ray_start=ray_start, t0=t0)
     finally:
         if started:

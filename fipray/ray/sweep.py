@@ -42,7 +42,7 @@ from fipray.config import Config, ConfigError, from_dict, save_config
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
 from fipray.ray._local import init_local
-from fipray.ray.paths import joined_cluster, quiet_ray, worker_device
+from fipray.ray.paths import check_storage_on_nodes, joined_cluster, quiet_ray, worker_device
 from fipray.ray.storage import Storage, check_storage, open_storage
 from fipray.runtime import prepare_out
 from fipray.units import run_trial, trial_iterations
@@ -195,6 +195,7 @@ def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address
     ray_start = time.perf_counter() - t0
     try:
         concurrent = check_sweep_resources(job, strict=not joined_cluster(address))
+        check_storage_on_nodes(storage)
         return _sweep(job, out, storage, metric, concurrent, progress=progress, t0=t0, ray_start=ray_start)
     finally:
         if started:

@@ -33,7 +33,7 @@ def main() -> None:
         **spec["head"]})
     workers = [cluster.add_node(**w) for w in spec["workers"]]
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    ray.init(address=cluster.address, log_to_driver=False, _node_ip_address=spec["head"].get("node_ip_address"))
     job = load_job(spec["config"], spec.get("overrides", []))
     from pathlib import Path
 

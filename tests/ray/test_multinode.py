@@ -32,7 +32,7 @@ pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS = {"name": "digits", "kwargs": {"seed": 0, "test_fraction": 0.25}}
-NODE = {"object_store_memory": 80 * 1024**2}
+NODE = {"object_store_memory": 80 * 1024**2, "node_ip_address": "127.0.0.1"}  # loopback only
 
 
 def _config(num_paths: int, steps: int, **ray) -> dict:
@@ -56,7 +56,9 @@ def _run_cluster(tmp_path: Path, s3: dict, cfg: dict, head: dict, workers: list[
     (Path(ray_tmp) / "ray").mkdir()  # where the Cluster writes its address file (RAY_TMPDIR/ray)
     spec = {"config": str(tmp_path / "job.yaml"), "out": str(tmp_path / "out"), "temp_dir": ray_tmp,
             "head": {**NODE, **head}, "workers": [{**NODE, **w} for w in workers], "remove_after_checkpoint": remove}
-    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: every node, and the driver, on 127.0.0.1 (RAY_NOTES.md pitfall 7).
+    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     try:
         r = subprocess.run([sys.executable, str(Path(__file__).parent / "_cluster_run.py"), json.dumps(spec)],

@@ -152,3 +152,22 @@ def test_bad_resources_and_storage_fail_before_work(ray_2cpus, tmp_path):
         run_paths(_job(**{"ray.storage_path": str(blocked / "sub")}), tmp_path / "b", progress=False)
     assert not (tmp_path / "a" / "storage" / "base").exists()  # nothing started
     assert torch.get_num_threads() == 1
+
+
+@pytest.mark.parametrize("requested, gpu_ids, visible, want", [
+    ("cpu", ["0"], "0", "cpu"),  # the config's cpu stands, even on a (fake) GPU Ray assigned
+    ("cuda", ["3"], "3", "cuda:0"),  # Ray narrowed CUDA_VISIBLE_DEVICES to the assigned GPU
+    ("cuda:0", ["3"], "2,3", "cuda:1"),  # the assigned GPU's place among the visible ones, not cuda:0
+    ("cuda", ["1"], None, "cuda:1"),  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: the GPU's own index
+])
+def test_worker_device_is_the_gpu_ray_assigned(requested, gpu_ids, visible, want):
+    from fipray.ray.paths import worker_device
+
+    assert worker_device(requested, gpu_ids, visible) == want
+
+
+def test_worker_device_without_an_assigned_gpu_is_an_error():
+    from fipray.ray.paths import worker_device
+
+    with pytest.raises(ConfigError, match="assigned this worker no GPU"):
+        worker_device("cuda", [], None)

@@ -139,7 +139,8 @@ def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
     uri = s3["uri"]("runs/kill")
     st = open_storage(uri)
     ray_tmp = tempfile.mkdtemp(prefix="fps3", dir="/tmp")  # short: Ray's socket paths are limited
-    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on 127.0.0.1 only
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "fipray.cli", "paths", "--config", str(tmp_path / "job.yaml"), "--out", str(out),
