@@ -91,3 +91,16 @@ def test_continual_digits_bn(tmp_path):
     m = s["methods"]
     assert s["setting"] == "class" and set(m) == {"fip", "naive", "er", "ewc"} and len(s["seeds"]) == 3
     assert m["fip"]["acc_mean"] > m["naive"]["acc_mean"]
+
+
+def test_continual_bbc_minilm(tmp_path):
+    s = _run("continual_bbc_minilm", tmp_path)
+    m = s["methods"]
+    assert s["stream"] == "datasets" and s["head"] == "multi" and s["num_tasks"] == 2 and len(s["seeds"]) == 2
+    assert list(m) == ["fip", "naive", "er", "derpp", "lora_r8", "lora_r2", "joint"]
+    for name, v in m.items():
+        assert len(v["final_task_accuracy"]) == 2 and v["weight_change"]["all"] > 0, name
+    # The base network learned task 0 (3 topics), and every method learned something of task 1 (2 topics).
+    R0 = m["joint"]["final_task_accuracy"]
+    assert R0[0] >= 0.8 and R0[1] >= 0.7
+    assert (tmp_path / "weight_pca.png").is_file()

@@ -65,3 +65,19 @@ def test_ensemble_digits(tmp_path):
         assert s["sanity"][name] and all(s["sanity"][name].values()), (name, s["sanity"][name])
     assert abs(m["fip"]["member_clean_mean"] - m["base"]["clean_full_test_mean"]) <= 0.01
     assert (tmp_path / "ensembles" / "fip_seed0" / "ensemble.json").is_file()
+
+
+def test_continual_digits_domain(tmp_path):
+    s = _run("continual_digits_domain", tmp_path)
+    m = s["methods"]
+    assert s["stream"] == "domain" and s["head"] == "shared" and s["num_tasks"] == 5
+    assert set(m) == {"fip", "naive", "er", "derpp", "joint"}
+    # Replay-based methods keep more of the earlier permutations than naive fine-tuning.
+    assert m["fip"]["acc_mean"] > m["naive"]["acc_mean"] and m["er"]["acc_mean"] > m["naive"]["acc_mean"]
+
+
+def test_continual_digits_paper(tmp_path):
+    s = _run("continual_digits_paper", tmp_path)
+    m = s["methods"]
+    assert s["memory_per_task"] == 27 and set(m) == {"fip", "naive", "er", "ewc", "derpp"}
+    assert m["fip"]["acc_mean"] > m["naive"]["acc_mean"]
