@@ -306,7 +306,6 @@ def build_app(args: Mapping[str, Any]):
             or an invalid autoscaling mapping.
     """
     a = ServeArgs.from_dict(args)
-    _exit_cleanly_on_sigterm()
     common = {"max_queued_requests": a.max_queued_requests, "health_check_period_s": a.health_check_period_s,
               "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s)}
     shards = []
@@ -331,19 +330,6 @@ def build_app(args: Mapping[str, Any]):
 
 def _asdict(a: ServeArgs) -> dict[str, Any]:
     return dataclasses.asdict(a)
-
-
-def _exit_cleanly_on_sigterm() -> None:
-    """In a ``serve run`` process (the builder runs in its main thread before Ray starts), turn
-    SIGTERM into the KeyboardInterrupt ``serve run`` already handles: Serve shuts down and the local
-    Ray it started exits with it instead of being orphaned. Elsewhere (Ray workers, a process that
-    set its own handler) nothing changes."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread() or ray.is_initialized():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -124,6 +125,19 @@ def _descendants(pid: int) -> list:
         return []
 
 
+def _mentioning(text: str) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if text in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 def _alive(p) -> bool:
     import psutil
 
@@ -153,7 +167,7 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
         what = ["--ensemble", str(ens_dir), "--port", str(port)]
     proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", "serve", *what], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
-    ray_procs: list = []
+    ray_procs: Any = []
     try:
         deadline, up = time.time() + 120, False
         while time.time() < deadline and proc.poll() is None and not up:
@@ -165,15 +179,17 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
             except OSError:
                 time.sleep(1.0)
         assert up, proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "server did not come up"
-        ray_procs = _descendants(proc.pid)
+        # Its process tree, and anything naming its private Ray folder (a daemonised process would not be in the tree).
+        ray_procs = {p.pid: p for p in _descendants(proc.pid) + _mentioning(tmp)}.values()
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
         proc.send_signal(sig)
         assert proc.wait(90) == 0
         deadline = time.time() + 30
-        alive = ray_procs
+        alive = list(ray_procs)
         while alive and time.time() < deadline:
             alive = [p for p in alive if _alive(p)]
             time.sleep(0.5)
+        alive += [p for p in _mentioning(tmp) if _alive(p)]
         assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
     finally:
         if proc.poll() is None:
