@@ -157,8 +157,8 @@ def _run_query(args: argparse.Namespace) -> int:
 def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--ensemble", type=Path, help="ensemble folder (ensemble.json + members.safetensors)")
     s.add_argument("--config", dest="serve_config", type=Path,
-                   help="a Serve config file (the one `serve run` takes; its fipray app's args and http_options) "
-                        "instead of --ensemble; SIGTERM then stops it cleanly, unlike `serve run FILE`")
+                   help="a Serve config file (the one `serve run` takes: its fipray app's args and http_options) "
+                        "instead of --ensemble")
     s.add_argument("--shards", type=int, default=1, help="shard deployments the members are split over (1: one deployment)")
     s.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     s.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
