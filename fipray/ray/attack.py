@@ -137,6 +137,11 @@ def main_attack(
     dev = torch.device("cpu")
     bundle = common.load_bundle(s.cfg)
     xte, yte = common.tensors(bundle.test, dev)
+    if not xte.is_floating_point():
+        from fipray.config import ConfigError
+
+        raise ConfigError(f"fipray attack perturbs images in [0, 1]; {s.cfg.data.name!r} holds token ids "
+                          f"({xte.dtype}): text ensembles are served for predictions only")
     x_eval, y_eval = xte[:s.examples], yte[:s.examples]
     t0 = time.perf_counter()
     sur, surrogate_name = _build_surrogate(s.cfg, bundle, surrogate, s.seed, dev)
