@@ -411,13 +411,17 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
     pointed at a new folder) and switches to it without dropping requests. With ``smoke_test`` it
     answers one ``/predict`` request (zeros of the members' input shape) over HTTP on
     ``host:port``, prints the answer and shuts down instead of waiting. ``metrics_port`` exposes
-    Ray's Prometheus metrics (Serve's included) on that port.
+    Ray's Prometheus metrics (Serve's ``ray_serve_*`` included) on that port of the local Ray (bound by
+    Ray: loopback when the node's address is loopback, else every interface).
     """
     import signal
 
     from fipray.ray._local import init_local
 
     ServeArgs.from_dict(args)  # bad args fail before Ray starts
+    if metrics_port and (address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("--metrics-port sets up the local Ray that fipray serve starts; a cluster joined with "
+                          "--address/RAY_ADDRESS exports metrics on the port its nodes were started with")
     started = not ray.is_initialized()  # the Ray this call starts, it also stops
     extra: dict[str, Any] = {"_metrics_export_port": int(metrics_port)} if metrics_port else {}
     init_local(address=address, **extra)
