@@ -3,7 +3,7 @@
 - a worker node is removed (its processes killed) while one of its paths runs: that path restarts on a
   surviving node from its checkpoint in the bucket; the merged table and ensemble are complete, no row
   lost or twice, and the restarted path ends with the weights of an uninterrupted run (1e-6);
-- GPU packing with fake GPUs (Ray's `num_gpus` on a CPU node): `ray.gpus_per_path: 0.5` puts two paths
+- (slow tier) GPU packing with fake GPUs (Ray's `num_gpus` on a CPU node): `ray.gpus_per_path: 0.5` puts two paths
   on each GPU, each path reports the GPU Ray assigned to it, and no node without GPUs gets a path.
 
 The cluster runs in a subprocess (tests/ray/_cluster_run.py): the session's own Ray cannot share a process.
@@ -106,6 +106,7 @@ def test_node_removed_mid_run_paths_restart_elsewhere_from_storage(s3, tmp_path)
     assert max(float((got[n] - ref[n]).abs().max()) for n in ref) <= 1e-6
 
 
+@pytest.mark.slow  # a second simulated cluster (~70 s under load): out of the default tier's time budget
 def test_fractional_gpus_pack_two_paths_per_gpu(s3, tmp_path):
     """4 paths x 0.5 GPU on a node with 2 (fake) GPUs; the CPU-only head never gets one."""
     cfg = _config(4, 300, gpus_per_path=0.5, storage_path=str(tmp_path / "storage"))

@@ -133,8 +133,8 @@ def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
     from fipray.ray.storage import open_storage
     from fipray.units import load_final, run_one_path
 
-    cfg = _config(steps=2000, checkpoint_every=250, record_every=100)
-    cfg["ensemble"]["sample_every"] = 1000
+    cfg = _config(steps=1000, checkpoint_every=100, record_every=50)
+    cfg["ensemble"]["sample_every"] = 500
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     uri = s3["uri"]("runs/kill")
     st = open_storage(uri)
@@ -170,7 +170,7 @@ def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
     assert summary["storage"] == "s3://fipray-test/runs/kill"
     rows = pq.read_table(io.BytesIO(st.read_bytes("merged/path.parquet"))).to_pylist()
     keys = [(r["path"], r["phase"], r["phase_step"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 2 * (2000 // 100)  # nothing lost, nothing twice
+    assert len(keys) == len(set(keys)) == 2 * (1000 // 50)  # nothing lost, nothing twice
     assert summary["streamed_rows_match_table"]
     ens = json.loads(st.read_text("merged/ensemble/ensemble.json"))
     assert ens["metadata"]["path_ids"] == [0, 0, 1, 1]
