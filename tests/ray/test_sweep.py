@@ -142,3 +142,13 @@ def test_sweep_resumes_after_its_driver_is_killed(tmp_path):
     finally:
         for t in tmps:
             _stop_head([t])
+
+
+@pytest.mark.parametrize("gpus, cap, want", [(0.25, 16, 8), (0.5, 16, 4), (1.0, 16, 2), (0.25, 3, 3)])
+def test_fractional_gpus_pack_several_trials_per_gpu(monkeypatch, gpus, cap, want):
+    """A cluster of 2 GPUs and 16 CPUs (as Ray reports it) runs 1/gpus trials per GPU, capped by the sweep."""
+    import fipray.ray.sweep as sw
+
+    monkeypatch.setattr(sw.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    job = _job(**{"ray.gpus_per_path": gpus, "sweep.max_concurrent_trials": cap})
+    assert sw.check_sweep_resources(job) == want
