@@ -597,12 +597,11 @@ def plot_compute(summary: dict, path: Any) -> None:
         ax.annotate(f"{m} (clean {v['clean_full_test_mean']:.3f})", (v["gradient_evals"], v["whitebox"][e]),
                     fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("gradient evaluations (forward+backward minibatch passes, attack steps included)")
+    ax.set_xlabel("gradient evaluations (minibatch forward+backward, attack steps included)", fontsize=8)
     ax.set_ylabel(f"white-box PGD accuracy, ε = {e}")
     ax.set_title("Robust accuracy vs compute")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
 
 

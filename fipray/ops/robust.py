@@ -69,7 +69,7 @@ class RobustConfig:
     # Baselines (`fipray.baselines.ensemble`): pgd_at / adv_deep train with the attack above.
     at_evals: int = knob(0, ge=0)  # PGD-AT's gradient evaluations after w0 (0: those of the robust FIP paths)
     fge_cycle: int = knob(50, ge=2)  # fast geometric ensembling: steps per learning-rate cycle
-    fge_lr: float = knob(0.05, gt=0)  # its largest (SGD, momentum 0.9) learning rate; the smallest is 1/100 of it
+    fge_lr: float = knob(0.01, gt=0)  # its largest (SGD, momentum 0.9) learning rate; the smallest is 1/100 of it
 
     def check(self, cfg: Config) -> None:
         ec = cfg.ensemble
