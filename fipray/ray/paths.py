@@ -423,7 +423,9 @@ def _merge(job: JobConfig, out: Path, storage: Path, results: list[dict]) -> dic
     write_parquet(out / "path.parquet", table)
     spec = json.loads((storage / "base" / "spec.json").read_text())
     members, meta = _members(dirs, spec, int(cfg.seeds[0]))
-    save_ensemble(members, out / "ensemble", model_spec=spec, metadata={
+    # Text members: the tokenizer that made the data (else save_ensemble takes the members' pretrained_dir's).
+    tokenizer = cfg.data.kwargs.get("tokenizer")
+    save_ensemble(members, out / "ensemble", model_spec=spec, tokenizer=tokenizer, metadata={
         "operation": cfg.operation, "config_hash": cfg.run_id(), "num_paths": len(results),
         "source": "fipray paths: the sampled networks of every path (the final network where a path samples none)",
         **meta})
