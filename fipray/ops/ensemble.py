@@ -478,7 +478,8 @@ class RobustEnsemble(Operation):
             f"PGD with {ec.pgd_steps} steps and random start; white-box on each deployed model itself "
             f"(ensembles through log(mean softmax), members in eval mode); transfer crafted on the base network w0 "
             f"(so the base network's transfer equals its white-box). {summary['eval_examples']} test examples "
-            f"(members' own white-box accuracy, `member_whitebox` in summary.json: the first 100), seeds "
+            f"(members' own white-box accuracy, `member_whitebox` in summary.json: the first {50 if ec.review else 100}), "
+            f"seeds "
             f"{list(cfg.seeds)} (means).", "",
             report.md_table(header, table), "", "## Sanity flags", "",
             report.md_table(["method"] + list(next(iter(sanity.values())).keys()), flag_rows), "",
