@@ -496,6 +496,11 @@ class RobustEnsemble(Operation):
     # FIP paths: the undirected walk, sampling every `ensemble.sample_every` steps ------------------------
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
+        if ctx.cfg.ensemble.fip != "undirected":
+            # Another FIP method (ensemble.fip) is registered by the operation of that name, which owns its paths.
+            from fipray.operation import get_operation
+
+            return get_operation(ctx.cfg.ensemble.fip).path(ctx, model, seed, rank=rank, world=world)
         xte, yte = ctx.test_tensors()
         if world > 1:  # each DDP rank walks on its own shard of the (in-memory) training data
             if ctx.cfg.data.stream:
@@ -509,6 +514,9 @@ class RobustEnsemble(Operation):
 
     # Sweep trials: an iteration per seed; white-box, transfer and clean accuracy at `eps` ---------------
     def check_sweep(self, cfg: Config) -> None:
+        if cfg.ensemble.fip != "undirected":
+            raise ConfigError(f"config key 'ensemble.fip': the ensemble sweep trial walks the undirected FIP; sweep "
+                              f"the {cfg.ensemble.fip!r} FIP with operation: {cfg.ensemble.fip}")
         check_samples(cfg)
 
     def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, **options: Any) -> None:

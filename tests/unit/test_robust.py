@@ -248,3 +248,15 @@ def test_fipray_paths_unit_runs_robust_paths(tmp_path):
     assert all(r["phase_results"]["robust"]["gradient_evals"] == path_evals(cfg) for r in results)
     a, b = load_samples(tmp_path / "p0")[-1], load_samples(tmp_path / "p1")[-1]
     assert any(not torch.equal(a[k], b[k]) for k in a)  # path k has its own batches and attack starts
+
+
+def test_ensemble_operation_hands_robust_paths_to_the_robust_operation(trained):
+    """`fipray paths` on a config with operation: ensemble and ensemble.fip: robust runs robust paths."""
+    from fipray.operation import get_operation
+
+    ctx, base = trained
+    cfg = ctx.cfg.replace(operation="ensemble")
+    phases, _ = get_operation("ensemble").path(RunContext.create(cfg), clone(base), 0)
+    assert [p.name for p in phases] == ["robust"]
+    with pytest.raises(ConfigError, match="ensemble.fip"):
+        get_operation("ensemble").check_sweep(cfg)
