@@ -19,9 +19,9 @@ from fipray._batches import mix_seed
 from fipray._registry import Registry
 from fipray.config import Config
 from fipray.ensemble import Ensemble
-from fipray.ops.ensemble import Deployed
+from fipray.ops.ensemble import Deployed, trained_like_w0
 from fipray.optim import make_optimizer
-from fipray.runtime import RunContext, clone, train_base
+from fipray.runtime import RunContext, clone
 
 ENSEMBLE_BASELINES: Registry = Registry("ensemble baseline")
 
@@ -31,14 +31,8 @@ def _deep_members(ctx: RunContext, seed: int) -> tuple[list[nn.Module], float]:
     deep ensemble starts from copies of the same networks (and is charged their cost)."""
     key = ("deep_members", seed)
     if key not in ctx._cache:
-        cfg = ctx.cfg
         t0 = time.perf_counter()
-        members = []
-        for k in range(cfg.ensemble.members):
-            ms = mix_seed(seed, 7, k)
-            m = ctx.model(ms)
-            train_base(m, ctx.train_data(), None, cfg, ms, progress=ctx.bar)
-            members.append(m.eval())
+        members = trained_like_w0(ctx, seed, 7)
         ctx._cache[key] = (members, time.perf_counter() - t0)
     return ctx._cache[key]
 

@@ -107,8 +107,6 @@ class ContinualConfig:
         elif self.tasks:
             raise ConfigError(f"config key 'continual.tasks' lists datasets, but continual.stream is "
                               f"{self.stream!r} (set stream: datasets)")
-        if self.stream == "split" and self.head == "multi" and self.setting == "class":
-            pass  # allowed: class-incremental evaluation reads every seen head
 
 
 def num_tasks(cfg: Config) -> int:
@@ -488,10 +486,7 @@ class Continual(Operation):
         if tasks is not None and not isinstance(tasks, TaskStream):
             raise ConfigError(f"tasks= must be a fipray.data.streams.TaskStream (class_split, datasets_stream, "
                               f"domain_stream), got {type(tasks).__name__}")
-        if cfg.operation == "continual":
-            stream = tasks if tasks is not None else stream_from_config(cfg, bundle)
-        else:  # another operation (compose) reuses the continual section: a split of its data
-            stream = stream_from_config(cfg, bundle)
+        stream = tasks if tasks is not None else stream_from_config(cfg, bundle)
         head, columns = make_head(cfg.continual.head, stream)
         first = stream.tasks[0]
         if bundle is None or tasks is not None:

@@ -299,17 +299,22 @@ class Review:
     rows: list[dict]
 
 
+def trained_like_w0(ctx: RunContext, seed: int, tag: int) -> list[nn.Module]:
+    """`ensemble.members` networks trained like w0, member k from seed mix_seed(seed, tag, k) (its
+    initialisation and batch order); in eval mode."""
+    members = []
+    for k in range(ctx.cfg.ensemble.members):
+        ms = mix_seed(seed, tag, k)
+        m = ctx.model(ms)
+        train_base(m, ctx.train_data(), None, ctx.cfg, ms, progress=ctx.bar)
+        members.append(m.eval())
+    return members
+
+
 def independent_ensemble(ctx: RunContext, seed: int) -> Ensemble:
     """`ensemble.members` networks trained like w0 from initialisations and batch orders of their own (not
     the deep ensemble's): the surrogate of a transfer attack that knows the task but not the deployed model."""
-    cfg = ctx.cfg
-    members = []
-    for k in range(cfg.ensemble.members):
-        ms = mix_seed(seed, 13, k)
-        m = ctx.model(ms)
-        train_base(m, ctx.train_data(), None, cfg, ms, progress=ctx.bar)
-        members.append(m.eval())
-    return Ensemble(members)
+    return Ensemble(trained_like_w0(ctx, seed, 13))
 
 
 def prepare_review(ctx: RunContext, base: nn.Module, seed: int) -> Review:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fipray._io import atomic_write, atomic_write_json
+from fipray._io import atomic_write, atomic_write_bytes, atomic_write_json
 from fipray.config import ConfigError
 from fipray.job import STORAGE_SCHEMES as SCHEMES
 
@@ -145,15 +145,7 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Write-then-rename on a local filesystem, one object put on an object store."""
         if self.local is not None:
-            target = self.local / rel
-
-            def w(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-
-            atomic_write(target, w)
+            atomic_write_bytes(self.local / rel, data)
             return
         with self.fs.open_output_stream(self.path(rel)) as f:
             f.write(data)
