@@ -54,23 +54,24 @@ def base_network(ctx: RunContext, base: nn.Module, seed: int, base_seconds: floa
 def fip_budget(cfg: Config) -> int:
     """Gradient evaluations after w0 that the robust FIP ensemble spends (its paths and the δ rule), or
     `robust.at_evals` when set: the budget PGD-AT and the adversarial deep ensemble get."""
-    from fipray.ops.robust import path_evals
+    from fipray.ops.robust import candidates_per_path, path_evals
 
     if cfg.robust.at_evals:
         return cfg.robust.at_evals
-    candidates = cfg.robust.paths * (cfg.path.steps // cfg.ensemble.sample_every)
+    candidates = cfg.robust.paths * candidates_per_path(cfg)
     return cfg.robust.paths * path_evals(cfg) + candidates * math.ceil(256 / cfg.path.batch_size)
 
 
 def adversarial_training(ctx: RunContext, model: nn.Module, seed: int, steps: int) -> nn.Module:
     """PGD adversarial training (Madry et al.): `steps` updates of cross-entropy on PGD examples crafted
     against the current weights (the robust FIP's attack: `robust.train_eps`, `attack_steps`, `step_size`),
-    with the training recipe's optimizer and learning rate, in train mode. Returns the model in eval mode."""
+    with the training recipe's optimizer and learning rate (or `robust.at_lr`), in train mode. Returns the model in eval mode."""
     from fipray.ops.robust import pgd_examples
 
     cfg = ctx.cfg
     source = ctx.train_data().batches(cfg.train.batch_size, mix_seed(seed, 16))
-    opt = make_optimizer(cfg.train.optimizer, model.parameters(), cfg.train.lr, cfg.train.weight_decay)
+    lr = cfg.robust.at_lr or cfg.train.lr
+    opt = make_optimizer(cfg.train.optimizer, model.parameters(), lr, cfg.train.weight_decay)
     model.train()
     for t in range(steps):
         xb, yb = source.batch(t)

@@ -43,13 +43,14 @@ from torch import Tensor, nn
 
 from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
+from fipray.data.stream import as_examples
 from fipray.ensemble import Ensemble, save_ensemble
 from fipray.eval._common import eval_mode
 from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
 from fipray.ops.ensemble import FIP_ENSEMBLES, Deployed, RobustEnsemble, input_gradient, select
 from fipray.path import Phase, PhaseState, run_path
-from fipray.phases import fip_phase
+from fipray.phases import _tag, fip_phase
 from fipray.runtime import RunContext, accuracy, clone, path_summary, train_base
 
 
@@ -65,9 +66,15 @@ class RobustConfig:
     diversity_weight: float = knob(0.0, ge=0)  # weight of the diversity term inside L
     diversity_window: int = knob(3, ge=1)  # the most recent networks taken (w0 first) it pushes away from
     paths: int = knob(1, ge=1)  # paths from one w0 per seed in the experiment; the union is the candidate set
+    sample_from: int = knob(0, ge=0)  # burn-in: only samples taken at path step >= this are candidates
+    lr_cycle: int = knob(0, ge=0)  # >0: from sample_from on, cosine learning-rate cycles of this many steps
+    lr_peak: float = knob(1.0, gt=0)  # each cycle's largest rate, × path.lr (it falls to path.lr / 100)
+    clean_pass: bool = knob(True)  # the new batch also goes through a clean forward (false: ce's L needs none)
+    validation: int = knob(0, ge=0)  # sweep trials: score on this many held-out training examples, not the test split
     clean_floor: float = knob(0.01, ge=0, lt=1)  # sweep metric whitebox_floor: clean >= base clean − this
     # Baselines (`fipray.baselines.ensemble`): pgd_at / adv_deep train with the attack above.
     at_evals: int = knob(0, ge=0)  # PGD-AT's gradient evaluations after w0 (0: those of the robust FIP paths)
+    at_lr: float = knob(0.0, ge=0)  # pgd_at / adv_deep learning rate (0: train.lr, the recipe's)
     fge_cycle: int = knob(50, ge=2)  # fast geometric ensembling: steps per learning-rate cycle
     fge_lr: float = knob(0.01, gt=0)  # its largest (SGD, momentum 0.9) learning rate; the smallest is 1/100 of it
 
@@ -80,9 +87,44 @@ class RobustConfig:
         if ec.fip == "robust" and not cfg.path.memory_batch_size:
             raise ConfigError("config key 'path.memory_batch_size' is 0 (the whole memory every step): the robust "
                               "FIP counts its compute per memory batch; set a batch size")
+        if ec.fip == "robust" and not ec.load and self.paths * candidates_per_path(cfg) < ec.members:
+            raise ConfigError(f"robust.sample_from = {self.sample_from} leaves robust.paths × "
+                              f"{candidates_per_path(cfg)} sampled networks < ensemble.members = {ec.members}")
+        if self.lr_cycle and cfg.path.optimizer not in ("adam", "sgd", "adamw"):
+            raise ConfigError(f"config key 'robust.lr_cycle' needs a path.optimizer with a learning rate "
+                              f"(adam, adamw, sgd), got {cfg.path.optimizer!r}")
+        if self.lr_cycle and cfg.path.step == "metric":
+            raise ConfigError("config key 'robust.lr_cycle' schedules the optimizer's learning rate; path.step: "
+                              "metric has none (use path.step: penalty)")
+        if not self.clean_pass and self.objective == "trades":
+            raise ConfigError("config key 'robust.clean_pass' is false but robust.objective: trades needs the clean "
+                              "outputs of the new batch (use objective: ce, or clean_pass: true)")
         if self.diversity != "none" and self.diversity_weight == 0:
             raise ConfigError(f"config key 'robust.diversity_weight' is 0: robust.diversity: {self.diversity} "
                               "would do nothing (set a weight, or diversity: none)")
+
+
+def sample_steps(cfg: Config) -> list[int]:
+    """The path steps at which a robust path's samples become candidates: every `ensemble.sample_every`
+    steps, from `robust.sample_from` on (earlier samples are taken by the path but not used)."""
+    every = cfg.ensemble.sample_every
+    return [t for t in range(every, cfg.path.steps + 1, every) if t >= cfg.robust.sample_from]
+
+
+def candidates_per_path(cfg: Config) -> int:
+    return len(sample_steps(cfg))
+
+
+def path_lr(cfg: Config, t: int) -> float:
+    """The learning rate of robust path step t (from 0): path.lr, then from `robust.sample_from` on (with
+    `robust.lr_cycle` > 0) cosine cycles (snapshot ensembles, Huang et al. 2017) from path.lr × `lr_peak` down
+    to path.lr / 100 at each cycle's last step, so samples every lr_cycle steps land at the lowest rate."""
+    rc, lr = cfg.robust, cfg.path.lr
+    if not rc.lr_cycle or t < rc.sample_from:
+        return lr
+    u = ((t - rc.sample_from) % rc.lr_cycle + 1) / rc.lr_cycle
+    lo, hi = lr / 100, lr * rc.lr_peak
+    return lo + (hi - lo) * (1 + math.cos(math.pi * u)) / 2
 
 
 def step_size(rc: RobustConfig) -> float:
@@ -141,10 +183,11 @@ def step_evals(cfg: Config, taken: int) -> float:
 
     The memory and the new batch share one forward+backward (memory pro rata to path.batch_size), the PGD
     examples one more, each attack step one; coherence adds a double backward (2) and one per earlier
-    network, disagreement one per earlier network (a forward only, counted whole)."""
+    network, disagreement one per earlier network (a forward only, counted whole). With
+    `robust.clean_pass: false` the new batch has no clean pass (only the memory's, pro rata)."""
     p, rc = cfg.path, cfg.robust
     mem = p.memory_batch_size / p.batch_size if p.lam else 0.0
-    n = 1 + mem + 1 + rc.attack_steps
+    n = (1 if rc.clean_pass else 0) + mem + 1 + rc.attack_steps
     if rc.diversity == "coherence":
         n += 2 + taken
     elif rc.diversity == "disagreement":
@@ -170,6 +213,8 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
     term pushes away from (w0, then each sample), so a resumed path continues exactly."""
     rc, every = cfg.robust, cfg.ensemble.sample_every
     x_mem = data[0] if isinstance(data, tuple) else data
+    # clean_pass false: L's batches are drawn here (the stream fip_phase would use), never forwarded clean.
+    own = None if rc.clean_pass else as_examples(data).batches(cfg.path.batch_size, mix_seed(seed, 1, _tag(name)))
 
     def prepare_extra(model: nn.Module) -> PhaseState:
         w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -177,13 +222,18 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
 
     def secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None, y: Tensor | None,
                   state: PhaseState) -> Tensor:
-        assert x is not None and y is not None and logits is not None
+        if own is not None:
+            x, y = own.batch(state["t"])
+        assert x is not None and y is not None
         gen = torch.Generator().manual_seed(mix_seed(seed, 15, state["t"]))
         trades = rc.objective == "trades"
         x_adv = pgd_examples(model, x, y, rc, gen, clean_logits=logits if trades else None)
         adv_logits = model(x_adv)
-        loss = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean") \
-            if trades else F.cross_entropy(adv_logits, y)
+        if trades:
+            assert logits is not None  # clean_pass: true (RobustConfig.check)
+            loss = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+        else:
+            loss = F.cross_entropy(adv_logits, y)
         window = state["taken"][-rc.diversity_window:]
         state["evals"] += step_evals(cfg, len(window))
         if rc.diversity != "none":
@@ -195,9 +245,19 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
         if rc.diversity != "none" and state["t"] % every == 0:  # the sample run_path takes at this step
             state["taken"].append({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-    return fip_phase(name, cfg.path, seed, memory=x_mem, secondary=secondary, new_data=data,
-                     after_step=after_step, sample_every=every, prepare_extra=prepare_extra,
-                     finish=lambda m, state: {"gradient_evals": int(math.ceil(state["evals"]))})
+    phase = fip_phase(name, cfg.path, seed, memory=x_mem, secondary=secondary, new_data=data if own is None else None,
+                      after_step=after_step, sample_every=every, prepare_extra=prepare_extra,
+                      finish=lambda m, state: {"gradient_evals": int(math.ceil(state["evals"]))})
+    if not rc.lr_cycle:
+        return phase
+    inner = phase.step
+
+    def cyclic_step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> Any:
+        for group in opt.param_groups:
+            group["lr"] = path_lr(cfg, t)
+        return inner(model, opt, t, state)
+
+    return dataclasses.replace(phase, step=cyclic_step)
 
 
 def robust_paths(ctx: RunContext, base: nn.Module, seed: int, *, out_dir: bool = True,
@@ -211,12 +271,29 @@ def robust_paths(ctx: RunContext, base: nn.Module, seed: int, *, out_dir: bool =
         results.append(res)
         evals += res.phase_results["robust"]["gradient_evals"]
         for i, s in enumerate(res.samples):
+            if s["global_step"] < ctx.cfg.robust.sample_from:
+                continue
             m = clone(base)
             m.load_state_dict(res.sample_state(i))
             candidates.append(m.eval())
             path_ids.append(p)
             steps.append(s["global_step"])
     return results, candidates, path_ids, steps, evals
+
+
+def validation_context(ctx: RunContext, n: int) -> RunContext:
+    """`ctx` with `n` training examples (a fixed permutation, seed 0) held out as its test split and the rest as
+    its training split: what a sweep trial scores on (`robust.validation`), so selection never sees the test set."""
+    from torch.utils.data import Subset
+
+    train = ctx.bundle.train
+    if not 0 < n < len(train):
+        raise ConfigError(f"config key 'robust.validation' = {n}: must lie between 1 and the training split's "
+                          f"{len(train) - 1} examples")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    held, rest = perm[:n].sort().values, perm[n:].sort().values
+    bundle = dataclasses.replace(ctx.bundle, train=Subset(train, rest.tolist()), test=Subset(train, held.tolist()))
+    return dataclasses.replace(ctx, bundle=bundle, _cache={})
 
 
 @FIP_ENSEMBLES.register("robust")
@@ -240,6 +317,7 @@ def robust_fip_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_second
             "steps": [steps[i] for i in keep], "fgsm_shift": [h[i] for i in keep], "candidates": len(candidates)})
     # The δ rule's FGSM shift: one forward+backward over its 256 examples per candidate.
     select_evals = len(candidates) * math.ceil(256 / cfg.path.batch_size)
+    assert len(candidates) == cfg.robust.paths * candidates_per_path(cfg)
     return Deployed(Ensemble(members), members, seconds, cfg.train.steps + cfg.robust.paths * cfg.path.steps,
                     cfg.train.steps + evals + select_evals)
 
@@ -288,7 +366,10 @@ class Robust(Operation):
         transfer-from-w0 accuracy, and `whitebox_floor`: the white-box accuracy when the ensemble's clean
         accuracy (full test split) is at least the base network's minus `robust.clean_floor`, else that
         accuracy minus 1 and the shortfall (negative: trials below the floor rank below every trial above it,
-        and among themselves by how far below they are)."""
+        and among themselves by how far below they are). With `robust.validation` > 0 every accuracy here is
+        measured on that many held-out training examples (trained on the rest), never on the test split."""
+        if ctx.cfg.robust.validation:
+            ctx = validation_context(ctx, ctx.cfg.robust.validation)
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         e = eps or ec.focus_eps
         xte, yte = ctx.test_tensors()

@@ -260,3 +260,93 @@ def test_ensemble_operation_hands_robust_paths_to_the_robust_operation(trained):
     assert [p.name for p in phases] == ["robust"]
     with pytest.raises(ConfigError, match="ensemble.fip"):
         get_operation("ensemble").check_sweep(cfg)
+
+
+# The goal-(b) knobs: no clean pass, burn-in, cyclic rate, PGD-AT's rate, validation split -----------------------
+def test_no_clean_pass_takes_the_same_path_for_fewer_counted_evaluations(trained):
+    """objective ce never uses the new batch's clean outputs: without that pass the path is the same (same
+    batches, same attack starts) and each step costs one gradient evaluation less."""
+    ctx, base = trained
+    cfg_off = ctx.cfg.replace(**{"robust.clean_pass": False})
+    res = {}
+    for name, cfg in (("on", ctx.cfg), ("off", cfg_off)):
+        res[name] = run_path(clone(base), [robust_phase(ctx.train_data(), cfg, 0)], record_every=10**9,
+                             checkpoint_every=10**9)
+        assert res[name].phase_results["robust"]["gradient_evals"] == path_evals(cfg)
+    for i in range(len(res["on"].samples)):
+        a, b = res["on"].sample_state(i), res["off"].sample_state(i)
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert path_evals(ctx.cfg) - path_evals(cfg_off) == ctx.cfg.path.steps
+    assert step_evals(cfg_off, 0) == pytest.approx(3.5)
+    with pytest.raises(ConfigError, match="robust.clean_pass"):
+        load_config(None, [*TINY, "robust.clean_pass=false", "robust.objective=trades"])
+
+
+def test_sample_from_keeps_only_late_samples_and_the_budget_counts_them(trained):
+    from fipray.baselines.ensemble import fip_budget
+    from fipray.ops.robust import candidates_per_path, sample_steps
+
+    ctx, base = trained
+    cfg = ctx.cfg.replace(**{"robust.sample_from": 6})  # samples at 4, 8, 12: candidates 8 and 12
+    assert sample_steps(cfg) == [8, 12] and candidates_per_path(cfg) == 2
+    assert fip_budget(cfg) == path_evals(cfg) + 2 * math.ceil(256 / cfg.path.batch_size)
+    assert fip_budget(ctx.cfg) == path_evals(ctx.cfg) + 3 * math.ceil(256 / cfg.path.batch_size)
+    out = {"path": [], "geometry": []}
+    d = robust_fip_ensemble(RunContext.create(cfg), base, 0, 0.0, out)
+    assert d.evals == cfg.train.steps + fip_budget(cfg)
+    last = run_path(clone(base), [robust_phase(ctx.train_data(), cfg, 0)], record_every=10**9,
+                    checkpoint_every=10**9)
+    kept = [last.sample_state(1), last.sample_state(2)]  # steps 8 and 12
+    for m in d.members:
+        sd = m.state_dict()
+        assert any(all(torch.allclose(sd[k], s[k], atol=1e-6) for k in sd) for s in kept)
+    with pytest.raises(ConfigError, match="robust.sample_from"):
+        load_config(None, [*TINY, "robust.sample_from=9"])  # one candidate < 2 members
+
+
+def test_cyclic_rate_schedule_and_its_effect(trained):
+    from fipray.ops.robust import path_lr
+
+    ctx, base = trained
+    cfg = ctx.cfg.replace(**{"robust.lr_cycle": 4, "robust.lr_peak": 3.0, "robust.sample_from": 4})
+    lr = cfg.path.lr
+    assert [path_lr(cfg, t) for t in range(4)] == [lr] * 4  # burn-in: the path's rate
+    cycle = [path_lr(cfg, t) for t in range(4, 8)]
+    assert cycle == [path_lr(cfg, t) for t in range(8, 12)]
+    assert cycle[-1] == pytest.approx(lr / 100) and lr * 3 > cycle[0] > cycle[1] > cycle[2] > cycle[3]
+    late = ctx.cfg.replace(**{"robust.lr_cycle": 4, "robust.lr_peak": 3.0, "robust.sample_from": 8})
+    runs = {name: run_path(clone(base), [robust_phase(ctx.train_data(), c, 0)], record_every=10**9,
+                           checkpoint_every=10**9) for name, c in (("plain", ctx.cfg), ("late", late))}
+    for i, same in ((0, True), (1, True), (2, False)):  # samples at steps 4, 8 (before the cycles), 12
+        a, b = runs["plain"].sample_state(i), runs["late"].sample_state(i)
+        assert all(torch.equal(a[k], b[k]) for k in a) == same
+
+
+def test_pgd_at_rate_knob(trained):
+    from fipray.baselines.ensemble import adversarial_training
+
+    ctx, base = trained
+    sd = {}
+    for name, over in (("recipe", {}), ("same", {"robust.at_lr": ctx.cfg.train.lr}), ("other", {"robust.at_lr": 0.01})):
+        c = RunContext.create(ctx.cfg.replace(**over))
+        sd[name] = adversarial_training(c, clone(base), 0, 5).state_dict()
+    assert all(torch.equal(sd["recipe"][k], sd["same"][k]) for k in sd["recipe"])
+    assert any(not torch.allclose(sd["recipe"][k], sd["other"][k]) for k in sd["recipe"])
+
+
+def test_validation_split_is_held_out_training_data(trained):
+    from fipray.ops.robust import validation_context
+
+    ctx, _ = trained
+    v = validation_context(ctx, 100)
+    xtr, _ = ctx.train_tensors()
+    xv, yv = v.test_tensors()
+    xr, _ = v.train_tensors()
+    assert len(xv) == 100 and len(xr) == len(xtr) - 100
+    rows = {tuple(r.tolist()) for r in xtr.flatten(1)}
+    assert all(tuple(r.tolist()) in rows for r in xv.flatten(1))  # drawn from the training split
+    test_rows = {tuple(r.tolist()) for r in ctx.test_tensors()[0].flatten(1)}
+    assert not any(tuple(r.tolist()) in test_rows for r in xv.flatten(1)[:50])  # not the test split
+    assert torch.equal(validation_context(ctx, 100).test_tensors()[1], yv)  # fixed
+    with pytest.raises(ConfigError, match="robust.validation"):
+        validation_context(ctx, len(xtr))
