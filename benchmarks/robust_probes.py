@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="name=key=value,key=value (name= alone: the config as it is)")
     ap.add_argument("--at-lr", type=float, nargs="*", default=[],
-                    help="also PGD-AT (same budget) at these learning rates instead of train.lr")
+                    help="also PGD-AT (same budget) at these learning rates (robust.at_lr)")
     ap.add_argument("--no-pgd-at", action="store_true", help="skip PGD-AT (e.g. when a variant repeats a budget)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def main() -> None:
                 at = pgd_at(ctx, base, seed, 0.0)
                 row |= {"pgd_at_evals": at.evals, "pgd_at_clean": accuracy(at.target, xv, yv), "pgd_at_wb": wb(at.target)}
             for lr in args.at_lr:
-                at = pgd_at(dataclasses.replace(ctx, cfg=cfg.replace(**{"train.lr": lr})), base, seed, 0.0)
+                at = pgd_at(dataclasses.replace(ctx, cfg=cfg.replace(**{"robust.at_lr": lr})), base, seed, 0.0)
                 row |= {f"pgd_at_lr{lr}_clean": accuracy(at.target, xv, yv), f"pgd_at_lr{lr}_wb": wb(at.target)}
             row["seconds"] = round(time.perf_counter() - t0, 1)
             print(json.dumps(row), flush=True)

@@ -354,7 +354,8 @@ class RobustEnsemble(Operation):
     section = EnsembleConfig
     metrics = ("whitebox", "clean", "transfer")
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=40", "ensemble.members=2", "ensemble.sample_every=20",
-             "ensemble.pgd_steps=2", "ensemble.eval_examples=50", "path.record_every=20", "path.checkpoint_every=20")
+             "ensemble.pgd_steps=2", "ensemble.eval_examples=50", "path.record_every=20", "path.checkpoint_every=20",
+             "robust.sample_from=0")
     cli_options = (("--ensemble", "ensemble.load", "evaluate the networks of this ensemble folder (e.g. `fipray "
                     "paths`' ensemble/) as the FIP candidates instead of walking a new path"),)
     supports_paths = True
@@ -489,7 +490,7 @@ class RobustEnsemble(Operation):
             report.md_table(header, table), "", "## Sanity flags", "",
             report.md_table(["method"] + list(next(iter(sanity.values())).keys()), flag_rows), "",
             "Plot: `robust_accuracy.png`. Tables: `results.parquet`, `robustness.parquet`, `path.parquet`. "
-            "FIP ensembles: `ensembles/fip_seed*/`.", ""])
+            f"FIP ensembles: `ensembles/{'fip_robust' if cfg.ensemble.fip == 'robust' else 'fip'}_seed*/`.", ""])
         if ec.review:
             plot_compute(summary, out / "robust_vs_compute.png")
             md += review_report(summary)

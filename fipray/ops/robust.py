@@ -332,7 +332,8 @@ class Robust(Operation):
     metrics = ("whitebox_floor", "whitebox", "clean", "transfer")
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "ensemble.members=2", "ensemble.sample_every=10",
              "ensemble.pgd_steps=2", "ensemble.eval_examples=40", "ensemble.autoattack=false",
-             "path.record_every=10", "path.checkpoint_every=10", "robust.attack_steps=1", "robust.paths=1")
+             "path.record_every=10", "path.checkpoint_every=10", "robust.attack_steps=1", "robust.paths=1",
+             "robust.sample_from=0")
     supports_paths = True
 
     def run(self, ctx: RunContext) -> dict:
