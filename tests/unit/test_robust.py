@@ -350,3 +350,16 @@ def test_validation_split_is_held_out_training_data(trained):
     assert torch.equal(validation_context(ctx, 100).test_tensors()[1], yv)  # fixed
     with pytest.raises(ConfigError, match="robust.validation"):
         validation_context(ctx, len(xtr))
+
+
+def test_shipped_config_and_its_smoke_tests_load():
+    """The shipped config takes late samples only; `--smoke-test` (a 20/40-step path) must reset the burn-in."""
+    from fipray.baselines.ensemble import fip_budget
+    from fipray.operation import get_operation
+
+    cfg = load_config("jobs/configs/ensemble_robust_digits.yaml", [])
+    assert not cfg.robust.clean_pass and cfg.robust.at_lr == cfg.path.lr
+    assert fip_budget(cfg) == path_evals(cfg) + 9 * math.ceil(256 / cfg.path.batch_size)  # 9 candidates from 96
+    for op in ("robust", "ensemble"):
+        smoke = load_config("jobs/configs/ensemble_robust_digits.yaml", list(get_operation(op).smoke))
+        assert smoke.robust.sample_from == 0
