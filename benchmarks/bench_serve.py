@@ -123,7 +123,7 @@ def bench_limits(k: int, repeats: int, hidden: tuple[int, ...] = (256, 256), sha
     for i in range(k):
         torch.manual_seed(i)
         members.append(create_model("mlp", num_classes=10, input_shape=shape, hidden=list(hidden)).eval())
-    ens = Ensemble(members).requires_grad_(False)
+    ens = Ensemble(members).freeze()  # as every shard holds it (fipray.serving.ShardEngine)
     weights = [p for m in members for p in m.parameters()]
     nbytes = sum(p.numel() * p.element_size() for p in weights)
     same = torch.rand(nbytes // 4)  # a buffer of the weights' size: read hot, like the forward reads them
