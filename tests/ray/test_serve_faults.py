@@ -149,6 +149,7 @@ def _alive(p) -> bool:
 
 @pytest.mark.parametrize("sig, how", [
     (signal.SIGTERM, "ensemble"),
+    (signal.SIGTERM, "direct"),  # --direct-port: the ingress replica answers HTTP itself, beside the proxy
     pytest.param(signal.SIGINT, "config", marks=pytest.mark.slow),  # the same path; a Serve config file
 ])
 def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how, tmp_path):
@@ -165,6 +166,9 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
         what = ["--config", str(cfg)]
     else:
         what = ["--ensemble", str(ens_dir), "--port", str(port)]
+    direct = _free_port() if how == "direct" else None
+    if direct is not None:
+        what += ["--direct-port", str(direct)]
     proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", "serve", *what], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     ray_procs: Any = []
@@ -179,6 +183,13 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
             except OSError:
                 time.sleep(1.0)
         assert up, proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "server did not come up"
+        if direct is not None:
+            body = json.dumps({"inputs": torch.rand(3, *SHAPE).tolist()}).encode()
+            via_proxy, via_direct = _post(port, body), _post(direct, body)
+            assert via_proxy[0] == via_direct[0] == 200, (via_proxy, via_direct)
+            assert json.loads(via_direct[1]) == json.loads(via_proxy[1])  # the same replica answers both
+            status, text = _post(direct, b'{"inputs": [[1, 2]]}')
+            assert status == 400 and b"shape" in text, (status, text)
         # Its process tree, and anything naming its private Ray folder (a daemonised process would not be in the tree).
         ray_procs = {p.pid: p for p in _descendants(proc.pid) + _mentioning(tmp)}.values()
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
