@@ -36,8 +36,9 @@ fetching each request's body back from the proxy (ASGI receive calls); direct re
 all, ~2.5x the throughput. The proxy keeps serving ``--port`` beside it. Limits (Ray's feature is
 marked limited): one port per ingress replica, counted up from ``PORT``, so with ingress
 autoscaling only the first replica is on ``PORT``; a live switch (SIGHUP, :func:`update_ensemble`)
-replaces the replica, and ``PORT`` refuses connections until the new one listens (measured: 38k of
-41k requests refused during a 9 s switch under load), so zero-drop switches need the proxy port; it
+replaces the replica, and ``PORT`` refuses connections until the new one listens (measured: refused
+for most of a 9 s switch under load, while the proxy port drops nothing), so zero-drop switches need
+the proxy port; it
 needs Ray started by ``fipray serve`` (the settings are environment variables of Ray's processes; on
 a cluster set them on every node).
 
