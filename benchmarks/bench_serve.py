@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     p.add_argument("--skip-http", action="store_true", help="no HTTP part")
     p.add_argument("--skip-forward", action="store_true", help="no forward table")
+    p.add_argument("--plot", type=Path, help="write the HTTP / in-process throughput bars to this PNG")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     torch.set_num_threads(1)
@@ -307,12 +308,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.requests} requests at 1 input, {args.requests_batched} at more, "
               f"concurrency {args.concurrency}, {args.request_batch} input(s) per request, bodies {args.payload}; "
               f"in-process = the Ensemble on the same request batches, one at a time")
-        for row in bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch,
-                              args.payload, args.requests_batched, ingress=tuple(args.ingress)):
+        rows = bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch, args.payload,
+                          args.requests_batched, ingress=tuple(args.ingress))
+        for row in rows:
             keep = ("ingress", "shards", "payload", "request_batch", "body_bytes", "requests", "ok", "errors", "seconds",
                     "throughput_rps", "examples_per_s", "inproc_examples_per_s", "http/in-process", "p50_ms",
                     "p90_ms", "p99_ms", "max_ms", "deploy_s")
             print(json.dumps({k: round(row[k], 3) if isinstance(row[k], float) else row[k] for k in keep}))
+        if args.plot is not None:
+            from fipray.report import plot_serve_throughput
+
+            plot_serve_throughput([r for r in rows if r["shards"] == args.shards[0]], args.plot)
+            print(f"plot: {args.plot}")
     return 0
 
 
