@@ -21,7 +21,10 @@ Which ensemble answers is the ingress's ``user_config`` (``{"ensemble": folder}`
 ``reconfigure`` with it, which loads the new version (warming the shards) beside the old one and
 then switches atomically; requests admitted before the switch finish on the old version.
 :func:`update_ensemble` redeploys the app with a new folder; a Serve config whose ``args.ensemble``
-changes does the same through ``serve deploy``.
+changes does the same through ``serve deploy``. The deployments carry a code version made of the
+serving code and every arg but the folder (:func:`_code_version`), so a switch changes only
+``user_config`` and Serve reconfigures the running replicas in place: no replica is replaced
+(shards included), a switch takes about a second instead of a rolling restart's 6-12 s.
 
 Backpressure: each deployment queues at most ``max_queued_requests`` per caller; beyond that the
 proxy answers 503 with ``Retry-After`` (Serve's ``backpressure_config``), and a shard's refusal
@@ -34,13 +37,9 @@ Direct ingress (``fipray serve --direct-port PORT``): the ingress replica answer
 (``benchmarks/bench_serve.py``): the proxy costs ~6 ms of CPU per request and the replica ~4 ms more
 fetching each request's body back from the proxy (ASGI receive calls); direct requests cost ~4 ms in
 all, ~2.5x the throughput. The proxy keeps serving ``--port`` beside it. Limits (Ray's feature is
-marked limited): one port per ingress replica, counted up from ``PORT``, so with ingress
-autoscaling only the first replica is on ``PORT``; a live switch (SIGHUP, :func:`update_ensemble`)
-replaces the replica, and ``PORT`` refuses connections until the new one listens (measured: refused
-for most of a 9 s switch under load, while the proxy port drops nothing), so zero-drop switches need
-the proxy port; it
+marked limited): exactly one ingress replica (no ingress autoscaling), ``PORT`` must be free, and it
 needs Ray started by ``fipray serve`` (the settings are environment variables of Ray's processes; on
-a cluster set them on every node).
+a cluster set them on every node). A live switch keeps the replica (see below), so ``PORT`` stays up.
 
 Started by ``fipray serve --ensemble DIR [--shards S] [--port PORT]`` (HTTP on 127.0.0.1 unless
 ``--host`` says otherwise), or from a Serve config file::
@@ -59,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -312,6 +312,31 @@ def _autoscaling(where: str, value: Mapping[str, Any]) -> dict[str, Any]:
     return {"num_replicas": "auto", "autoscaling_config": dict(value)}
 
 
+def _code_version(a: ServeArgs) -> str:
+    """Serve's code version of the deployments: the serving code and every arg but the ensemble folder.
+
+    Serve restarts replicas only when this changes; a switch to another folder then changes nothing but
+    the ingress's ``user_config``, which Serve applies in place (``reconfigure`` on the running replica)
+    instead of replacing every replica (what an unversioned ``serve.run`` does, shards included). Ray
+    2.60 removed ``version`` from ``Deployment.options``; the deployment's ``_version`` (which
+    ``serve.run`` reads, else a random string) carries it (``_versioned``; a test checks the replicas
+    survive a switch, so a Ray that stops honouring it fails loudly).
+    """
+    import fipray
+    from fipray import ensemble, serving
+
+    h = hashlib.sha256(json.dumps({**_asdict(a), "ensemble": None}, sort_keys=True, default=str).encode())
+    h.update(fipray.__version__.encode())
+    for module_file in (__file__, serving.__file__, ensemble.__file__):
+        h.update(Path(module_file).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _versioned(deployment: Any, version: str) -> Any:
+    deployment._version = version  # see _code_version
+    return deployment
+
+
 def build_app(args: Mapping[str, Any]):
     """Serve application builder: ``import_path: fipray.ray.serve:build_app`` with ``args`` (ServeArgs keys).
 
@@ -323,23 +348,23 @@ def build_app(args: Mapping[str, Any]):
     common = {"max_queued_requests": a.max_queued_requests, "health_check_period_s": a.health_check_period_s,
               "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s)}
     shards = []
+    version = _code_version(a)
     if a.shards > 1:
         device = "cuda" if a.gpus_per_shard > 0 else "cpu"
         scaling = _autoscaling("shard_autoscaling", a.shard_autoscaling)
         for i in range(a.shards):
-            shards.append(
+            shards.append(_versioned(
                 EnsembleShard.options(  # type: ignore[attr-defined]
                     name=f"EnsembleShard{i}", **common, **scaling,
                     ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_shard},
-                ).bind(a.threads, device)
-            )
+                ), version).bind(a.threads, device))
     ingress_gpus = a.gpus_per_shard if a.shards == 1 else 0.0
-    return EnsembleIngress.options(  # type: ignore[attr-defined]
+    return _versioned(EnsembleIngress.options(  # type: ignore[attr-defined]
         max_ongoing_requests=a.max_ongoing_requests, **common, **_autoscaling("ingress_autoscaling",
                                                                               a.ingress_autoscaling),
         user_config={"ensemble": a.ensemble},
         ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": ingress_gpus},
-    ).bind(_asdict(a), shards)
+    ), version).bind({**_asdict(a), "ensemble": ""}, shards)  # the folder comes from user_config (reconfigure) only
 
 
 def _asdict(a: ServeArgs) -> dict[str, Any]:
@@ -350,17 +375,17 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     """Environment of a Ray whose Serve ingress replicas answer HTTP themselves from ``port`` up.
 
     Ray Serve's throughput-optimised mode (direct ingress, gRPC between deployments, user code on the
-    replica's event loop) with replica ports counted from ``port`` (one per ingress replica, up to 100),
-    no quarantine of a released port (a restarted replica gets ``port`` back) and a 2 s drain on
-    shutdown instead of 30 s. Must be in the environment before Ray starts.
+    replica's event loop), the ingress replica on ``port`` and no other (a taken port fails the replica
+    rather than moving it), no quarantine of a released port (a restarted replica gets ``port`` back)
+    and a 2 s drain on shutdown instead of 30 s. Must be in the environment before Ray starts.
     """
-    if not 1 <= port <= 65535 - 100:
-        raise ConfigError(f"--direct-port must be in 1..{65535 - 100}, got {port}")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--direct-port must be in 1..65535, got {port}")
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 99),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port),  # that port or none: never another one silently
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
@@ -461,6 +486,16 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
             raise ConfigError("--direct-port configures the local Ray that fipray serve starts; on a running Ray or "
                               "cluster set the environment of fipray.ray.serve.direct_ingress_env on its nodes")
+        a = ServeArgs.from_dict(args)
+        if a.ingress_autoscaling:
+            raise ConfigError("--direct-port serves from exactly one ingress replica; drop ingress_autoscaling")
+        import socket
+
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, int(direct_port)))
+            except OSError as e:
+                raise ConfigError(f"--direct-port {direct_port}: cannot listen on {host}:{direct_port} ({e})") from None
         os.environ.update(direct_ingress_env(int(direct_port)))
     started = not ray.is_initialized()  # the Ray this call starts, it also stops
     extra: dict[str, Any] = {"_metrics_export_port": int(metrics_port)} if metrics_port else {}
@@ -489,10 +524,6 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         while True:
             if reload.wait(3600):
                 reload.clear()
-                if direct_port is not None:
-                    print(json.dumps({"warning": f"the switch replaces the replica: port {direct_port} refuses "
-                                                 f"connections until it is back; port {port} drops nothing"}),
-                          flush=True)
                 try:
                     update_ensemble(args)
                     print(json.dumps({"switched_to": ServeArgs.from_dict(args).ensemble}), flush=True)

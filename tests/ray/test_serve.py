@@ -266,10 +266,28 @@ def _switch_under_load(port: int, args: dict) -> tuple[dict, float]:
     return totals, switch_s
 
 
+def _replica_pids() -> dict[int, str]:
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter():
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "ServeReplica:fipray:" in cmd:
+            out[p.pid] = cmd.split("ServeReplica:fipray:")[1].split()[0]
+    return out
+
+
 def test_live_switch_under_load_drops_no_request(served, ens_dir, other_dir):
     port = served["port"]
     args = {"ensemble": str(other_dir), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY}
+    replicas = _replica_pids()
+    assert len(replicas) == 3, replicas  # the ingress and two shards
     totals, switch_s = _switch_under_load(port, args)
+    # Only user_config changed: Serve reconfigured the running replicas instead of replacing them.
+    assert _replica_pids() == replicas
     print(json.dumps({"live_switch": {k: totals[k] for k in ("requests", "ok", "errors", "rounds", "slowest_ms")},
                       "switch_seconds": round(switch_s, 2)}))
     assert totals["errors"] == 0, totals["samples"][:3]
