@@ -11,12 +11,14 @@ Prints, from one run on one machine (torch single-threaded, as the serving actor
                        (goal <= 1.3); batch-256 FLOP rate / a plain 256x256 matmul's (goal >= 0.8)
   forward table        per model, batch 1 and 256, no-grad forward and forward + input gradient:
                        time of a Python loop over members, torch.func vmap, the fused forward, and
-                       `Ensemble` itself (fused, except conv nets on CPU batches > 32: the loop)
+                       `Ensemble` itself (fused, except conv nets on CPU batches > 32: the loop; no-grad
+                       MLPs: their own path, see Ensemble._mlp_log_prob_sum)
   http / in-process    examples/s through POST /predict (bounded load test, @serve.batch) over
                        examples/s of the in-process ensemble on the same request batches, for JSON
                        and binary (.npy float32) bodies at 1 and 32 inputs per request; default model
                        10 small CNNs (width 0.25) on 3x32x32 (goals: >= 0.8 at 32 with the binary body,
-                       >= 0.5 at 1)
+                       >= 0.5 at 1), through Serve's proxy and straight to the ingress replica (direct
+                       ingress, `fipray serve --direct-port`), each on a Ray of its own
   latency percentiles  p50 / p90 / p99 of the HTTP requests
 """
 
@@ -123,7 +125,7 @@ def bench_limits(k: int, repeats: int, hidden: tuple[int, ...] = (256, 256), sha
     for i in range(k):
         torch.manual_seed(i)
         members.append(create_model("mlp", num_classes=10, input_shape=shape, hidden=list(hidden)).eval())
-    ens = Ensemble(members).requires_grad_(False)
+    ens = Ensemble(members).freeze()  # as every shard holds it (fipray.serving.ShardEngine)
     weights = [p for m in members for p in m.parameters()]
     nbytes = sum(p.numel() * p.element_size() for p in weights)
     same = torch.rand(nbytes // 4)  # a buffer of the weights' size: read hot, like the forward reads them
@@ -168,11 +170,13 @@ def _free_port() -> int:
 
 
 def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency: int, request_batches: list[int],
-               payloads: list[str], requests_batched: int, seed: int = 0) -> list[dict]:
+               payloads: list[str], requests_batched: int, seed: int = 0,
+               ingress: tuple[str, ...] = ("proxy", "direct")) -> list[dict]:
+    import ray
     from ray import serve
 
     from fipray.ray._local import init_local
-    from fipray.ray.serve import start
+    from fipray.ray.serve import direct_ingress_env, start
     from fipray.ray.serve_load import load_test
 
     meta = read_ensemble_meta(ens_dir)
@@ -197,32 +201,38 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
         t_in = min(_timed(run_inproc) for _ in range(3))
         workloads[rb] = ({p: [encode[p](x) for x in inputs] for p in payloads}, len(order) * rb / t_in, n)
 
-    tmp = tempfile.mkdtemp(prefix="fbs", dir="/tmp")
-    init_local(num_cpus=2, temp_dir=tmp, object_store_memory=256 * 1024**2)
     rows = []
-    try:
-        for shards in shards_list:
-            port = _free_port()
-            t0 = time.perf_counter()
-            start({"ensemble": str(ens_dir), "shards": shards, "max_inputs": max(256, *request_batches),
-                   "max_queued_requests": 4 * concurrency}, host="127.0.0.1", port=port)
-            deploy_s = time.perf_counter() - t0
-            url = f"http://127.0.0.1:{port}/predict"
-            for rb, (bodies, inproc_eps, n) in workloads.items():
-                for payload in payloads:
-                    kw = {"concurrency": concurrency, "examples_per_request": rb, "content_type": ctype[payload]}
-                    load_test(url, bodies[payload], requests=min(50, n), time_limit_s=60, **kw)  # warm-up
-                    res = load_test(url, bodies[payload], requests=n, time_limit_s=300, **kw)
-                    res.update({"shards": shards, "request_batch": rb, "payload": payload, "deploy_s": deploy_s,
-                                "body_bytes": len(bodies[payload][0]), "inproc_examples_per_s": inproc_eps,
-                                "http/in-process": res["examples_per_s"] / inproc_eps})
-                    rows.append(res)
+    for mode in ingress:
+        # Direct ingress is configured through the environment of Ray's processes: a Ray of its own.
+        direct_port = _free_port() if mode == "direct" else None
+        env = direct_ingress_env(direct_port) if direct_port is not None else {}
+        os.environ.update(env)
+        tmp = tempfile.mkdtemp(prefix="fbs", dir="/tmp")
+        init_local(num_cpus=2, temp_dir=tmp, object_store_memory=256 * 1024**2)
+        try:
+            for shards in shards_list:
+                port = _free_port()
+                t0 = time.perf_counter()
+                start({"ensemble": str(ens_dir), "shards": shards, "max_inputs": max(256, *request_batches),
+                       "max_queued_requests": 4 * concurrency}, host="127.0.0.1", port=port)
+                deploy_s = time.perf_counter() - t0
+                url = f"http://127.0.0.1:{direct_port or port}/predict"
+                for rb, (bodies, inproc_eps, n) in workloads.items():
+                    for payload in payloads:
+                        kw = {"concurrency": concurrency, "examples_per_request": rb, "content_type": ctype[payload]}
+                        load_test(url, bodies[payload], requests=min(50, n), time_limit_s=60, **kw)  # warm-up
+                        res = load_test(url, bodies[payload], requests=n, time_limit_s=300, **kw)
+                        res.update({"ingress": mode, "shards": shards, "request_batch": rb, "payload": payload,
+                                    "deploy_s": deploy_s, "body_bytes": len(bodies[payload][0]),
+                                    "inproc_examples_per_s": inproc_eps,
+                                    "http/in-process": res["examples_per_s"] / inproc_eps})
+                        rows.append(res)
+                serve.shutdown()
+        finally:
             serve.shutdown()
-    finally:
-        import ray
-
-        serve.shutdown()
-        ray.shutdown()
+            ray.shutdown()
+            for key in env:
+                os.environ.pop(key, None)
     return rows
 
 
@@ -251,10 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--request-batch", type=int, nargs="+", default=[1, 32], help="inputs per HTTP request")
     p.add_argument("--payload", nargs="+", default=["json", "npy"], choices=("json", "npy"), help="request bodies")
     p.add_argument("--shards", type=int, nargs="+", default=[1])
+    p.add_argument("--ingress", nargs="+", default=["proxy", "direct"], choices=("proxy", "direct"),
+                   help="HTTP through Serve's proxy, and/or straight to the ingress replica (fipray serve --direct-port)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     p.add_argument("--skip-http", action="store_true", help="no HTTP part")
     p.add_argument("--skip-forward", action="store_true", help="no forward table")
+    p.add_argument("--plot", type=Path, help="write the HTTP / in-process throughput bars to this PNG")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     torch.set_num_threads(1)
@@ -295,12 +308,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.requests} requests at 1 input, {args.requests_batched} at more, "
               f"concurrency {args.concurrency}, {args.request_batch} input(s) per request, bodies {args.payload}; "
               f"in-process = the Ensemble on the same request batches, one at a time")
-        for row in bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch,
-                              args.payload, args.requests_batched):
-            keep = ("shards", "payload", "request_batch", "body_bytes", "requests", "ok", "errors", "seconds",
+        rows = bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch, args.payload,
+                          args.requests_batched, ingress=tuple(args.ingress))
+        for row in rows:
+            keep = ("ingress", "shards", "payload", "request_batch", "body_bytes", "requests", "ok", "errors", "seconds",
                     "throughput_rps", "examples_per_s", "inproc_examples_per_s", "http/in-process", "p50_ms",
                     "p90_ms", "p99_ms", "max_ms", "deploy_s")
             print(json.dumps({k: round(row[k], 3) if isinstance(row[k], float) else row[k] for k in keep}))
+        if args.plot is not None:
+            from fipray.report import plot_serve_throughput
+
+            plot_serve_throughput([r for r in rows if r["shards"] == args.shards[0]], args.plot)
+            print(f"plot: {args.plot}")
     return 0
 
 

@@ -171,6 +171,9 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--set", dest="serve_set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other ServeArgs key, e.g. --set shard_autoscaling='{\"max_replicas\": 3}'")
     s.add_argument("--metrics-port", type=int, help="expose Ray's Prometheus metrics (Serve's too) on this port")
+    s.add_argument("--direct-port", type=int,
+                   help="the ingress replica also answers HTTP on this port without the proxy (Ray Serve direct "
+                        "ingress: ~2.5x the throughput of small requests; local Ray only)")
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
 
 
@@ -184,7 +187,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
         from_file, http = args_from_serve_config(args.serve_config)
         return main_serve(from_file, host=http.get("host", args.host), port=int(http.get("port", args.port)),
-                          address=args.address, smoke_test=args.smoke_test, metrics_port=args.metrics_port)
+                          address=args.address, smoke_test=args.smoke_test, metrics_port=args.metrics_port,
+                          direct_port=args.direct_port)
     serve_args: dict[str, Any] = {"ensemble": str(args.ensemble), "shards": args.shards,
                                   "max_inputs": args.max_inputs, "gpus_per_shard": args.gpus_per_shard}
     for key in ("max_queued_requests", "request_timeout_s"):
@@ -198,7 +202,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         serve_args[key.strip()] = value
     return main_serve(serve_args, host=args.host, port=args.port, address=args.address, smoke_test=args.smoke_test,
-                      metrics_port=args.metrics_port)
+                      metrics_port=args.metrics_port, direct_port=args.direct_port)
 
 
 def _add_attack_args(s: argparse.ArgumentParser) -> None:

@@ -163,3 +163,29 @@ def continual_report(summary: dict, cfg: Any) -> str:
             "path, first seed). Tables: `results.parquet`, `accuracy_matrix.parquet` (i = −1 is the random-init "
             "row), `path.parquet`, `weight_change.parquet`, `pca.parquet`.", ""]
     return "\n".join(out)
+
+
+def plot_serve_throughput(rows: list[dict], path: Path) -> None:
+    """Examples/s through HTTP (per ingress, payload and inputs per request) beside the in-process ensemble's.
+
+    ``rows``: ``benchmarks/bench_serve.py``'s HTTP rows (keys ``ingress``, ``payload``, ``request_batch``,
+    ``examples_per_s``, ``inproc_examples_per_s``, ``http/in-process``).
+    """
+    if not rows:
+        return
+    plt = _plt()
+    batches = sorted({r["request_batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False)
+    for ax, rb in zip(axes[0], batches):
+        sel = [r for r in rows if r["request_batch"] == rb]
+        labels = [f"{r.get('ingress', 'proxy')}\n{r['payload']}" for r in sel]
+        ax.bar(range(len(sel)), [r["examples_per_s"] for r in sel], color="tab:blue", label="HTTP")
+        ax.axhline(sel[0]["inproc_examples_per_s"], color="k", ls="--", lw=1, label="in-process")
+        for i, r in enumerate(sel):
+            ax.text(i, r["examples_per_s"], f"{r['http/in-process']:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(sel)), labels, fontsize=8)
+        ax.set_title(f"{rb} input(s) per request")
+        ax.set_ylabel("examples / s")
+    axes[0][0].legend(fontsize=8, loc="center right")
+    fig.suptitle("HTTP / in-process throughput (numbers above the bars)", fontsize=9)
+    _save(fig, path)

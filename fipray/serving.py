@@ -74,8 +74,8 @@ class ShardEngine:
         self.member_ids = list(range(n)) if member_ids is None else [int(k) for k in member_ids]
         self.device = torch.device(device)
         self.ensemble = load_ensemble(directory, members=self.member_ids, device=self.device)
-        # Only input gradients are ever asked for: frozen weights keep the fused stack cached.
-        self.ensemble.requires_grad_(False)
+        # Only input gradients are ever asked for, and the weights never change while loaded.
+        self.ensemble.freeze()
 
     def input_facts(self) -> dict[str, Any]:
         """What the members take: ``{"tokens", "vocab_size", "type_vocab_size"}`` (see :func:`model_input_facts`)."""
@@ -99,7 +99,7 @@ class ShardEngine:
         return x.to(self.device) if not x.is_floating_point() else x.to(self.device, torch.float32)
 
     def _log_prob_sum(self, x: Tensor) -> Tensor:
-        return torch.logsumexp(torch.log_softmax(self.ensemble.member_logits(x), dim=-1), dim=0)
+        return self.ensemble.log_prob_sum(x)
 
 
 def combine_log_parts(parts: Tensor, num_members: int) -> Tensor:

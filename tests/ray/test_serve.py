@@ -5,13 +5,13 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import socket
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
+from _ensembles import free_port, random_ensemble
 from torch import nn
 
 from fipray.ensemble import load_ensemble, save_ensemble
@@ -23,23 +23,14 @@ SHAPE = (1, 8, 8)
 MAX_INPUTS, MAX_BODY = 16, 64 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+CNN = {"width": 0.5, "fc": 32}
 
 
 @pytest.fixture(scope="module")
 def ens_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("served")
-    ms = []
-    for i in range(6):
-        torch.manual_seed(i)
-        ms.append(create_model("small_cnn", num_classes=10, input_shape=SHAPE, width=0.5, fc=32))
-    spec = {"name": "small_cnn", "kwargs": {"width": 0.5, "fc": 32}, "num_classes": 10, "input_shape": list(SHAPE)}
-    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "ensemble", "seed": 0, "config_hash": "abc123",
-                                                    "path_ids": [0] * 6, "steps": [10, 20, 30, 40, 50, 60]})
-    return d
+    return random_ensemble(tmp_path_factory.mktemp("served"), "small_cnn", CNN, SHAPE, num_classes=10, members=6,
+                           metadata={"operation": "ensemble", "seed": 0, "config_hash": "abc123",
+                                     "path_ids": [0] * 6, "steps": [10, 20, 30, 40, 50, 60]})
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +40,7 @@ def served(ray_2cpus, ens_dir):
 
     from fipray.ray.serve import start
 
-    port = _free_port()
+    port = free_port()
     try:
         handle = start({"ensemble": str(ens_dir), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY},
                        host="127.0.0.1", port=port)
@@ -240,14 +231,8 @@ def test_npy_body_equals_in_process_and_bad_npy_is_4xx(served, ens_dir):
 @pytest.fixture(scope="module")
 def other_dir(tmp_path_factory):
     """A second ensemble of the same input shape: 4 members, other seeds."""
-    d = tmp_path_factory.mktemp("other")
-    ms = []
-    for i in range(4):
-        torch.manual_seed(100 + i)
-        ms.append(create_model("small_cnn", num_classes=10, input_shape=SHAPE, width=0.5, fc=32))
-    spec = {"name": "small_cnn", "kwargs": {"width": 0.5, "fc": 32}, "num_classes": 10, "input_shape": list(SHAPE)}
-    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "paths", "seed": 1})
-    return d
+    return random_ensemble(tmp_path_factory.mktemp("other"), "small_cnn", CNN, SHAPE, num_classes=10, members=4,
+                           seed=100, metadata={"operation": "paths", "seed": 1})
 
 
 def _switch_under_load(port: int, args: dict) -> tuple[dict, float]:
@@ -281,10 +266,28 @@ def _switch_under_load(port: int, args: dict) -> tuple[dict, float]:
     return totals, switch_s
 
 
+def _replica_pids() -> dict[int, str]:
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter():
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "ServeReplica:fipray:" in cmd:
+            out[p.pid] = cmd.split("ServeReplica:fipray:")[1].split()[0]
+    return out
+
+
 def test_live_switch_under_load_drops_no_request(served, ens_dir, other_dir):
     port = served["port"]
     args = {"ensemble": str(other_dir), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY}
+    replicas = _replica_pids()
+    assert len(replicas) == 3, replicas  # the ingress and two shards
     totals, switch_s = _switch_under_load(port, args)
+    # Only user_config changed: Serve reconfigured the running replicas instead of replacing them.
+    assert _replica_pids() == replicas
     print(json.dumps({"live_switch": {k: totals[k] for k in ("requests", "ok", "errors", "rounds", "slowest_ms")},
                       "switch_seconds": round(switch_s, 2)}))
     assert totals["errors"] == 0, totals["samples"][:3]
@@ -307,15 +310,8 @@ TEXT_LEN = 16
 @pytest.fixture(scope="module")
 def minilm_dir(tmp_path_factory):
     """Two MiniLM-L6 members (pretrained encoder, heads initialised by seed): the folder records the tokenizer."""
-    d = tmp_path_factory.mktemp("minilm")
-    kwargs = {"pretrained_dir": "minilm-l6"}
-    ms = []
-    for i in range(2):
-        torch.manual_seed(i)
-        ms.append(create_model("hf_bert", num_classes=3, input_shape=(TEXT_LEN,), **kwargs))
-    spec = {"name": "hf_bert", "kwargs": kwargs, "num_classes": 3, "input_shape": [TEXT_LEN]}
-    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "test"})
-    return d
+    return random_ensemble(tmp_path_factory.mktemp("minilm"), "hf_bert", {"pretrained_dir": "minilm-l6"},
+                           (TEXT_LEN,), num_classes=3, members=2)
 
 
 def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):

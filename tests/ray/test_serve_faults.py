@@ -6,7 +6,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,9 +16,9 @@ from typing import Any
 
 import pytest
 import torch
+from _ensembles import free_port, random_ensemble
 
-from fipray.ensemble import load_ensemble, save_ensemble
-from fipray.models import create_model
+from fipray.ensemble import load_ensemble
 
 pytestmark = pytest.mark.ray
 
@@ -27,22 +26,10 @@ SHAPE = (1, 8, 8)
 TIMEOUT_S = 15.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ens_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    ms = []
-    for i in range(4):
-        torch.manual_seed(i)
-        ms.append(create_model("small_cnn", num_classes=10, input_shape=SHAPE, width=0.5, fc=32))
-    spec = {"name": "small_cnn", "kwargs": {"width": 0.5, "fc": 32}, "num_classes": 10, "input_shape": list(SHAPE)}
-    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "ensemble"})
-    return d
+    return random_ensemble(tmp_path_factory.mktemp("faults"), "small_cnn", {"width": 0.5, "fc": 32}, SHAPE,
+                           num_classes=10, members=4, metadata={"operation": "ensemble"})
 
 
 def _post(port: int, body: bytes) -> tuple[int, bytes]:
@@ -75,7 +62,7 @@ def test_killed_shard_replica_fails_fast_restarts_and_answers_correctly(ray_2cpu
     from fipray.ray.serve import start
     from fipray.ray.serve_load import load_test
 
-    port = _free_port()
+    port = free_port()
     try:
         start({"ensemble": str(ens_dir), "shards": 2, "request_timeout_s": TIMEOUT_S, "health_check_period_s": 1.0},
               port=port)
@@ -149,10 +136,11 @@ def _alive(p) -> bool:
 
 @pytest.mark.parametrize("sig, how", [
     (signal.SIGTERM, "ensemble"),
+    (signal.SIGTERM, "direct"),  # --direct-port: the ingress replica answers HTTP itself, beside the proxy
     pytest.param(signal.SIGINT, "config", marks=pytest.mark.slow),  # the same path; a Serve config file
 ])
 def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how, tmp_path):
-    port = _free_port()
+    port = free_port()
     tmp = tempfile.mkdtemp(prefix="fsg", dir="/tmp")  # short: Ray's socket paths stay < 107 characters
     env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -165,6 +153,9 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
         what = ["--config", str(cfg)]
     else:
         what = ["--ensemble", str(ens_dir), "--port", str(port)]
+    direct = free_port() if how == "direct" else None
+    if direct is not None:
+        what += ["--direct-port", str(direct)]
     proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", "serve", *what], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     ray_procs: Any = []
@@ -179,6 +170,13 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
             except OSError:
                 time.sleep(1.0)
         assert up, proc.stdout.read().decode()[-2000:] if proc.poll() is not None else "server did not come up"
+        if direct is not None:
+            body = json.dumps({"inputs": torch.rand(3, *SHAPE).tolist()}).encode()
+            via_proxy, via_direct = _post(port, body), _post(direct, body)
+            assert via_proxy[0] == via_direct[0] == 200, (via_proxy, via_direct)
+            assert json.loads(via_direct[1]) == json.loads(via_proxy[1])  # the same replica answers both
+            status, text = _post(direct, b'{"inputs": [[1, 2]]}')
+            assert status == 400 and b"shape" in text, (status, text)
         # Its process tree, and anything naming its private Ray folder (a daemonised process would not be in the tree).
         ray_procs = {p.pid: p for p in _descendants(proc.pid) + _mentioning(tmp)}.values()
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)

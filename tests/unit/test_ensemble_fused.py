@@ -129,3 +129,93 @@ def test_large_cpu_batches_take_the_loop_with_equal_results():
         small = torch.cat([ens(x[:CPU_FUSED_MAX_BATCH]), ens(x[CPU_FUSED_MAX_BATCH:])])
     assert ens.fused
     assert torch.allclose(big, small, atol=1e-5)
+
+
+def _mlps(k: int, act: type[nn.Module], bias: bool) -> list[nn.Module]:
+    torch.manual_seed(7)
+    return [
+        nn.Sequential(nn.Flatten(), nn.Linear(16, 12, bias=bias), act(), nn.Linear(12, 9, bias=bias), act(),
+                      nn.Linear(9, 4, bias=bias))
+        for _ in range(k)
+    ]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batch", [1, 5, 32, 33, 130])
+def test_mlp_no_grad_path_matches_the_loop(act, bias, batch):
+    # Linear-only members without autograd take their own path (reused buffers, in-place activations;
+    # member-by-member with transposed logits above CPU_FUSED_MAX_BATCH rows).
+    ms = _mlps(4, act, bias)
+    ens, loop = Ensemble(ms), Ensemble(ms, fused=False)
+    assert ens._mlp
+    x = torch.rand(batch, 1, 4, 4)
+    with torch.no_grad():
+        out, ref = ens(x), loop(x)
+        lps = ens.log_prob_sum(x)
+    assert out.shape == (batch, 4) and out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert torch.allclose(lps, ref + torch.log(torch.tensor(4.0)), atol=1e-6)
+    assert torch.allclose(ens(x), ref, atol=1e-6)  # with grad: the general path, same function
+
+
+def test_mlp_no_grad_results_do_not_alias_reused_buffers():
+    ens = Ensemble(_mlps(3, nn.ReLU, True))
+    with torch.no_grad():
+        for batch in (2, 40):
+            x1, x2 = torch.rand(batch, 16), torch.rand(batch, 16)
+            a = ens(x1)
+            a_copy = a.clone()
+            b = ens(x2)
+            assert torch.equal(a, a_copy), "a later call overwrote an earlier result"
+            assert not torch.allclose(a, b)
+            assert torch.equal(ens(x1), a_copy)  # and inputs are never modified in place
+            assert torch.equal(x1, x1.clone())
+
+
+def test_mlp_no_grad_path_from_several_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    ms = _mlps(3, nn.ReLU, True)
+    ens, loop = Ensemble(ms), Ensemble(ms, fused=False)
+    xs = [torch.rand(b, 16) for b in (1, 3, 8, 40) * 8]
+    with torch.no_grad():
+        refs = [loop(x) for x in xs]
+
+    def run(x):
+        with torch.no_grad():
+            return ens(x)
+
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(run, xs))
+    for out, ref in zip(outs, refs):
+        assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_mlp_no_grad_path_sees_weight_changes_unless_frozen():
+    ms = _mlps(3, nn.ReLU, True)
+    ens = Ensemble(ms)
+    x = torch.rand(4, 16)
+    with torch.no_grad():
+        before = ens(x)
+        ms[1][3].weight.mul_(3.0)
+        after = ens(x)
+        assert not torch.allclose(before, after)
+        assert torch.allclose(after, Ensemble(ms, fused=False)(x), atol=1e-6)
+        frozen = Ensemble(ms).freeze()
+        assert not any(p.requires_grad for p in frozen.parameters())
+        fixed = frozen(x)
+        ms[1][3].weight.mul_(3.0)
+        assert torch.equal(frozen(x), fixed)  # documented: a frozen ensemble reads its weights once
+    xg = x.clone().requires_grad_(True)
+    frozen(xg).sum().backward()  # input gradients still work
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_rank3_inputs_without_flatten_skip_the_mlp_path():
+    ms = [nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(2)]
+    ens = Ensemble(ms)
+    x = torch.rand(5, 4)
+    with torch.no_grad():
+        assert torch.allclose(ens(x), Ensemble(ms, fused=False)(x), atol=1e-6)
+        assert not ens._mlp_fast(torch.rand(5, 2, 4))

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from _ensembles import random_ensemble
 from torch import nn
 
-from fipray.ensemble import load_ensemble, save_ensemble
-from fipray.models import create_model
+from fipray.ensemble import load_ensemble
 from fipray.ray.attack import RemoteEnsemble
 from fipray.serving import (
     BadRequest,
@@ -26,15 +26,10 @@ SHAPE = (1, 4, 4)
 
 @pytest.fixture(scope="module")
 def ens_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ens")
-    ms = []
-    for i in range(5):
-        torch.manual_seed(i)
-        ms.append(create_model("small_cnn", num_classes=3, input_shape=SHAPE, width=0.25, fc=8))
-    spec = {"name": "small_cnn", "kwargs": {"width": 0.25, "fc": 8}, "num_classes": 3, "input_shape": list(SHAPE)}
-    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "ensemble", "seed": 0, "config_hash": "h",
-                                                    "path_ids": [0] * 5, "steps": [1, 2, 3, 4, 5]})
-    return d
+    return random_ensemble(tmp_path_factory.mktemp("ens"), "small_cnn", {"width": 0.25, "fc": 8}, SHAPE,
+                           num_classes=3, members=5, metadata={"operation": "ensemble", "seed": 0,
+                                                               "config_hash": "h", "path_ids": [0] * 5,
+                                                               "steps": [1, 2, 3, 4, 5]})
 
 
 class _Done:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _ensembles import random_ensemble
 
 from fipray.ensemble import load_ensemble, read_ensemble_meta, save_ensemble, tokenizer_dir
 from fipray.models import create_model
@@ -137,14 +138,8 @@ def test_every_bad_token_body_is_a_4xx_naming_the_problem(case):
 @pytest.fixture(scope="module")
 def text_ens(tmp_path_factory):
     """Three tiny from-scratch BERTs with the real MiniLM tokenizer recorded in the folder."""
-    d = tmp_path_factory.mktemp("text_ens")
-    ms = []
-    for i in range(3):
-        torch.manual_seed(i)
-        ms.append(create_model("hf_bert", num_classes=3, input_shape=(L,), config=TINY_BERT))
-    spec = {"name": "hf_bert", "kwargs": {"config": TINY_BERT}, "num_classes": 3, "input_shape": [L]}
-    save_ensemble(ms, d, model_spec=spec, metadata={"operation": "test"}, tokenizer="minilm-l6")
-    return d
+    return random_ensemble(tmp_path_factory.mktemp("text_ens"), "hf_bert", {"config": TINY_BERT}, (L,),
+                           num_classes=3, members=3, tokenizer="minilm-l6")
 
 
 def test_text_ensemble_records_its_tokenizer_and_image_ensembles_do_not(text_ens, tmp_path):
