@@ -379,13 +379,14 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     rather than moving it), no quarantine of a released port (a restarted replica gets ``port`` back)
     and a 2 s drain on shutdown instead of 30 s. Must be in the environment before Ray starts.
     """
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"--direct-port must be in 1..65535, got {port}")
+    if not 1 <= port <= 65534:
+        raise ConfigError(f"--direct-port must be in 1..65534, got {port}")
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port),  # that port or none: never another one silently
+        # Ray's range excludes its maximum: exactly `port`, never another one silently.
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
