@@ -186,6 +186,6 @@ def plot_serve_throughput(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(sel)), labels, fontsize=8)
         ax.set_title(f"{rb} input(s) per request")
         ax.set_ylabel("examples / s")
-    axes[0][0].legend(fontsize=8, loc="center right")
+    axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle("HTTP / in-process throughput (numbers above the bars)", fontsize=9)
     _save(fig, path)
