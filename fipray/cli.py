@@ -173,7 +173,7 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--metrics-port", type=int, help="expose Ray's Prometheus metrics (Serve's too) on this port")
     s.add_argument("--direct-port", type=int,
                    help="the ingress replica also answers HTTP on this port without the proxy (Ray Serve direct "
-                        "ingress: ~2.5x the throughput of small requests; local Ray only)")
+                        "ingress: ~2x the throughput of 1-input requests; local Ray only)")
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
 
 
