@@ -33,10 +33,11 @@ that dies mid-request gives 503 at once; Serve restarts it (``health_check_perio
 
 Direct ingress (``fipray serve --direct-port PORT``): the ingress replica answers HTTP itself on
 ``PORT`` (Ray Serve's ``RAY_SERVE_ENABLE_DIRECT_INGRESS`` with its throughput-optimised settings,
-:func:`direct_ingress_env`), skipping the proxy actor. Measured with one input per request
-(``benchmarks/bench_serve.py``): the proxy costs ~6 ms of CPU per request and the replica ~4 ms more
-fetching each request's body back from the proxy (ASGI receive calls); direct requests cost ~4 ms in
-all; bench_serve.py: 2x the throughput of 1-input .npy requests (0.64 vs 0.32 of in-process). The proxy keeps serving ``--port`` beside it. Limits (Ray's feature is
+:func:`direct_ingress_env`), skipping the proxy actor. Profiled with one input per request (py-spy
+and per-process CPU): the proxy costs ~6 ms of CPU per request and the replica ~4 ms more fetching
+each request's body back from the proxy (ASGI receive calls); a direct request costs ~4 ms in all.
+``benchmarks/bench_serve.py``: 2x the throughput of 1-input ``.npy`` requests (0.64 vs 0.32 of the
+in-process ensemble's). The proxy keeps serving ``--port`` beside it. Limits (Ray's feature is
 marked limited): exactly one ingress replica (no ingress autoscaling), ``PORT`` must be free, and it
 needs Ray started by ``fipray serve`` (the settings are environment variables of Ray's processes; on
 a cluster set them on every node). A live switch keeps the replica (see below), so ``PORT`` stays up.
