@@ -308,9 +308,9 @@ class Ensemble(nn.Module):
         Returns:
             Log-probabilities ``(B, C)``; ``exp`` of each row sums to 1.
         """
-        if self._mlp_fast(x):
-            return self._mlp_log_prob_sum(x).sub_(math.log(len(self.members)))
-        return self.log_prob_sum(x) - math.log(len(self.members))
+        out = self.log_prob_sum(x)
+        # Without autograd the sum is a fresh tensor of this call: subtract in place (same values).
+        return out - math.log(len(self.members)) if out.requires_grad else out.sub_(math.log(len(self.members)))
 
     def log_prob_sum(self, x: Tensor) -> Tensor:
         """log Σ_k softmax(f_k(x)) ``(B, C)``: the sum over members, not the mean (``forward`` subtracts

@@ -373,7 +373,7 @@ def _asdict(a: ServeArgs) -> dict[str, Any]:
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
-    """Environment of a Ray whose Serve ingress replicas answer HTTP themselves from ``port`` up.
+    """Environment of a Ray whose Serve ingress replica answers HTTP itself on ``port``.
 
     Ray Serve's throughput-optimised mode (direct ingress, gRPC between deployments, user code on the
     replica's event loop), the ingress replica on ``port`` and no other (a taken port fails the replica
@@ -480,7 +480,7 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
 
     from fipray.ray._local import init_local
 
-    ServeArgs.from_dict(args)  # bad args fail before Ray starts
+    a = ServeArgs.from_dict(args)  # bad args fail before Ray starts
     if metrics_port and (address or os.environ.get("RAY_ADDRESS")):
         raise ConfigError("--metrics-port sets up the local Ray that fipray serve starts; a cluster joined with "
                           "--address/RAY_ADDRESS exports metrics on the port its nodes were started with")
@@ -488,7 +488,6 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
             raise ConfigError("--direct-port configures the local Ray that fipray serve starts; on a running Ray or "
                               "cluster set the environment of fipray.ray.serve.direct_ingress_env on its nodes")
-        a = ServeArgs.from_dict(args)
         if a.ingress_autoscaling:
             raise ConfigError("--direct-port serves from exactly one ingress replica; drop ingress_autoscaling")
         import socket
@@ -517,9 +516,9 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
             urls["direct_predict"] = f"http://{host}:{direct_port}/predict"
         print(json.dumps(urls), flush=True)
         if smoke_test:
-            print(json.dumps(_smoke_request(url, ServeArgs.from_dict(args).ensemble)), flush=True)
+            print(json.dumps(_smoke_request(url, a.ensemble)), flush=True)
             if direct_port is not None:
-                direct = _smoke_request(f"http://{host}:{direct_port}", ServeArgs.from_dict(args).ensemble)
+                direct = _smoke_request(f"http://{host}:{direct_port}", a.ensemble)
                 print(json.dumps({**direct, "direct": True}), flush=True)
             return 0
         print("serving; Ctrl-C or SIGTERM stops, SIGHUP re-reads the ensemble folder", flush=True)
@@ -528,7 +527,7 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
                 reload.clear()
                 try:
                     update_ensemble(args)
-                    print(json.dumps({"switched_to": ServeArgs.from_dict(args).ensemble}), flush=True)
+                    print(json.dumps({"switched_to": a.ensemble}), flush=True)
                 except (ValueError, FileNotFoundError) as e:  # keep serving the old one
                     print(json.dumps({"switch_failed": str(e)}), flush=True)
     except KeyboardInterrupt:
