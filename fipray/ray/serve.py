@@ -490,6 +490,7 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
                               "cluster set the environment of fipray.ray.serve.direct_ingress_env on its nodes")
         if a.ingress_autoscaling:
             raise ConfigError("--direct-port serves from exactly one ingress replica; drop ingress_autoscaling")
+        direct_env = direct_ingress_env(int(direct_port))  # checks the port's range first
         import socket
 
         with socket.socket() as probe:
@@ -497,7 +498,7 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
                 probe.bind((host, int(direct_port)))
             except OSError as e:
                 raise ConfigError(f"--direct-port {direct_port}: cannot listen on {host}:{direct_port} ({e})") from None
-        os.environ.update(direct_ingress_env(int(direct_port)))
+        os.environ.update(direct_env)
     started = not ray.is_initialized()  # the Ray this call starts, it also stops
     extra: dict[str, Any] = {"_metrics_export_port": int(metrics_port)} if metrics_port else {}
     init_local(address=address, **extra)

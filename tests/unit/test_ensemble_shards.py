@@ -162,6 +162,10 @@ def test_serve_args_validate_names_the_key(ens_dir):
     (["serve", "--ensemble", "{d}", "--shards", "9"], "shards must be in \\[1, 5\\]"),
     (["attack", "--ensemble", "{d}/nope", "--eps", "0.1"], "ensemble directory not found"),
     (["attack", "--ensemble", "{d}", "--eps", "0.1"], "no run config"),
+    (["serve", "--ensemble", "{d}", "--direct-port", "70000"], "--direct-port must be in 1..65534, got 70000"),
+    (["serve", "--ensemble", "{d}", "--direct-port", "8001", "--set", 'ingress_autoscaling={{"max_replicas": 2}}'],
+     "exactly one ingress replica"),
+    (["serve", "--ensemble", "{d}", "--direct-port", "8001", "--address", "auto"], "local Ray that fipray serve"),
 ])
 def test_cli_serve_and_attack_fail_fast_with_exit_2(capsys, ens_dir, argv, match):
     import re
