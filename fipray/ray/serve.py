@@ -485,12 +485,13 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
         raise ConfigError("--metrics-port sets up the local Ray that fipray serve starts; a cluster joined with "
                           "--address/RAY_ADDRESS exports metrics on the port its nodes were started with")
     if direct_port is not None:
+        # the user's arguments first (range, autoscaling), then the state of this process's Ray
+        direct_env = direct_ingress_env(int(direct_port))  # checks the port's range
+        if a.ingress_autoscaling:
+            raise ConfigError("--direct-port serves from exactly one ingress replica; drop ingress_autoscaling")
         if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
             raise ConfigError("--direct-port configures the local Ray that fipray serve starts; on a running Ray or "
                               "cluster set the environment of fipray.ray.serve.direct_ingress_env on its nodes")
-        if a.ingress_autoscaling:
-            raise ConfigError("--direct-port serves from exactly one ingress replica; drop ingress_autoscaling")
-        direct_env = direct_ingress_env(int(direct_port))  # checks the port's range first
         import socket
 
         with socket.socket() as probe:
