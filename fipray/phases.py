@@ -37,8 +37,10 @@ def seeded_randomness(model: nn.Module, seed: int) -> Iterator[None]:
         yield
 
 
-def _tag(name: str) -> int:
-    # Not hash(): Python salts str hashes per process, which would break resumed runs.
+def phase_tag(name: str) -> int:
+    """A phase name as a stable integer for ``mix_seed`` (the streams a phase draws
+    its batches and randomness from). Not ``hash()``: Python salts str hashes per process, which would
+    break resumed runs."""
     return zlib.crc32(name.encode())
 
 
@@ -70,10 +72,10 @@ def supervised_phase(
     """
     task_loss = F.cross_entropy if loss is None else loss
     data = typing.cast(Examples, x) if y is None else TensorExamples(typing.cast(Tensor, x), y)
-    source = data.batches(train.batch_size, mix_seed(seed, _tag(name)))
+    source = data.batches(train.batch_size, mix_seed(seed, phase_tag(name)))
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
-        with seeded_randomness(model, mix_seed(seed, 8, _tag(name), t)):
+        with seeded_randomness(model, mix_seed(seed, 8, phase_tag(name), t)):
             return _step(model, opt, t, state)
 
     def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
@@ -211,7 +213,7 @@ def fip_phase(
     dist = get_distance(path.distance) if distance is None else distance
     lam = path.lam if lam is None else lam
     beta = path.beta if beta is None else beta
-    source = as_examples(new_data).batches(path.batch_size, mix_seed(seed, 1, _tag(name))) \
+    source = as_examples(new_data).batches(path.batch_size, mix_seed(seed, 1, phase_tag(name))) \
         if new_data is not None else None
     if isinstance(memory, TensorExamples):
         memory = memory.x
@@ -238,7 +240,7 @@ def fip_phase(
         if path.memory_batch_size and n > path.memory_batch_size:
             ms = mem_stream.get(n)
             if ms is None:  # built once: it caches the current epoch's permutation
-                ms = mem_stream[n] = BatchStream(n, path.memory_batch_size, mix_seed(seed, 2, _tag(name)))
+                ms = mem_stream[n] = BatchStream(n, path.memory_batch_size, mix_seed(seed, 2, phase_tag(name)))
             idx = ms.indices(t)
         if streamed is not None:
             idx = torch.arange(n) if idx is None else idx
@@ -247,7 +249,7 @@ def fip_phase(
         return anchor if idx is None else anchor.select(idx)
 
     def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
-        with seeded_randomness(model, mix_seed(seed, 8, _tag(name), t)):
+        with seeded_randomness(model, mix_seed(seed, 8, phase_tag(name), t)):
             return _step(model, opt, t, state)
 
     def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
@@ -262,7 +264,7 @@ def fip_phase(
         if path.step == "metric":
             # The optimizer is unused: the step is the solution of eq. 4 on ‖dw‖ = trust_radius.
             # The generator only seeds the solver's start when ∇S = 0; (seed, step) keeps resumes exact.
-            gen = torch.Generator().manual_seed(mix_seed(seed, 3, _tag(name), t))
+            gen = torch.Generator().manual_seed(mix_seed(seed, 3, phase_tag(name), t))
             so, _ = metric_step(model, anchor, distance=dist, lam=lam, beta=beta, radius=path.trust_radius,
                                 iters=path.cg_iters, secondary=sec, x_new=x_new, grad_hook=hook, generator=gen)
             return so

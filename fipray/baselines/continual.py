@@ -23,7 +23,7 @@ from fipray.config import Config, ConfigError, TrainConfig
 from fipray.data.stream import Examples, StreamedExamples, TensorExamples
 from fipray.ops.continual import TaskTensors, head_of, memory_upto, row_finish
 from fipray.path import Phase, PhaseState
-from fipray.phases import _tag, supervised_phase
+from fipray.phases import phase_tag, supervised_phase
 
 # name -> (tasks, cfg, seed, **options) -> phases for tasks 1..T−1, or (phases, extra run_path kwargs);
 # `continual.baselines` names them.
@@ -152,7 +152,7 @@ def lwf_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     kd = _kd(cc.lwf_temperature)
     phases = []
     for i in range(1, len(tasks)):
-        source = tasks[i].train_data.batches(tc.batch_size, mix_seed(seed, _tag(f"task{i}")))  # the phase's batches
+        source = tasks[i].train_data.batches(tc.batch_size, mix_seed(seed, phase_tag(f"task{i}")))  # the phase's batches
         old: dict[str, nn.Module] = {}
         match = head.invariance(kd, i) or kd
 

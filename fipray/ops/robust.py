@@ -50,7 +50,7 @@ from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
 from fipray.ops.ensemble import FIP_ENSEMBLES, Deployed, RobustEnsemble, input_gradient, select
 from fipray.path import Phase, PhaseState, run_path
-from fipray.phases import _tag, fip_phase
+from fipray.phases import fip_phase, phase_tag
 from fipray.runtime import RunContext, accuracy, clone, path_summary, train_base
 
 
@@ -214,7 +214,7 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
     rc, every = cfg.robust, cfg.ensemble.sample_every
     x_mem = data[0] if isinstance(data, tuple) else data
     # clean_pass false: L's batches are drawn here (the stream fip_phase would use), never forwarded clean.
-    own = None if rc.clean_pass else as_examples(data).batches(cfg.path.batch_size, mix_seed(seed, 1, _tag(name)))
+    own = None if rc.clean_pass else as_examples(data).batches(cfg.path.batch_size, mix_seed(seed, 1, phase_tag(name)))
 
     def prepare_extra(model: nn.Module) -> PhaseState:
         w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
