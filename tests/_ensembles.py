@@ -1,4 +1,5 @@
-"""Test helpers shared by the serving and ensemble tests: seeded random ensembles on disk, free ports.
+"""Test helpers shared by the serving and ensemble tests: seeded random ensembles on disk, free ports,
+the processes whose command line names something (Ray replicas, a private Ray folder).
 
 Importable as ``_ensembles`` from every test folder (pytest puts ``tests/``, the folder of the root
 conftest, on ``sys.path``).
@@ -15,6 +16,20 @@ import torch
 
 from fipray.ensemble import save_ensemble
 from fipray.models import create_model
+
+
+def processes_mentioning(text: str) -> list:
+    """The live processes (``psutil.Process``) whose command line contains ``text``."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if text in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:  # gone meanwhile, or not ours to read
+            pass
+    return out
 
 
 def free_port() -> int:

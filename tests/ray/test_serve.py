@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from _ensembles import free_port, random_ensemble
+from _ensembles import free_port, processes_mentioning, random_ensemble
 from torch import nn
 
 from fipray.ensemble import load_ensemble, save_ensemble
@@ -267,16 +267,15 @@ def _switch_under_load(port: int, args: dict) -> tuple[dict, float]:
 
 
 def _replica_pids() -> dict[int, str]:
+    """pid -> deployment name of every fipray Serve replica running."""
     import psutil
 
     out = {}
-    for p in psutil.process_iter():
+    for p in processes_mentioning("ServeReplica:fipray:"):
         try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
+            out[p.pid] = " ".join(p.cmdline()).split("ServeReplica:fipray:")[1].split()[0]
+        except (psutil.Error, IndexError):  # gone meanwhile
             continue
-        if "ServeReplica:fipray:" in cmd:
-            out[p.pid] = cmd.split("ServeReplica:fipray:")[1].split()[0]
     return out
 
 

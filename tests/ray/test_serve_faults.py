@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from _ensembles import free_port, random_ensemble
+from _ensembles import free_port, processes_mentioning, random_ensemble
 
 from fipray.ensemble import load_ensemble
 
@@ -112,19 +112,6 @@ def _descendants(pid: int) -> list:
         return []
 
 
-def _mentioning(text: str) -> list:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if text in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
 def _alive(p) -> bool:
     import psutil
 
@@ -178,7 +165,7 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
             status, text = _post(direct, b'{"inputs": [[1, 2]]}')
             assert status == 400 and b"shape" in text, (status, text)
         # Its process tree, and anything naming its private Ray folder (a daemonised process would not be in the tree).
-        ray_procs = {p.pid: p for p in _descendants(proc.pid) + _mentioning(tmp)}.values()
+        ray_procs = {p.pid: p for p in _descendants(proc.pid) + processes_mentioning(tmp)}.values()
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
         proc.send_signal(sig)
         assert proc.wait(90) == 0
@@ -187,7 +174,7 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
         while alive and time.time() < deadline:
             alive = [p for p in alive if _alive(p)]
             time.sleep(0.5)
-        alive += [p for p in _mentioning(tmp) if _alive(p)]
+        alive += [p for p in processes_mentioning(tmp) if _alive(p)]
         assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
     finally:
         if proc.poll() is None:
