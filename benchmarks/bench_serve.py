@@ -171,7 +171,7 @@ def _free_port() -> int:
 
 def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency: int, request_batches: list[int],
                payloads: list[str], requests_batched: int, seed: int = 0,
-               ingress: tuple[str, ...] = ("proxy", "direct")) -> list[dict]:
+               ingress: tuple[str, ...] = ("proxy", "direct"), access_logs: tuple[bool, ...] = (True,)) -> list[dict]:
     import ray
     from ray import serve
 
@@ -210,11 +210,11 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
         tmp = tempfile.mkdtemp(prefix="fbs", dir="/tmp")
         init_local(num_cpus=2, temp_dir=tmp, object_store_memory=256 * 1024**2)
         try:
-            for shards in shards_list:
+            for shards, access_log in [(s, a) for s in shards_list for a in access_logs]:
                 port = _free_port()
                 t0 = time.perf_counter()
                 start({"ensemble": str(ens_dir), "shards": shards, "max_inputs": max(256, *request_batches),
-                       "max_queued_requests": 4 * concurrency}, host="127.0.0.1", port=port)
+                       "max_queued_requests": 4 * concurrency, "access_log": access_log}, host="127.0.0.1", port=port)
                 deploy_s = time.perf_counter() - t0
                 url = f"http://127.0.0.1:{direct_port or port}/predict"
                 for rb, (bodies, inproc_eps, n) in workloads.items():
@@ -222,7 +222,8 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
                         kw = {"concurrency": concurrency, "examples_per_request": rb, "content_type": ctype[payload]}
                         load_test(url, bodies[payload], requests=min(50, n), time_limit_s=60, **kw)  # warm-up
                         res = load_test(url, bodies[payload], requests=n, time_limit_s=300, **kw)
-                        res.update({"ingress": mode, "shards": shards, "request_batch": rb, "payload": payload,
+                        res.update({"ingress": mode, "shards": shards, "access_log": access_log,
+                                    "request_batch": rb, "payload": payload,
                                     "deploy_s": deploy_s, "body_bytes": len(bodies[payload][0]),
                                     "inproc_examples_per_s": inproc_eps,
                                     "http/in-process": res["examples_per_s"] / inproc_eps})
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, nargs="+", default=[1])
     p.add_argument("--ingress", nargs="+", default=["proxy", "direct"], choices=("proxy", "direct"),
                    help="HTTP through Serve's proxy, and/or straight to the ingress replica (fipray serve --direct-port)")
+    p.add_argument("--access-log", nargs="+", default=["on"], choices=("on", "off"),
+                   help="Serve's per-request access log (serve.access_log); 'on off' measures both in one run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--smoke-test", action="store_true", help="tiny sizes: checks the script runs (seconds)")
     p.add_argument("--skip-http", action="store_true", help="no HTTP part")
@@ -309,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
               f"concurrency {args.concurrency}, {args.request_batch} input(s) per request, bodies {args.payload}; "
               f"in-process = the Ensemble on the same request batches, one at a time")
         rows = bench_http(ens_dir, args.shards, args.requests, args.concurrency, args.request_batch, args.payload,
-                          args.requests_batched, ingress=tuple(args.ingress))
+                          args.requests_batched, ingress=tuple(args.ingress),
+                          access_logs=tuple(a == "on" for a in args.access_log))
         for row in rows:
-            keep = ("ingress", "shards", "payload", "request_batch", "body_bytes", "requests", "ok", "errors", "seconds",
+            keep = ("ingress", "shards", "access_log", "payload", "request_batch", "body_bytes", "requests", "ok", "errors", "seconds",
                     "throughput_rps", "examples_per_s", "inproc_examples_per_s", "http/in-process", "p50_ms",
                     "p90_ms", "p99_ms", "max_ms", "deploy_s")
             print(json.dumps({k: round(row[k], 3) if isinstance(row[k], float) else row[k] for k in keep}))

@@ -178,7 +178,8 @@ def plot_serve_throughput(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False)
     for ax, rb in zip(axes[0], batches):
         sel = [r for r in rows if r["request_batch"] == rb]
-        labels = [f"{r.get('ingress', 'proxy')}\n{r['payload']}" for r in sel]
+        labels = [f"{r.get('ingress', 'proxy')}\n{r['payload']}" + ("\nno access log" if r.get("access_log") is False
+                                                                else "") for r in sel]
         ax.bar(range(len(sel)), [r["examples_per_s"] for r in sel], color="tab:blue", label="HTTP")
         ax.axhline(sel[0]["inproc_examples_per_s"], color="k", ls="--", lw=1, label="in-process")
         for i, r in enumerate(sel):

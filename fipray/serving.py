@@ -418,6 +418,7 @@ class ServeArgs:
     ingress_autoscaling: dict[str, Any] = knob({})
     shard_autoscaling: dict[str, Any] = knob({})
     truncate_texts: bool = False  # False: texts over the model's length get 400; True: cut like training
+    access_log: bool = True  # Serve's log line per request (proxy and replicas); false: none written
     cpus_per_replica: float = knob(0.25, ge=0)
     gpus_per_shard: float = knob(0.0, ge=0)
     threads: int = knob(1, ge=0)  # torch threads per replica

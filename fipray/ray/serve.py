@@ -347,7 +347,8 @@ def build_app(args: Mapping[str, Any]):
     """
     a = ServeArgs.from_dict(args)
     common = {"max_queued_requests": a.max_queued_requests, "health_check_period_s": a.health_check_period_s,
-              "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s)}
+              "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s),
+              "logging_config": {"enable_access_log": a.access_log}}
     shards = []
     version = _code_version(a)
     if a.shards > 1:
@@ -419,7 +420,9 @@ def start(
     """
     a = ServeArgs.from_dict(args)
     if http:
-        serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s})
+        # The proxy's logging: Serve applies it when this call starts Serve (a running Serve keeps its own).
+        serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s},
+                    logging_config={"enable_access_log": a.access_log})
     return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
 
 

@@ -231,3 +231,14 @@ def test_autoscaling_and_backpressure_options_reach_the_deployments(text_ens):
     assert shard_cfg.autoscaling_config.max_replicas == 2 and shard_cfg.max_queued_requests == 7
     with pytest.raises(ConfigError, match="serve.shard_autoscaling"):
         build_app({"ensemble": str(text_ens), "shards": 2, "shard_autoscaling": {"max_replica": 2}})
+
+
+@pytest.mark.parametrize("value, enabled", [(None, True), ("false", False), (True, True)])
+def test_access_log_option_reaches_every_deployment(text_ens, value, enabled):
+    from fipray.ray.serve import build_app
+
+    args = {"ensemble": str(text_ens), "shards": 2} | ({} if value is None else {"access_log": value})
+    ingress = build_app(args)._bound_deployment
+    cfgs = [ingress._deployment_config] + [s._bound_deployment._deployment_config for s in ingress.init_args[1]]
+    assert len(cfgs) == 3
+    assert [c.logging_config["enable_access_log"] for c in cfgs] == [enabled] * 3
