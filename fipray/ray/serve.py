@@ -347,8 +347,10 @@ def build_app(args: Mapping[str, Any]):
     """
     a = ServeArgs.from_dict(args)
     common = {"max_queued_requests": a.max_queued_requests, "health_check_period_s": a.health_check_period_s,
-              "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s),
-              "logging_config": {"enable_access_log": a.access_log}}
+              "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s)}
+    if not a.access_log:
+        # Only then: a deployment's logging_config replaces the app's (a Serve config's log level, encoding).
+        common["logging_config"] = {"enable_access_log": False}
     shards = []
     version = _code_version(a)
     if a.shards > 1:
@@ -422,7 +424,7 @@ def start(
     if http:
         # The proxy's logging: Serve applies it when this call starts Serve (a running Serve keeps its own).
         serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s},
-                    logging_config={"enable_access_log": a.access_log})
+                    logging_config=None if a.access_log else {"enable_access_log": False})
     return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
 
 

@@ -233,12 +233,15 @@ def test_autoscaling_and_backpressure_options_reach_the_deployments(text_ens):
         build_app({"ensemble": str(text_ens), "shards": 2, "shard_autoscaling": {"max_replica": 2}})
 
 
-@pytest.mark.parametrize("value, enabled", [(None, True), ("false", False), (True, True)])
-def test_access_log_option_reaches_every_deployment(text_ens, value, enabled):
+@pytest.mark.parametrize("value, want", [(None, None), (True, None), ("false", False)])
+def test_access_log_option_reaches_every_deployment(text_ens, value, want):
+    """access_log false turns Serve's access log off in every deployment; on (the default) leaves their
+    logging_config unset, so an app-level one (a Serve config's log level) still applies."""
     from fipray.ray.serve import build_app
 
     args = {"ensemble": str(text_ens), "shards": 2} | ({} if value is None else {"access_log": value})
     ingress = build_app(args)._bound_deployment
     cfgs = [ingress._deployment_config] + [s._bound_deployment._deployment_config for s in ingress.init_args[1]]
     assert len(cfgs) == 3
-    assert [c.logging_config["enable_access_log"] for c in cfgs] == [enabled] * 3
+    got = [c.logging_config if c.logging_config is None else c.logging_config["enable_access_log"] for c in cfgs]
+    assert got == [want] * 3
