@@ -533,8 +533,10 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
             if reload.wait(3600):
                 reload.clear()
                 try:
-                    update_ensemble(args)
-                    print(json.dumps({"switched_to": a.ensemble}), flush=True)
+                    # The folder as of now (a symlink re-pointed since start-up), not `a.ensemble`.
+                    target = ServeArgs.from_dict(args)
+                    update_ensemble(_asdict(target))
+                    print(json.dumps({"switched_to": target.ensemble}), flush=True)
                 except (ValueError, FileNotFoundError) as e:  # keep serving the old one
                     print(json.dumps({"switch_failed": str(e)}), flush=True)
     except KeyboardInterrupt:

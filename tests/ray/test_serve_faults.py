@@ -112,6 +112,34 @@ def _descendants(pid: int) -> list:
         return []
 
 
+def _switch_by_sighup(proc: subprocess.Popen, port: int, link: Path, tmp_path: Path) -> None:
+    """Re-point ``link`` at another ensemble, SIGHUP ``fipray serve``: it reports and serves the new folder."""
+    new = random_ensemble(tmp_path / "next", "small_cnn", {"width": 0.5, "fc": 32}, SHAPE, num_classes=10,
+                          members=4, seed=100, metadata={"operation": "ensemble"})
+    link.unlink()
+    link.symlink_to(new)
+    lines: list[bytes] = []
+
+    def read():  # until the server exits: its pipe never fills
+        for ln in iter(proc.stdout.readline, b""):  # type: ignore[union-attr]
+            lines.append(ln)
+
+    threading.Thread(target=read, daemon=True).start()
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(b"switched_to" in ln or b"switch_failed" in ln for ln in lines):
+        time.sleep(0.2)
+    said = [json.loads(ln) for ln in lines if ln.startswith(b'{"switch')]
+    assert said == [{"switched_to": str(new.resolve())}], [ln[-300:] for ln in lines[-20:]]
+    deadline, meta = time.time() + 10, {}
+    while time.time() < deadline and meta.get("ensemble") != str(new.resolve()):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metadata")
+        meta = json.loads(conn.getresponse().read())
+        conn.close()
+    assert meta["ensemble"] == str(new.resolve()), meta
+
+
 def _alive(p) -> bool:
     import psutil
 
@@ -139,7 +167,10 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
                                                      "args": {"ensemble": str(ens_dir), "shards": 2}}]}))
         what = ["--config", str(cfg)]
     else:
-        what = ["--ensemble", str(ens_dir), "--port", str(port)]
+        # The ensemble variant serves through a symlink and re-points it under SIGHUP (README's live switch).
+        link = tmp_path / "current"
+        link.symlink_to(ens_dir)
+        what = ["--ensemble", str(link), "--port", str(port)]
     direct = free_port() if how == "direct" else None
     if direct is not None:
         what += ["--direct-port", str(direct)]
@@ -164,6 +195,8 @@ def test_fipray_serve_stopped_by_signal_leaves_no_ray_process(ens_dir, sig, how,
             assert json.loads(via_direct[1]) == json.loads(via_proxy[1])  # the same replica answers both
             status, text = _post(direct, b'{"inputs": [[1, 2]]}')
             assert status == 400 and b"shape" in text, (status, text)
+        if how == "ensemble":
+            _switch_by_sighup(proc, port, link, tmp_path)
         # Its process tree, and anything naming its private Ray folder (a daemonised process would not be in the tree).
         ray_procs = {p.pid: p for p in _descendants(proc.pid) + processes_mentioning(tmp)}.values()
         assert any("raylet" in " ".join(p.cmdline()) for p in ray_procs)
