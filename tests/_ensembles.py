@@ -1,5 +1,5 @@
-"""Test helpers shared by the serving and ensemble tests: seeded random ensembles on disk, free ports,
-the processes whose command line names something (Ray replicas, a private Ray folder).
+"""Test helpers shared by the test folders (serving, ensembles, Ray commands): seeded random ensembles
+on disk, free ports, the processes whose command line names something (Ray replicas, a Ray folder).
 
 Importable as ``_ensembles`` from every test folder (pytest puts ``tests/``, the folder of the root
 conftest, on ``sys.path``).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,17 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from _ensembles import free_port
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 GCS_PORT = 6391
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _procs() -> dict[int, tuple[int, str]]:
@@ -67,7 +61,7 @@ def _stop_head(markers: list[str]) -> list[int]:
 @pytest.fixture
 def ray_head():
     tmp = tempfile.mkdtemp(prefix="fpjs", dir="/tmp")  # short: unix socket paths are limited
-    dash, client, agent = _free_port(), _free_port(), _free_port()
+    dash, client, agent = free_port(), free_port(), free_port()
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",  # the job's `python` is ours
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}

@@ -9,21 +9,15 @@ The session's Ray is already running (fixture), so each command joins it and lea
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
+from _ensembles import free_port
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "jobs" / "configs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def test_serve_smoke_test_answers_one_request(paths_run, ray_2cpus, capsys):
     from fipray.cli import main
 
     assert main(["serve", "--smoke-test", "--ensemble", str(paths_run / "ensemble"), "--shards", "2",
-                 "--port", str(_free_port())]) == 0
+                 "--port", str(free_port())]) == 0
     # Ray may print its own log lines to stdout too; the answer is the line the command printed.
     answer = json.loads(next(line for line in capsys.readouterr().out.splitlines() if '"smoke_test"' in line))
     assert answer["smoke_test"] == "ok" and len(answer["labels"]) == 1 and answer["members"] == 4
