@@ -26,10 +26,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fipray._batches import BatchStream
 from fipray.core.distances import get_distance
 from fipray.core.step import Anchor, metric_step, penalty_step
 from fipray.data import as_tensors, get_data
+from fipray.data.batches import BatchStream
 from fipray.models import create_model
 
 

@@ -73,7 +73,7 @@ def main() -> None:
 
     import ray
 
-    from fipray.ray._local import init_local
+    from fipray.ray.local import init_local
     from fipray.ray.paths import quiet_ray
 
     load0 = os.getloadavg()[0]

@@ -175,7 +175,7 @@ def bench_http(ens_dir: Path, shards_list: list[int], requests: int, concurrency
     import ray
     from ray import serve
 
-    from fipray.ray._local import init_local
+    from fipray.ray.local import init_local
     from fipray.ray.serve import direct_ingress_env, start
     from fipray.ray.serve_load import load_test
 

@@ -235,9 +235,9 @@ def _run_attack(args: argparse.Namespace) -> int:
 
 def commands() -> dict[str, Command]:
     """The command table: every registered operation, then the Ray, set and serving commands."""
-    from fipray.operation import OPERATIONS
+    from fipray.operation import operation_classes
 
-    table = {name: _operation_command(name) for name, cls in OPERATIONS.items() if cls.name == name}
+    table = {name: _operation_command(name) for name in operation_classes()}
     table["paths"] = Command("paths", "run P FIP paths in parallel on Ray, merge their tables and ensembles",
                              _add_paths_args, _run_paths)
     table["sweep"] = Command("sweep", "search config fields with Ray Tune + ASHA (the YAML's sweep: section)",

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from fipray._registry import Registry
+from fipray.registry import Registry
 
 
 class ConfigError(ValueError):
@@ -147,14 +147,11 @@ class PathConfig:
     accumulate: int = knob(1, ge=1)  # penalty step: micro-batches of the new batch and memory batch per step
 
 
-# Operation sections (`continual:`, `sparsify:`, ...): each operation module registers its dataclass.
+# The two plugin registries the config validates against, filled by `fipray.operation.register_operation`:
+# operation sections (`continual:`, `sparsify:`, ...: each operation module registers its dataclass) and the
+# operation classes themselves (typed `type` here: the `Operation` base class lives on the floor above).
 SECTIONS: Registry[type] = Registry("config section", builtins="fipray.ops")
-
-
-def _operations() -> list[str]:
-    from fipray.operation import OPERATIONS
-
-    return OPERATIONS.names()
+OPERATIONS: Registry[type] = Registry("operation", builtins="fipray.ops")
 
 
 def _default_sections() -> dict[str, Any]:
@@ -347,8 +344,8 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     sections = {name: build_section(cls, data.get(name, {}) or {}, f"{name}.") for name, cls in names.items()}
     cfg: Config = build_section(Config, core, "")
     cfg = dataclasses.replace(cfg, sections=sections)
-    if cfg.operation and cfg.operation not in _operations():
-        raise ConfigError(f"config key 'operation': {cfg.operation!r} is not one of {', '.join(_operations())}")
+    if cfg.operation and cfg.operation not in OPERATIONS:
+        raise ConfigError(f"config key 'operation': {cfg.operation!r} is not one of {', '.join(OPERATIONS.names())}")
     cfg.data.check()
     for sec in sections.values():
         check = getattr(sec, "check", None)
@@ -393,6 +390,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from fipray._io import atomic_write_text
+    from fipray.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fipray._io import _json_default, atomic_write, atomic_write_json
+from fipray.atomic import atomic_write, atomic_write_json, json_default
 
 MEMBERS_FILE = "members.safetensors"
 META_FILE = "ensemble.json"
@@ -513,7 +513,7 @@ def save_ensemble(
     )
     spec = _check_spec(model_spec)
     try:
-        json.dumps(dict(metadata), default=_json_default)
+        json.dumps(dict(metadata), default=json_default)
     except TypeError as e:
         raise TypeError(f"metadata must be JSON-serialisable: {e}") from None
 

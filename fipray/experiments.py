@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fipray._io import atomic_write_json
+from fipray.atomic import atomic_write_json
 from fipray.config import Config
 from fipray.operation import get_operation
 from fipray.runtime import prepare_out

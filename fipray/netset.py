@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fipray._io import atomic_write, atomic_write_json, write_parquet
+from fipray.atomic import atomic_write, atomic_write_json, write_parquet
 
 SET_FILE = "set.json"
 

@@ -26,8 +26,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from fipray._registry import Registry
-from fipray.config import SECTIONS, Config, ConfigError
+from fipray.config import OPERATIONS, SECTIONS, Config, ConfigError
 from fipray.path import Phase
 from fipray.runtime import RunContext
 
@@ -111,9 +110,6 @@ def collect_seeds(ctx: RunContext, total: int, desc: str, keys: tuple[str, ...],
     return rows
 
 
-OPERATIONS: Registry[type[Operation]] = Registry("operation", builtins="fipray.ops")
-
-
 def register_operation(cls: type[Operation]) -> type[Operation]:
     """Class decorator: register an operation under its name and aliases, and its config section."""
     for key in (cls.name, *cls.aliases):
@@ -123,12 +119,19 @@ def register_operation(cls: type[Operation]) -> type[Operation]:
     return cls
 
 
+def operation_classes() -> dict[str, type[Operation]]:
+    """Every registered operation class by its name (aliases left out), sorted by name."""
+    classes = {name: cls for name, cls in OPERATIONS.items() if issubclass(cls, Operation) and cls.name == name}
+    return classes
+
+
 def get_operation(name: str) -> Operation:
     """The registered operation `name` (an instance); an unknown name raises ConfigError listing them."""
     if not name:
         raise ConfigError(f"config key 'operation' is not set; name one of {', '.join(OPERATIONS.names())}")
     try:
-        return OPERATIONS.get(name)()
+        cls: type[Operation] = OPERATIONS.get(name)
+        return cls()
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fipray._registry import Registry
+from fipray.registry import Registry
 
 OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry("optimizer")
 

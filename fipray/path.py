@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fipray._io import atomic_torch_save, atomic_write
+from fipray.atomic import atomic_torch_save, atomic_write
 from fipray.core.step import StepOutput
 from fipray.optim import make_optimizer  # noqa: F401  (re-exported: phases build optimizers through it)
 
@@ -85,12 +85,12 @@ class PathResult:
         return load_file(str(self.out_dir / s["file"]), device=str(device))
 
 
-def _params(model: nn.Module) -> list[Tensor]:
+def trainable_params(model: nn.Module) -> list[Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _flat(model: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in _params(model)])
+def flat_trainable(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in trainable_params(model)])
 
 
 class _Tracker:
@@ -98,7 +98,7 @@ class _Tracker:
 
     def __init__(self, model: nn.Module, heldout: Tensor | None, distance: Callable | None,
                  weights: Callable[[nn.Module], Tensor] | None = None):
-        self.flat = _flat if weights is None else weights
+        self.flat = flat_trainable if weights is None else weights
         self.w0 = self.flat(model).clone()
         self.prev = self.w0.clone()
         self.length = 0.0

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray._batches import BatchStream, mix_seed
 from fipray.config import PathConfig, TrainConfig
 from fipray.core.distances import get_distance
 from fipray.core.step import Anchor, StepOutput, fip_objective, metric_step, penalty_step
+from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.stream import Examples, TensorExamples, as_examples
 from fipray.optim import make_optimizer
 from fipray.path import Phase, PhaseState

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray._registry import Registry
 from fipray.netset import NetworkSet
+from fipray.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def run_query(set_dir: str | Path, data: str, *, data_kwargs: str = "{}", split:
         (report markdown, brief, output folder).
     """
     from fipray import report
-    from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+    from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
     from fipray.config import ConfigError
     from fipray.data import as_tensors, get_data
     from fipray.netset import load_set

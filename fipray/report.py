@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,19 +17,19 @@ def _plt():
     return plt
 
 
-def _save(fig: Any, path: Path) -> None:
-    from fipray._io import atomic_write
+def save_figure(fig: Any, path: Path) -> None:
+    from fipray.atomic import atomic_write
 
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def plot_path_accuracy(rows: list[dict], path: Path) -> None:
     """Per-task accuracy (columns acc_task*) along the path's global step."""
     if not rows:
         return
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     keys = sorted(k for k in rows[0] if k.startswith("acc_task"))
     steps = [r["step"] for r in rows]
@@ -43,12 +43,12 @@ def plot_path_accuracy(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, ncol=2)
     ax.set_title("FIP continual learning: accuracy along the path")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_matrices(rows: list[dict], methods: list[str], setting: str, path: Path) -> None:
     """Mean accuracy matrix R per method (one heatmap each)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.2), squeeze=False)
     for ax, m in zip(axes[0], methods):
         sel = [r for r in rows if r["method"] == m and r["setting"] == setting and r["i"] >= 0]
@@ -67,12 +67,12 @@ def plot_matrices(rows: list[dict], methods: list[str], setting: str, path: Path
         ax.set_title(f"{m} ({setting}-IL)")
         ax.set_xlabel("task j")
         ax.set_ylabel("after task i")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
                title: str, path: Path, xscale: str = "linear") -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=name)
@@ -82,7 +82,7 @@ def plot_lines(series: dict[str, tuple[list[float], list[float]]], xlabel: str, 
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -100,7 +100,7 @@ def _pm(m: float, s: float) -> str:
 
 def plot_weight_pca(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     """Every method's path in the plane of the top two principal components of all their weights."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.2))
     for m in methods:
         pts = sorted((r["k"], r["pc1"], r["pc2"]) for r in rows if r["method"] == m)
@@ -114,7 +114,7 @@ def plot_weight_pca(rows: list[dict], methods: list[str], path: Path, title: str
     ax.set_ylabel("PC 2")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def continual_report(summary: dict, cfg: Any) -> str:
@@ -173,7 +173,7 @@ def plot_serve_throughput(rows: list[dict], path: Path) -> None:
     """
     if not rows:
         return
-    plt = _plt()
+    plt = pyplot()
     batches = sorted({r["request_batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 3.6), squeeze=False)
     for ax, rb in zip(axes[0], batches):
@@ -189,4 +189,4 @@ def plot_serve_throughput(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("examples / s")
     axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle("HTTP / in-process throughput (numbers above the bars)", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)

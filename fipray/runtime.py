@@ -10,18 +10,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import platform
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, save_config
 from fipray.path import PathResult, run_path
 from fipray.phases import supervised_phase
+
+T = TypeVar("T")
 
 
 def device_of(cfg: Config) -> torch.device:
@@ -144,6 +147,18 @@ def path_summary(records: list[dict]) -> dict:
             "heldout_distance_mean": float(sum(drift) / len(drift)) if drift else float("nan")}
 
 
+def shard(*tensors: Tensor | None, rank: int, world: int, streamed: bool = False) -> tuple[Tensor, ...]:
+    """Every `world`-th row from `rank` of each tensor: the one rule by which a path's DDP ranks
+    (`ray.workers_per_path > 1`) split in-memory data. Streamed data (or a missing tensor) cannot be
+    split this way: a ConfigError says so."""
+    if world <= 1:
+        return typing.cast(tuple[Tensor, ...], tensors)
+    if streamed or any(t is None for t in tensors):
+        raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory data; data.stream: true is not "
+                          "supported there yet")
+    return tuple(typing.cast(Tensor, t)[rank::world] for t in tensors)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     t = torch.tensor(values, dtype=torch.float64)
     return float(t.mean()), float(t.std(unbiased=False)) if len(values) > 1 else 0.0
@@ -170,7 +185,7 @@ class RunContext:
     out: Path | None = None
     show_progress: bool = False
     bar: Any = None
-    _cache: dict = field(default_factory=dict, repr=False)
+    memos: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def create(cls, cfg: Config, *, bundle: Any = None, out: Path | None = None, show_progress: bool = False,
@@ -189,11 +204,16 @@ class RunContext:
             finally:
                 self.bar = None
 
+    def memo(self, key: str, make: Callable[[], T]) -> T:
+        """`make()` once per run context and key, then the same value: what several parts of one run share
+        (the materialised task stream, the deep ensemble's members). A fresh context starts empty."""
+        if key not in self.memos:
+            self.memos[key] = make()
+        return typing.cast(T, self.memos[key])
+
     def train_tensors(self) -> tuple[Tensor, Tensor]:
         """(N, ...) inputs and (N,) labels of the training split, on the device (built once)."""
-        if "train" not in self._cache:
-            self._cache["train"] = self._eval_transformed(tensors(self.bundle.train, self.device))
-        return self._cache["train"]
+        return self.memo("train", lambda: self._eval_transformed(tensors(self.bundle.train, self.device)))
 
     def _eval_transformed(self, xy: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """`data.eval_transforms` (e.g. a resize for a ViT) on a whole in-memory split."""
@@ -208,23 +228,26 @@ class RunContext:
     def train_data(self) -> Any:
         """The training split as `fipray.data.stream.Examples`: streamed through a DataLoader when
         `data.stream`, else the in-memory tensors (the fast path)."""
-        if "train_data" not in self._cache:
-            from fipray.data.stream import StreamedExamples, TensorExamples, build_transform
+        return self.memo("train_data", self._make_train_data)
 
-            d = self.cfg.data
-            if d.stream:
-                self._cache["train_data"] = StreamedExamples(
-                    self.bundle.train, self.device, workers=d.workers,
-                    train_transform=build_transform(d.train_transforms),
-                    eval_transform=build_transform(d.eval_transforms))
-            else:
-                self._cache["train_data"] = TensorExamples(*self.train_tensors())
-        return self._cache["train_data"]
+    def _make_train_data(self) -> Any:
+        from fipray.data.stream import StreamedExamples, TensorExamples, build_transform
+
+        d = self.cfg.data
+        if d.stream:
+            return StreamedExamples(self.bundle.train, self.device, workers=d.workers,
+                                    train_transform=build_transform(d.train_transforms),
+                                    eval_transform=build_transform(d.eval_transforms))
+        return TensorExamples(*self.train_tensors())
 
     def test_tensors(self) -> tuple[Tensor, Tensor]:
-        if "test" not in self._cache:
-            self._cache["test"] = self._eval_transformed(tensors(self.bundle.test, self.device))
-        return self._cache["test"]
+        """(N, ...) inputs and (N,) labels of the test split, on the device (built once)."""
+        return self.memo("test", lambda: self._eval_transformed(tensors(self.bundle.test, self.device)))
+
+    def rank_shard(self, *tensors: Tensor, rank: int, world: int) -> tuple[Tensor, ...]:
+        """Rank `rank`'s shard (every `world`-th row from `rank`) of in-memory tensors, for a path whose
+        `ray.workers_per_path` DDP ranks each take their own data; world 1 returns them as they are."""
+        return shard(*tensors, rank=rank, world=world, streamed=self.cfg.data.stream)
 
     def model(self, seed: int) -> nn.Module:
         """A fresh network of the config's spec, initialised from `seed`."""

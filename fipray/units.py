@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fipray._io import atomic_write, atomic_write_json, write_parquet
+from fipray.atomic import atomic_write, atomic_write_json, write_parquet
 from fipray.config import Config, ConfigError
-from fipray.operation import Operation, Report, get_operation
+from fipray.operation import Operation, Report, get_operation, operation_classes
 from fipray.path import PathResult, Phase, run_path
 
 BASE_DIR = "base"
@@ -49,11 +49,9 @@ def path_seed(cfg: Config, k: int) -> int:
 
 def path_operation(cfg: Config) -> Operation:
     """The config's operation, which must run as FIP paths (a ConfigError names the ones that do)."""
-    from fipray.operation import OPERATIONS
-
     op = get_operation(cfg.operation)
     if not op.supports_paths:
-        able = [n for n in OPERATIONS.names() if OPERATIONS.get(n).supports_paths]
+        able = [n for n, cls in operation_classes().items() if cls.supports_paths]
         raise ConfigError(f"config key 'operation': {cfg.operation!r} has no FIP paths to run; operations with "
                           f"paths: {', '.join(able)}")
     return op

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray._batches import BatchStream, mix_seed
-from fipray._registry import Registry
 from fipray.config import Config, ConfigError, TrainConfig
+from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.stream import Examples, StreamedExamples, TensorExamples
 from fipray.ops.continual import TaskTensors, head_of, memory_upto, row_finish
 from fipray.path import Phase, PhaseState
 from fipray.phases import phase_tag, supervised_phase
+from fipray.registry import Registry
 
 # name -> (tasks, cfg, seed, **options) -> phases for tasks 1..T−1, or (phases, extra run_path kwargs);
 # `continual.baselines` names them.

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fipray._batches import mix_seed
-from fipray._registry import Registry
 from fipray.config import Config
+from fipray.data.batches import mix_seed
 from fipray.ensemble import Ensemble
 from fipray.ops.ensemble import Deployed, trained_like_w0
 from fipray.optim import make_optimizer
+from fipray.registry import Registry
 from fipray.runtime import RunContext, clone
 
 ENSEMBLE_BASELINES: Registry = Registry("ensemble baseline")
@@ -29,12 +29,12 @@ ENSEMBLE_BASELINES: Registry = Registry("ensemble baseline")
 def _deep_members(ctx: RunContext, seed: int) -> tuple[list[nn.Module], float]:
     """The deep ensemble's members for `seed` and the seconds they took, trained once per run: the adversarial
     deep ensemble starts from copies of the same networks (and is charged their cost)."""
-    key = ("deep_members", seed)
-    if key not in ctx._cache:
+    def train() -> tuple[list[nn.Module], float]:
         t0 = time.perf_counter()
         members = trained_like_w0(ctx, seed, 7)
-        ctx._cache[key] = (members, time.perf_counter() - t0)
-    return ctx._cache[key]
+        return members, time.perf_counter() - t0
+
+    return ctx.memo(f"deep_members/{seed}", train)
 
 
 @ENSEMBLE_BASELINES.register("deep")

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray._registry import Registry
 from fipray.config import Config, TrainConfig
-from fipray.eval.sparsity import _is_hf_conv1d
+from fipray.eval.sparsity import is_hf_conv1d
 from fipray.ops.sparsify import apply_masks, counted_tensors, keep_count, magnitude_masks
 from fipray.path import run_path
 from fipray.phases import supervised_phase
+from fipray.registry import Registry
 
 # name -> (model, names, p, x, y, cfg, seed, progress) -> None: prunes `model` in place to exactly p.
 # `sparsify.baselines` names them; fine-tuning ones get path.steps + sparsify.invariance_steps steps.
@@ -183,7 +183,7 @@ def _row_scores(module: nn.Module, sq: Tensor) -> Tensor:
 
 
 def _to_weight_layout(module: nn.Module, mask: Tensor) -> Tensor:
-    return mask.T if _is_hf_conv1d(module) else mask.reshape(_weight(module).shape)
+    return mask.T if is_hf_conv1d(module) else mask.reshape(_weight(module).shape)
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -198,7 +198,7 @@ def _counted_modules(model: nn.Module, names: list[str]) -> list[nn.Module]:
         mod_name, _, attr = name.rpartition(".")
         module = model.get_submodule(mod_name)
         if attr != "weight" or not (isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
-                                    or _is_hf_conv1d(module)):
+                                    or is_hf_conv1d(module)):
             raise ValueError(f"wanda prunes Linear/Conv weights; {name!r} is not one")
         modules.append(module)
     return modules

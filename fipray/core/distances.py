@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fipray._registry import Registry
+from fipray.registry import Registry
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 DISTANCES: Registry[Distance] = Registry("distance")

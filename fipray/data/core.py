@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from fipray._registry import Registry
+from fipray.registry import Registry
 
 
 @dataclass

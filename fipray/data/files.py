@@ -28,7 +28,7 @@ def _is_numeric(t: pa.DataType) -> bool:
     return False
 
 
-def _require_columns(wanted: Sequence[str], existing: Sequence[str], where: str) -> None:
+def require_columns(wanted: Sequence[str], existing: Sequence[str], where: str) -> None:
     missing = [c for c in wanted if c not in existing]
     if missing:
         raise ValueError(
@@ -173,14 +173,14 @@ def hf_disk(
             the data cannot be converted.
     """
     path = Path(path)
-    train_ds, test_ds = _load_splits(path, train_split, test_split)
+    train_ds, test_ds = load_splits(path, train_split, test_split)
     named = [(train_split, train_ds), (test_split, test_ds)]
     image_column, feature_list, input_ids_column = _x_columns(
         train_ds, image_column, feature_columns, input_ids_column, label_column, f"{path} [{train_split}]"
     )
     used = [image_column] if image_column else [input_ids_column] if input_ids_column else feature_list
     for split_name, split in named:
-        _require_columns([*used, label_column], split.column_names, f"{path} [{split_name}]")
+        require_columns([*used, label_column], split.column_names, f"{path} [{split_name}]")
     ys, num_classes, class_names = _hf_labels(path, named, label_column, num_classes)
 
     splits: list[Dataset]
@@ -197,7 +197,7 @@ def hf_disk(
     )
 
 
-def _load_splits(path: Path, train_split: str, test_split: str) -> tuple[Any, Any]:
+def load_splits(path: Path, train_split: str, test_split: str) -> tuple[Any, Any]:
     """The train and test ``datasets.Dataset`` of the ``DatasetDict`` saved at ``path``."""
     if not path.exists():
         raise FileNotFoundError(
@@ -210,7 +210,7 @@ def _load_splits(path: Path, train_split: str, test_split: str) -> tuple[Any, An
         raise ValueError(
             f"{path} holds a single Dataset; save a DatasetDict with {train_split!r}/{test_split!r} splits"
         )
-    _require_columns([train_split, test_split], list(dd.keys()), f"{path} (splits)")
+    require_columns([train_split, test_split], list(dd.keys()), f"{path} (splits)")
     return dd[train_split], dd[test_split]
 
 
@@ -393,7 +393,7 @@ def _parquet_split(
     scale: float,
 ) -> tuple[TensorDataset, torch.Tensor]:
     """One file's ``TensorDataset`` (scaled, reshaped features) and its labels."""
-    _require_columns([*feature_columns, label_column], table.column_names, where)
+    require_columns([*feature_columns, label_column], table.column_names, where)
     bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
     if bad:
         raise ValueError(f"feature column(s) {bad} in {where} are not numeric")

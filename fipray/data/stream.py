@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fipray._batches import BatchStream, mix_seed
+from fipray.data.batches import BatchStream, mix_seed
 
 Transform = Callable[[Tensor], Tensor]
 

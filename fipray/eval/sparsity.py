@@ -15,7 +15,7 @@ from torch import Tensor, nn
 _CONV_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
+def is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2) is a Linear with a transposed weight. Matching by class name and
     # module instead of importing transformers keeps this check free: if such a module exists,
     # transformers is already imported.
@@ -51,7 +51,7 @@ def counted_parameters(model: nn.Module, include_head: bool = True, include: Seq
     seen: set[int] = set()
     last_linear: str | None = None
     for mod_name, module in model.named_modules():
-        if not (isinstance(module, _CONV_LINEAR) or _is_hf_conv1d(module)):
+        if not (isinstance(module, _CONV_LINEAR) or is_hf_conv1d(module)):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, Tensor) or id(weight) in seen:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fipray._registry import Registry
+from fipray.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 

@@ -299,7 +299,7 @@ def _plot_graph(writer: NetworkSetWriter, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fipray._io import atomic_write
+    from fipray.atomic import atomic_write
 
     ids = [n["node"] for n in writer.nodes]
     xy = _principal_plane(writer, ids)

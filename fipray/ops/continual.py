@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from fipray import report
-from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
+from fipray.data.batches import mix_seed
 from fipray.data.stream import Examples, TensorExamples
 from fipray.data.streams import MappedDataset, TaskStream
 from fipray.eval.continual import cl_metrics, task_accuracy
@@ -329,16 +329,13 @@ def build_tasks(cfg: Config, bundle: Any, device: torch.device, seed: int, *, st
 
 
 def _stream(ctx: RunContext) -> tuple[TaskStream, Head, list[dict[int, int]]]:
-    return ctx._cache["stream"]
+    return ctx.memos["stream"]
 
 
 def _tasks(ctx: RunContext, seed: int) -> list[TaskTensors]:
-    key = ("tasks", seed)
-    if key not in ctx._cache:
-        stream, head, columns = _stream(ctx)
-        ctx._cache[key] = build_tasks(ctx.cfg, ctx.bundle, ctx.device, seed, stream=stream, head=head,
-                                      columns=columns)
-    return ctx._cache[key]
+    stream, head, columns = _stream(ctx)
+    return ctx.memo(f"tasks/{seed}", lambda: build_tasks(ctx.cfg, ctx.bundle, ctx.device, seed, stream=stream,
+                                                         head=head, columns=columns))
 
 
 def methods_of(cfg: Config) -> list[str]:
@@ -415,9 +412,9 @@ class _Snapshots:
     """Weights along a method's path at every record, on a seeded subset of coordinates (for the PCA)."""
 
     def __init__(self, n: int, keep: int, weights: Callable[[nn.Module], Tensor] | None):
-        from fipray.path import _flat
+        from fipray.path import flat_trainable
 
-        self.flat = weights if weights is not None else _flat
+        self.flat = weights if weights is not None else flat_trainable
         g = torch.Generator().manual_seed(0)
         self.idx = torch.randperm(n, generator=g)[:keep].sort().values if n > keep else None
         self.rows: list[np.ndarray] = []
@@ -493,7 +490,7 @@ class Continual(Operation):
             bundle = DataBundle(first.train, first.test, stream.num_labels, stream.input_shape, stream.name)
         ctx = RunContext.create(cfg, bundle=bundle, **kwargs)
         ctx.spec["num_classes"] = head.num_outputs
-        ctx._cache["stream"] = (stream, head, columns)
+        ctx.memos["stream"] = (stream, head, columns)
         return ctx
 
     def prepare_base(self, ctx: RunContext, model: nn.Module, tasks: list[TaskTensors], seed: int) -> None:

@@ -30,10 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fipray import report
-from fipray._batches import mix_seed
-from fipray._registry import Registry
 from fipray.config import Config, ConfigError, knob
 from fipray.core.distances import get_distance
+from fipray.data.batches import mix_seed
 from fipray.ensemble import Ensemble, save_ensemble
 from fipray.eval.diversity import (
     coherence,
@@ -46,6 +45,7 @@ from fipray.eval.robustness import craft_transfer, robustness_curve, sanity_flag
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase
+from fipray.registry import Registry
 from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
 
 

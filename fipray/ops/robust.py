@@ -41,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray._batches import mix_seed
 from fipray.config import Config, ConfigError, knob
+from fipray.data.batches import mix_seed
 from fipray.data.stream import as_examples
 from fipray.ensemble import Ensemble, save_ensemble
-from fipray.eval._common import eval_mode
+from fipray.eval.predict import eval_mode
 from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
 from fipray.ops.ensemble import FIP_ENSEMBLES, Deployed, RobustEnsemble, input_gradient, select
@@ -293,7 +293,7 @@ def validation_context(ctx: RunContext, n: int) -> RunContext:
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     held, rest = perm[:n].sort().values, perm[n:].sort().values
     bundle = dataclasses.replace(ctx.bundle, train=Subset(train, rest.tolist()), test=Subset(train, held.tolist()))
-    return dataclasses.replace(ctx, bundle=bundle, _cache={})
+    return dataclasses.replace(ctx, bundle=bundle, memos={})
 
 
 @FIP_ENSEMBLES.register("robust")

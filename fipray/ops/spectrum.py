@@ -93,7 +93,7 @@ def _plot_density(results: list[tuple[str, dict]], path: Path, thresholds: tuple
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fipray._io import atomic_write
+    from fipray.atomic import atomic_write
 
     fig, ax = plt.subplots(figsize=(7, 4))
     top = max(float(r["eigen"].values[0]) for _, r in results)

@@ -233,7 +233,7 @@ def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | N
     from ray import serve
 
     from fipray.eval.robustness import robustness_curve, sanity_flags
-    from fipray.ray._local import init_local
+    from fipray.ray.local import init_local
     from fipray.ray.serve import start
 
     started = not ray.is_initialized()  # the Ray this call starts, it also stops
@@ -282,7 +282,7 @@ def _write_outputs(out: Path, summary: dict, md: str, rows: list[dict], seed: in
 
     ``report`` and ``out`` are added after ``summary.json`` is written, so the file does not carry them.
     """
-    from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+    from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 
     write_parquet(out / "robustness.parquet", [{"method": "served", "seed": seed, **r} for r in rows])
     atomic_write_json(out / "summary.json", summary)

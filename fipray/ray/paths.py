@@ -36,10 +36,10 @@ from typing import Any
 import ray
 import torch
 
-from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import ConfigError, save_config
 from fipray.job import JobConfig
-from fipray.ray._local import init_local
+from fipray.ray.local import init_local
 from fipray.ray.storage import Storage, Workspace, check_storage, open_storage
 from fipray.runtime import build_model, prepare_out
 from fipray.units import (

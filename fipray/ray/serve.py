@@ -483,7 +483,7 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
     """
     import signal
 
-    from fipray.ray._local import init_local
+    from fipray.ray.local import init_local
 
     a = ServeArgs.from_dict(args)  # bad args fail before Ray starts
     if metrics_port and (address or os.environ.get("RAY_ADDRESS")):

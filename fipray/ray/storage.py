@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from fipray._io import atomic_write, atomic_write_bytes, atomic_write_json
+from fipray.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from fipray.config import ConfigError
 from fipray.job import STORAGE_SCHEMES as SCHEMES
 

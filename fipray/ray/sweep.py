@@ -37,11 +37,11 @@ from typing import Any
 import ray
 from ray import tune
 
-from fipray._io import atomic_write_json, atomic_write_text, write_parquet
+from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, from_dict, save_config
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
-from fipray.ray._local import init_local
+from fipray.ray.local import init_local
 from fipray.ray.paths import check_storage_on_nodes, joined_cluster, quiet_ray, worker_device
 from fipray.ray.storage import Storage, check_storage, open_storage
 from fipray.runtime import prepare_out
@@ -300,9 +300,9 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
 
 
 def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
-    from fipray.report import _plt, _save
+    from fipray.report import pyplot, save_figure
 
-    plt = _plt()
+    plt = pyplot()
     for k in keys:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for status, marker in (("completed", "o"), ("stopped_early", "x"), ("error", "s")):
@@ -316,4 +316,4 @@ def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
         ax.set_ylabel(f"{metric} (last report)")
         ax.legend(fontsize=8)
         ax.set_title(f"{metric} vs {k}")
-        _save(fig, out / f"metric_vs_{k}.png")
+        save_figure(fig, out / f"metric_vs_{k}.png")

@@ -24,7 +24,7 @@ def ray_2cpus():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from fipray.ray._local import init_local
+    from fipray.ray.local import init_local
 
     if not ray.is_initialized():
         # Short path: Ray's unix socket paths must stay under ~107 characters.

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from fipray.ensemble import Ensemble
 from fipray.eval import fgsm_attack, input_gradients, pgd_attack, robustness_curve, sanity_flags
-from fipray.eval._common import accuracy
+from fipray.eval.predict import accuracy
 
 
 def train_mlp(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 200) -> nn.Module:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fipray._batches import BatchStream
 from fipray.config import ConfigError, load_config
 from fipray.core.distances import get_distance
+from fipray.data.batches import BatchStream
 from fipray.data.stream import StreamedExamples, TensorExamples, build_transform
 from fipray.path import run_path
 from fipray.phases import fip_phase, supervised_phase

@@ -52,11 +52,11 @@ def _finite(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    text = json.dumps(_finite(json.loads(json.dumps(obj, default=_json_default))), indent=2, allow_nan=False)
+    text = json.dumps(_finite(json.loads(json.dumps(obj, default=json_default))), indent=2, allow_nan=False)
     atomic_write_text(path, text + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
     import numpy as np
 
     if isinstance(o, (np.floating, np.integer)):
