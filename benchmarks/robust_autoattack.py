@@ -19,9 +19,10 @@ import torch
 
 from fipray.baselines.ensemble import ENSEMBLE_BASELINES
 from fipray.config import load_config
+from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve
 from fipray.ops.ensemble import FIP_ENSEMBLES
-from fipray.runtime import RunContext, accuracy, train_base
+from fipray.runtime import RunContext, train_base
 
 
 def main() -> None:

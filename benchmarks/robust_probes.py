@@ -22,9 +22,10 @@ import torch
 
 from fipray.baselines.ensemble import fip_budget, pgd_at
 from fipray.config import load_config
+from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve
 from fipray.ops.robust import robust_fip_ensemble, validation_context
-from fipray.runtime import RunContext, accuracy, train_base
+from fipray.runtime import RunContext, train_base
 
 
 def whitebox(m: torch.nn.Module, *, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, seed: int,

@@ -79,16 +79,6 @@ def train_base(model: nn.Module, x: Any, y: Tensor | None, cfg: Config, seed: in
                     record_every=max(cfg.train.steps, 1), checkpoint_every=10**9, progress=progress)
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    was = model.training
-    model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
-    model.train(was)
-    return correct / max(len(x), 1)
-
-
 def clone(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 

@@ -41,12 +41,13 @@ from fipray.eval.diversity import (
     pairwise_disagreement,
     representation_diversity,
 )
+from fipray.eval.predict import accuracy
 from fipray.eval.robustness import craft_transfer, robustness_curve, sanity_flags, transfer_matrix
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase
 from fipray.registry import Registry
-from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
+from fipray.runtime import RunContext, clone, mean_std, path_summary, train_base, write_outputs
 
 
 def _baselines() -> list[str]:

@@ -45,13 +45,13 @@ from fipray.config import Config, ConfigError, knob
 from fipray.data.batches import mix_seed
 from fipray.data.stream import as_examples
 from fipray.ensemble import Ensemble, save_ensemble
-from fipray.eval.predict import eval_mode
+from fipray.eval.predict import accuracy, eval_mode
 from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
 from fipray.ops.ensemble import FIP_ENSEMBLES, Deployed, RobustEnsemble, input_gradient, select
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, phase_tag
-from fipray.runtime import RunContext, accuracy, clone, path_summary, train_base
+from fipray.runtime import RunContext, clone, path_summary, train_base
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,12 @@ from fipray import report
 from fipray.config import Config, ConfigError, knob
 from fipray.core.step import Anchor
 from fipray.data.stream import Examples, TensorExamples
+from fipray.eval.predict import accuracy
 from fipray.eval.sparsity import counted_parameters, sparsity
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, streamed_logits
-from fipray.runtime import RunContext, accuracy, clone, mean_std, path_summary, train_base, write_outputs
+from fipray.runtime import RunContext, clone, mean_std, path_summary, train_base, write_outputs
 
 
 def _baselines() -> list[str]:

@@ -12,6 +12,7 @@ from torch import nn
 from fipray.config import ConfigError, load_config
 from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta
 from fipray.eval.diversity import coherence, coherence_by_surrogate, member_coherence
+from fipray.eval.predict import accuracy
 from fipray.eval.robustness import craft_transfer, robustness_curve, sanity_flags, transfer_matrix
 from fipray.ops.ensemble import goals
 from fipray.ops.robust import (
@@ -23,7 +24,7 @@ from fipray.ops.robust import (
     step_evals,
 )
 from fipray.path import run_path
-from fipray.runtime import RunContext, accuracy, clone, train_base
+from fipray.runtime import RunContext, clone, train_base
 
 TINY = ["operation=robust", "seeds=[0]", "model.kwargs={hidden: [32]}", "train.steps=150", "path.steps=12",
         "path.memory_batch_size=32", "path.record_every=4", "path.checkpoint_every=100", "path.lr=0.003",

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from fipray.config import ConfigError, knob, load_config
+from fipray.eval.predict import accuracy
 from fipray.operation import Operation, Report, get_operation, register_operation, unregister_operation
 from fipray.path import Phase, run_path
 from fipray.phases import fip_phase
-from fipray.runtime import RunContext, accuracy, clone, train_base, write_outputs
+from fipray.runtime import RunContext, clone, train_base, write_outputs
 
 TINY = ["seeds=[0, 1]", "model.kwargs={hidden: [32]}", "train.steps=150", "path.steps=40", "path.lr=0.003",
         "path.record_every=10", "path.checkpoint_every=20", "path.beta=0.002", "path.memory_batch_size=128",

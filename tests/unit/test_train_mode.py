@@ -13,9 +13,10 @@ from torch import nn
 from fipray.config import load_config
 from fipray.core.distances import get_distance
 from fipray.core.step import Anchor, fip_objective
+from fipray.eval.predict import accuracy
 from fipray.path import run_path
 from fipray.phases import fip_phase, supervised_phase
-from fipray.runtime import accuracy, train_base
+from fipray.runtime import train_base
 
 
 def bn_net(seed: int = 0) -> nn.Module:
