@@ -25,13 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from fipray.atomic import atomic_write, atomic_write_json, write_parquet
+from fipray.models import model_from_spec
 
 SET_FILE = "set.json"
-
-
-def flat_weights(state: dict[str, Tensor]) -> Tensor:
-    """All floating tensors of a state dict as one float64 vector (one network; for small sets and tests)."""
-    return torch.cat([v.detach().reshape(-1).double().cpu() for v in state.values() if v.is_floating_point()])
 
 
 def weight_distance(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
@@ -115,12 +111,10 @@ class NetworkSet:
         """The network of `node`, in eval mode."""
         from safetensors.torch import load_file
 
-        from fipray.runtime import build_model
-
         row = next((n for n in self.nodes if n["node"] == node), None)
         if row is None:
             raise KeyError(f"node {node!r} is not in the set {self.root}; nodes: {', '.join(self.node_ids())}")
-        model = build_model(self.model_spec, 0, torch.device(device))
+        model = model_from_spec(self.model_spec, 0, device)
         model.load_state_dict(load_file(str(self.root / row["weights"]), device=str(device)))
         return model.eval()
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fipray.atomic import atomic_torch_save, atomic_write
+from fipray.core.modes import eval_mode
 from fipray.core.step import StepOutput
 from fipray.optim import make_optimizer  # noqa: F401  (re-exported: phases build optimizers through it)
 
@@ -107,11 +108,8 @@ class _Tracker:
 
     @torch.no_grad()
     def _logits(self, model: nn.Module) -> Tensor:
-        was = model.training
-        model.eval()
-        out = model(self.heldout)
-        model.train(was)
-        return out
+        with eval_mode(model):
+            return model(self.heldout)
 
     @torch.no_grad()
     def row(self, model: nn.Module) -> dict:

@@ -6,6 +6,7 @@ import contextlib
 import typing
 import zlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +17,14 @@ from fipray.core.distances import get_distance
 from fipray.core.step import Anchor, StepOutput, fip_objective, metric_step, penalty_step
 from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.stream import Examples, TensorExamples, as_examples
+from fipray.eval.predict import eval_mode
 from fipray.optim import make_optimizer
 from fipray.path import Phase, PhaseState
 from fipray.precision import Scaler, autocast, device_of
 
 Extra = Callable[[nn.Module, int, PhaseState], Tensor]
+# L of a FIP phase: (model, new_logits, new_inputs, new_labels, phase state) -> scalar; new_* None without new data
+Secondary = Callable[[nn.Module, Tensor | None, Tensor | None, Tensor | None, PhaseState], Tensor]
 
 
 @contextlib.contextmanager
@@ -164,11 +168,8 @@ def _mixed_penalty_step(model: nn.Module, opt: torch.optim.Optimizer, anchor: An
 @torch.no_grad()
 def streamed_logits(model: nn.Module, examples: Examples, batch_size: int = 512) -> Tensor:
     """The eval-mode network's outputs on every item of `examples`, in order: (N, C)."""
-    was = model.training
-    model.eval()
-    out = torch.cat([model(xb) for xb, _ in examples.iterate(batch_size)])
-    model.train(was)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(xb) for xb, _ in examples.iterate(batch_size)])
 
 
 def fip_phase(
@@ -177,8 +178,7 @@ def fip_phase(
     seed: int,
     *,
     memory: Callable[[nn.Module], Anchor] | Tensor | Examples,
-    secondary: Callable[[nn.Module, Tensor | None, Tensor | None, Tensor | None, PhaseState], Tensor]
-    | None = None,
+    secondary: Secondary | None = None,
     new_data: tuple[Tensor, Tensor] | Examples | None = None,
     steps: int | None = None,
     lam: float | None = None,
@@ -211,74 +211,112 @@ def fip_phase(
             (e.g. a continual head's per-task-head distance, `fipray.heads.Head.invariance`).
     """
     dist = get_distance(path.distance) if distance is None else distance
-    lam = path.lam if lam is None else lam
-    beta = path.beta if beta is None else beta
     source = as_examples(new_data).batches(path.batch_size, mix_seed(seed, 1, phase_tag(name))) \
         if new_data is not None else None
-    if isinstance(memory, TensorExamples):
-        memory = memory.x
-    streamed = memory if isinstance(memory, Examples) else None
+    mem = InvarianceMemory(memory, path.memory_batch_size, mix_seed(seed, 2, phase_tag(name)), memory_logits)
+    step = FipStep(path, seed, name, dist, lam=path.lam if lam is None else lam,
+                   beta=path.beta if beta is None else beta, memory=mem, source=source, secondary=secondary,
+                   grad_hook=grad_hook, before_step=before_step)
 
     def prepare(model: nn.Module) -> PhaseState:
         state = prepare_extra(model) if prepare_extra is not None else {}
-        if streamed is not None:  # anchor outputs of every memory item; the inputs are read per step
-            logits = memory_logits if memory_logits is not None else streamed_logits(model, streamed)
-            return {**state, "anchor_logits": logits}
-        if callable(memory):
-            anchor = memory(model)
-        else:
-            assert isinstance(memory, Tensor)
-            anchor = Anchor.from_model(model, memory)
-        return {**state, "anchor_inputs": anchor.inputs, "anchor_logits": anchor.logits}
-
-    mem_stream: dict[int, BatchStream] = {}
-
-    def memory_batch(t: int, state: PhaseState) -> Anchor:
-        logits = state["anchor_logits"]
-        n = len(logits)
-        idx = None
-        if path.memory_batch_size and n > path.memory_batch_size:
-            ms = mem_stream.get(n)
-            if ms is None:  # built once: it caches the current epoch's permutation
-                ms = mem_stream[n] = BatchStream(n, path.memory_batch_size, mix_seed(seed, 2, phase_tag(name)))
-            idx = ms.indices(t)
-        if streamed is not None:
-            idx = torch.arange(n) if idx is None else idx
-            return Anchor(streamed.take(idx)[0], logits[idx.to(logits.device)])
-        anchor = Anchor(state["anchor_inputs"], logits)
-        return anchor if idx is None else anchor.select(idx)
-
-    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
-        with seeded_randomness(model, mix_seed(seed, 8, phase_tag(name), t)):
-            return _step(model, opt, t, state)
-
-    def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
-        anchor = memory_batch(t, state)
-        x_new = y_new = None
-        if source is not None:
-            x_new, y_new = source.batch(t)
-        if before_step is not None:
-            before_step(model, t)
-        sec = (lambda logits: secondary(model, logits, x_new, y_new, state)) if secondary is not None else None
-        hook = (lambda: grad_hook(model)) if grad_hook is not None else None
-        if path.step == "metric":
-            # The optimizer is unused: the step is the solution of eq. 4 on ‖dw‖ = trust_radius.
-            # The generator only seeds the solver's start when ∇S = 0; (seed, step) keeps resumes exact.
-            gen = torch.Generator().manual_seed(mix_seed(seed, 3, phase_tag(name), t))
-            so, _ = metric_step(model, anchor, distance=dist, lam=lam, beta=beta, radius=path.trust_radius,
-                                iters=path.cg_iters, secondary=sec, x_new=x_new, grad_hook=hook, generator=gen)
-            return so
-        if path.precision != "fp32" or path.accumulate > 1:
-            return _mixed_penalty_step(model, opt, anchor, path, state, dist, lam=lam, beta=beta, x_new=x_new, y_new=y_new,
-                                       secondary=secondary, grad_hook=grad_hook)
-        return penalty_step(model, opt, anchor, distance=dist, lam=lam, beta=beta, secondary=sec,
-                            x_new=x_new, grad_hook=hook)
+        return {**state, **mem.prepare(model)}
 
     return Phase(
         name=name, steps=path.steps if steps is None else steps, step=step, prepare=prepare,
         optimizer=lambda m: make_optimizer(path.optimizer, m.parameters(), path.lr, path.weight_decay),
         after_step=after_step, finish=finish, sample_every=sample_every, train_mode=path.train_mode,
     )
+
+
+class InvarianceMemory:
+    """The invariance term's data: the anchor outputs taken once at the phase start (checkpointed in the
+    phase state) and the memory minibatch of step t, a pure function of (seed, t).
+
+    Args:
+        memory: inputs (M, ...) whose anchor outputs are the network's at the phase start, a callable building
+            the Anchor from that network, or `Examples` (streamed: the anchor's outputs on every item are kept,
+            the inputs read per memory batch).
+        batch_size: memory examples per step (0: all of them).
+        seed: the seed of the memory minibatch stream.
+        logits: with `Examples` memory, anchor outputs fixed in advance (N, C) (e.g. w0's).
+    """
+
+    def __init__(self, memory: Callable[[nn.Module], Anchor] | Tensor | Examples, batch_size: int, seed: int,
+                 logits: Tensor | None = None):
+        self.memory = memory.x if isinstance(memory, TensorExamples) else memory
+        self.streamed = self.memory if isinstance(self.memory, Examples) else None
+        self.batch_size, self.seed, self.logits = batch_size, seed, logits
+        self.streams: dict[int, BatchStream] = {}  # built once per size: a stream caches its epoch's permutation
+
+    def prepare(self, model: nn.Module) -> PhaseState:
+        """The phase-state entries of the anchor taken from `model` (= the network at the phase start)."""
+        if self.streamed is not None:  # anchor outputs of every memory item; the inputs are read per step
+            logits = self.logits if self.logits is not None else streamed_logits(model, self.streamed)
+            return {"anchor_logits": logits}
+        if callable(self.memory):
+            anchor = self.memory(model)
+        else:
+            assert isinstance(self.memory, Tensor)
+            anchor = Anchor.from_model(model, self.memory)
+        return {"anchor_inputs": anchor.inputs, "anchor_logits": anchor.logits}
+
+    def batch(self, t: int, state: PhaseState) -> Anchor:
+        """The memory minibatch of step `t` (all of the memory when it is no larger than the batch size)."""
+        logits = state["anchor_logits"]
+        n = len(logits)
+        idx = None
+        if self.batch_size and n > self.batch_size:
+            if n not in self.streams:
+                self.streams[n] = BatchStream(n, self.batch_size, self.seed)
+            idx = self.streams[n].indices(t)
+        if self.streamed is not None:
+            idx = torch.arange(n) if idx is None else idx
+            return Anchor(self.streamed.take(idx)[0], logits[idx.to(logits.device)])
+        anchor = Anchor(state["anchor_inputs"], logits)
+        return anchor if idx is None else anchor.select(idx)
+
+
+class FipStep:
+    """One FIP step t: S = λ·d(f(x_mem; w), f(x_mem; w_anchor)) + β·L on the memory batch and new batch of t,
+    by the penalty step (any optimizer; mixed precision / accumulation) or the metric-constrained step.
+    Its randomness (dropout in train mode, the metric solver's start) is a pure function of (seed, t)."""
+
+    def __init__(self, path: PathConfig, seed: int, name: str, dist: Callable[[Tensor, Tensor], Tensor], *,
+                 lam: float, beta: float, memory: InvarianceMemory, source: Any,
+                 secondary: Secondary | None, grad_hook: Callable[[nn.Module], None] | None,
+                 before_step: Callable[[nn.Module, int], None] | None):
+        self.path, self.seed, self.tag, self.dist = path, seed, phase_tag(name), dist
+        self.lam, self.beta, self.memory, self.source = lam, beta, memory, source
+        self.secondary, self.grad_hook, self.before_step = secondary, grad_hook, before_step
+
+    def __call__(self, model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        with seeded_randomness(model, mix_seed(self.seed, 8, self.tag, t)):
+            return self.take(model, opt, t, state)
+
+    def take(self, model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        path, secondary, grad_hook = self.path, self.secondary, self.grad_hook
+        anchor = self.memory.batch(t, state)
+        x_new = y_new = None
+        if self.source is not None:
+            x_new, y_new = self.source.batch(t)
+        if self.before_step is not None:
+            self.before_step(model, t)
+        sec = (lambda logits: secondary(model, logits, x_new, y_new, state)) if secondary is not None else None
+        hook = (lambda: grad_hook(model)) if grad_hook is not None else None
+        if path.step == "metric":
+            # The optimizer is unused: the step is the solution of eq. 4 on ‖dw‖ = trust_radius.
+            # The generator only seeds the solver's start when ∇S = 0; (seed, step) keeps resumes exact.
+            gen = torch.Generator().manual_seed(mix_seed(self.seed, 3, self.tag, t))
+            so, _ = metric_step(model, anchor, distance=self.dist, lam=self.lam, beta=self.beta,
+                                radius=path.trust_radius, iters=path.cg_iters, secondary=sec, x_new=x_new,
+                                grad_hook=hook, generator=gen)
+            return so
+        if path.precision != "fp32" or path.accumulate > 1:
+            return _mixed_penalty_step(model, opt, anchor, path, state, self.dist, lam=self.lam, beta=self.beta,
+                                       x_new=x_new, y_new=y_new, secondary=secondary, grad_hook=grad_hook)
+        return penalty_step(model, opt, anchor, distance=self.dist, lam=self.lam, beta=self.beta, secondary=sec,
+                            x_new=x_new, grad_hook=hook)
 
 
 def cross_entropy_secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fipray.core.modes import eval_mode
 from fipray.netset import NetworkSet
 from fipray.registry import Registry
 
@@ -51,22 +52,20 @@ for _m in (QueryMetric("accuracy", True, True), QueryMetric("cross_entropy", Fal
 @torch.no_grad()
 def score_network(model: nn.Module, x: Tensor, y: Tensor | None = None, *, batch_size: int = 256) -> dict:
     """All scores of one network (eval mode) on x (N, ...) and optional labels y."""
-    was = model.training
-    model.eval()
     ce_sum, ent_sum, correct, count, rows = 0.0, 0.0, 0, 0, 0
-    for i in range(0, len(x), batch_size):
-        logits = model(x[i:i + batch_size]).float()
-        flat = logits.reshape(-1, logits.shape[-1])
-        logp = F.log_softmax(flat, dim=-1)
-        ent_sum += float(-(logp.exp() * logp).sum(-1).sum())
-        rows += flat.shape[0]
-        if y is not None:
-            t = y[i:i + batch_size].reshape(-1)
-            keep = t != -100
-            ce_sum += float(F.nll_loss(logp[keep], t[keep], reduction="sum"))
-            correct += int((flat[keep].argmax(-1) == t[keep]).sum())
-            count += int(keep.sum())
-    model.train(was)
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i:i + batch_size]).float()
+            flat = logits.reshape(-1, logits.shape[-1])
+            logp = F.log_softmax(flat, dim=-1)
+            ent_sum += float(-(logp.exp() * logp).sum(-1).sum())
+            rows += flat.shape[0]
+            if y is not None:
+                t = y[i:i + batch_size].reshape(-1)
+                keep = t != -100
+                ce_sum += float(F.nll_loss(logp[keep], t[keep], reduction="sum"))
+                correct += int((flat[keep].argmax(-1) == t[keep]).sum())
+                count += int(keep.sum())
     out = {"entropy_perplexity": math.exp(ent_sum / max(rows, 1))}
     if y is not None:
         ce = ce_sum / max(count, 1)

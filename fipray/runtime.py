@@ -50,16 +50,12 @@ def model_spec(cfg: Config, bundle: Any) -> dict:
 
 def build_model(spec: dict, seed: int, device: torch.device) -> nn.Module:
     """A fresh network; its initialisation depends only on `seed` (global RNG untouched)."""
-    from fipray.models import create_model
+    from fipray.models import model_from_spec
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            model = create_model(spec["name"], num_classes=spec["num_classes"],
-                                 input_shape=tuple(spec["input_shape"]), **spec["kwargs"])
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"config section 'model': {e.args[0] if e.args else e}") from None
-    return model.to(device)
+    try:
+        return model_from_spec(spec, seed, device)
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"config section 'model': {e.args[0] if e.args else e}") from None
 
 
 def tensors(ds: Any, device: torch.device) -> tuple[Tensor, Tensor]:

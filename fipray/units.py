@@ -36,6 +36,7 @@ from torch import nn
 
 from fipray.atomic import atomic_write, atomic_write_json, write_parquet
 from fipray.config import Config, ConfigError
+from fipray.models import load_state_dict_file
 from fipray.operation import Operation, Report, get_operation, operation_classes
 from fipray.path import PathResult, Phase, run_path
 
@@ -67,12 +68,6 @@ def _save_state(path: Path, state: dict[str, torch.Tensor], metadata: dict | Non
 
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path), device="cpu")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -121,7 +116,7 @@ def build_path(cfg: Config, k: int, base_file: str | Path, *, device: str | torc
     seed = path_seed(cfg, k)
     ctx = op.context(cfg, device=device)
     model = ctx.model(seed)
-    model.load_state_dict(_load_state(Path(base_file)))
+    model.load_state_dict(load_state_dict_file(Path(base_file)))
     if wrap is not None:
         model = wrap(model)
     phases, extra = op.path(ctx, model, seed, rank=rank, world=world)
@@ -168,11 +163,11 @@ def load_path_result(path_dir: str | Path) -> dict:
 def load_samples(path_dir: str | Path) -> list[dict[str, torch.Tensor]]:
     """The sampled state dicts of a finished path, in sampling order (names without a DDP prefix)."""
     result = load_path_result(path_dir)
-    return [_strip(_load_state(Path(path_dir) / s["file"])) for s in result["samples"]]
+    return [_strip(load_state_dict_file(Path(path_dir) / s["file"])) for s in result["samples"]]
 
 
 def load_final(path_dir: str | Path) -> dict[str, torch.Tensor]:
-    return _load_state(Path(path_dir) / "final.safetensors")
+    return load_state_dict_file(Path(path_dir) / "final.safetensors")
 
 
 # Sweep trials -----------------------------------------------------------------------------------------

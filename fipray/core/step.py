@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fipray.core.modes import eval_mode
+
 Secondary = Callable[[Tensor | None], Tensor]
 
 
@@ -31,10 +33,8 @@ class Anchor:
     @torch.no_grad()
     def from_model(cls, model: nn.Module, inputs: Tensor, batch_size: int = 1024) -> Anchor:
         """Evaluate `model` once on `inputs` (eval mode) and freeze the result."""
-        was_training = model.training
-        model.eval()
-        outs = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-        model.train(was_training)
+        with eval_mode(model):
+            outs = [model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
         return cls(inputs=inputs, logits=torch.cat(outs).detach())
 
     def __len__(self) -> int:

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-
-@contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and afterwards restore every submodule's own ``training`` flag.
-
-    ``model.train(was_training)`` would not do: it overwrites submodules that were deliberately in
-    another mode (frozen BatchNorm, ensemble members that must stay in eval mode).
-    """
-    saved = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
+from fipray.core.modes import eval_mode
 
 
 def model_device(model: nn.Module, fallback: torch.device | None = None) -> torch.device:

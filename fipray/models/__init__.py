@@ -17,6 +17,7 @@ from fipray.models.registry import (
     create_model,
     list_models,
     load_state_dict_file,
+    model_from_spec,
     register_model,
     register_model_prefix,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "create_model",
     "list_models",
     "load_state_dict_file",
+    "model_from_spec",
     "register_model",
     "register_model_prefix",
     "resolve_pretrained",

@@ -234,3 +234,17 @@ def create_model(name: str, *, num_classes: int, input_shape: Sequence[int], **k
     if checkpoint is not None:
         _load_checkpoint(model, inner, checkpoint)
     return model
+
+
+def model_from_spec(spec: dict[str, Any], seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """A fresh network of a stored spec (``{"name", "kwargs", "num_classes", "input_shape"}``), its
+    initialisation a function of ``seed`` alone (torch's global RNG is left untouched).
+
+    Raises:
+        KeyError, TypeError: as :func:`create_model` (unknown name, unaccepted keywords).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(spec["name"], num_classes=spec["num_classes"], input_shape=tuple(spec["input_shape"]),
+                             **spec["kwargs"])
+    return model.to(device)
