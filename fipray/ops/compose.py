@@ -33,11 +33,12 @@ from fipray import report
 from fipray.config import Config, ConfigError, knob
 from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks
 from fipray.core.step import Anchor
+from fipray.data.memory import TaskTensors, memory_upto
 from fipray.eval.continual import task_accuracy
 from fipray.eval.sparsity import sparsity
 from fipray.netset import NetworkSetWriter
 from fipray.operation import Operation, register_operation
-from fipray.ops.continual import Continual, TaskTensors, build_tasks, memory_upto
+from fipray.ops.continual import Continual, build_tasks
 from fipray.ops.sparsify import Sparsify, counted, fip_sparsify_phases
 from fipray.path import Phase, run_path
 from fipray.phases import cross_entropy_secondary, fip_phase
