@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fipray import report
+from fipray.atomic import atomic_write
 from fipray.config import Config, ConfigError, knob
 from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks
 from fipray.core.step import Anchor
@@ -293,8 +294,6 @@ def _plot_graph(writer: NetworkSetWriter, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fipray.atomic import atomic_write
 
     ids = [n["node"] for n in writer.nodes]
     xy = _principal_plane(writer, ids)
