@@ -19,8 +19,10 @@ from torch import Tensor, nn
 
 from fipray.config import Config, ConfigError, TrainConfig
 from fipray.data.batches import BatchStream, mix_seed
+from fipray.data.memory import TaskTensors, head_of, memory_upto
 from fipray.data.stream import Examples, StreamedExamples, TensorExamples
-from fipray.ops.continual import TaskTensors, head_of, memory_upto, row_finish
+from fipray.eval.continual import row_finish
+from fipray.eval.predict import eval_mode
 from fipray.path import Phase, PhaseState
 from fipray.phases import phase_tag, supervised_phase
 from fipray.registry import Registry
@@ -105,11 +107,9 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     def consolidate(model: nn.Module, task: TaskTensors) -> tuple[list[Tensor], list[Tensor]]:
         g = torch.Generator().manual_seed(mix_seed(seed, 4, task.index))
         idx = torch.randperm(len(task), generator=g)[:n]
-        was = model.training
-        model.eval()
-        x, y = task.train_data.take(idx)
-        fisher = fisher_diagonal(model, x, y, head.mask(y, task.index))
-        model.train(was)
+        with eval_mode(model):
+            x, y = task.train_data.take(idx)
+            fisher = fisher_diagonal(model, x, y, head.mask(y, task.index))
         names = [k for k, _ in model.named_parameters()]
         return [fisher[k] for k in names], [p.detach().clone() for p in model.parameters()]
 
@@ -128,11 +128,8 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
 
 @torch.no_grad()
 def _logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-    was = model.training
-    model.eval()
-    out = torch.cat([model(x[k:k + batch_size]) for k in range(0, len(x), batch_size)])
-    model.train(was)
-    return out
+    with eval_mode(model):
+        return torch.cat([model(x[k:k + batch_size]) for k in range(0, len(x), batch_size)])
 
 
 def _kd(temperature: float):

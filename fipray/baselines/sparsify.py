@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fipray.config import Config, TrainConfig
+from fipray.core.masks import apply_masks, counted_tensors, keep_count, magnitude_masks
+from fipray.eval.predict import eval_mode
 from fipray.eval.sparsity import is_hf_conv1d
-from fipray.ops.sparsify import apply_masks, counted_tensors, keep_count, magnitude_masks
 from fipray.path import run_path
 from fipray.phases import supervised_phase
 from fipray.registry import Registry
@@ -224,13 +225,11 @@ def input_norms_sq(model: nn.Module, names: list[str], x: Tensor) -> list[Tensor
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
-    was = model.training
-    model.eval()
     try:
-        for start in range(0, len(x), _CALIBRATION_BATCH):
-            model(x[start:start + _CALIBRATION_BATCH])
+        with eval_mode(model):
+            for start in range(0, len(x), _CALIBRATION_BATCH):
+                model(x[start:start + _CALIBRATION_BATCH])
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     missing = [n for i, n in enumerate(names) if i not in acc]

@@ -1,4 +1,4 @@
-"""Class-incremental task splits and replay-memory sampling.
+"""Class-incremental task splits and the one stratified replay-memory sampler.
 
 Labels stay global: task ``t`` of digits holds labels ``{2t, 2t+1}`` and the model keeps one head
 over all classes, which is the setting functionally invariant paths are evaluated in.
@@ -119,12 +119,51 @@ def split_tasks(
     return tasks
 
 
+def stratified_indices(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` indices into ``y`` spread as evenly as possible over the classes present (the replay sampler).
+
+    Class ``k`` (in ascending label order) gets ``n // C`` indices, one more for the first ``n % C``
+    classes; a class with fewer examples gives all it has and what it lacks is shared out the same way
+    over the classes that still have examples. Within a class the indices are the first ones of a seeded
+    permutation of its members, drawn class by class from one generator. Deterministic given ``seed``
+    (its own generator; global RNG state is untouched).
+
+    Args:
+        y: Labels ``(N,)``, on any device.
+        n: How many indices; ``n >= N`` gives every index.
+        seed: Seed of the sampling.
+
+    Returns:
+        ``min(n, N)`` indices on ``y``'s device, grouped by class (ascending labels).
+    """
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    labels = y.cpu()
+    classes = torch.unique(labels).tolist()
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    quota = [0] * len(classes)
+    remaining = min(n, len(labels))
+    # Water-filling: share what is left equally among the classes that still have examples. With every
+    # class large enough this is one round: n // C each, the remainder to the first classes.
+    while remaining > 0:
+        open_ = [k for k in range(len(classes)) if quota[k] < len(members[k])]
+        share, extra = divmod(remaining, len(open_))
+        for rank, k in enumerate(open_):
+            add = min(share + (1 if rank < extra else 0), len(members[k]) - quota[k])
+            quota[k] += add
+            remaining -= add
+    g = torch.Generator().manual_seed(seed)
+    picked = [idx[torch.randperm(len(idx), generator=g)[:k]] for idx, k in zip(members, quota)]
+    return (torch.cat(picked) if picked else torch.empty(0, dtype=torch.long)).to(y.device)
+
+
 def memory_subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
     """A stratified random sample of ``n`` examples of ``ds`` (e.g. a replay memory for one task).
 
-    ``n`` is split as evenly as possible over the classes present; a class with too few examples
-    gives all it has and the rest goes to the others. Leftover single slots go to classes chosen
-    at random. Deterministic given ``seed`` (its own generator; global RNG state is untouched).
+    The examples are those of :func:`stratified_indices` over the dataset's labels (the sampler the
+    continual operation draws its replay memories with): ``n`` split as evenly as possible over the
+    classes present, a class with too few examples giving all it has and the rest going to the others.
+    Deterministic given ``seed``.
 
     Args:
         ds: The dataset to sample (typically ``Task.train``).
@@ -135,26 +174,5 @@ def memory_subset(ds: Dataset, n: int, seed: int = 0) -> Dataset:
         A dataset of ``min(n, len(ds))`` items in their original order, same in-memory type as ``ds``
         when it has one.
     """
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
-    labels = dataset_labels(ds)
-    gen = torch.Generator().manual_seed(int(seed))
-    classes = torch.unique(labels).tolist()
-    members = {c: torch.nonzero(labels == c).flatten() for c in classes}
-    quota = dict.fromkeys(classes, 0)
-    remaining = min(n, len(labels))
-    # Water-filling: share what is left equally among classes that still have examples.
-    while remaining > 0:
-        open_ = [c for c in classes if quota[c] < len(members[c])]
-        share = remaining // len(open_)
-        if share == 0:
-            for i in torch.randperm(len(open_), generator=gen)[:remaining].tolist():
-                quota[open_[i]] += 1
-            break
-        for c in open_:
-            add = min(share, len(members[c]) - quota[c])
-            quota[c] += add
-            remaining -= add
-    picked = [members[c][torch.randperm(len(members[c]), generator=gen)[: quota[c]]] for c in classes]
-    idx = torch.sort(torch.cat(picked)).values if picked else torch.empty(0, dtype=torch.long)
-    return select(ds, idx)
+    idx = stratified_indices(dataset_labels(ds), n, int(seed))
+    return select(ds, torch.sort(idx).values)

@@ -1,16 +1,23 @@
-"""Continual-learning metrics from the accuracy matrix R, and masked task accuracy.
+"""Continual-learning evaluation: masked task accuracy, rows of the accuracy matrix R, the CL metrics
+computed from R, and the weight-change analysis of a continual run (the paper's Fig. 3e).
 
 Indices are 0-based here: with T tasks, ``R[i, j]`` is the test accuracy on task j after training
-task i, so PROTOCOLS.md's "R[T, j]" (1-based, last row) is ``R[T - 1, j]`` below.
+task i, so PROTOCOLS.md's "R[T, j]" (1-based, last row) is ``R[T - 1, j]`` below. A row of R is computed
+in both settings at once: class-incremental (argmax over every class seen so far) and task-incremental
+(argmax over the task's own classes). FIP's phases and every baseline's end with the same row
+(`row_finish`), so all methods are evaluated alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
+from fipray.data.memory import TaskTensors
 from fipray.eval.predict import check_batch, predictions
 
 
@@ -105,3 +112,153 @@ def task_accuracy(
         classes_allowed = allowed
     pred = predictions(model, x, classes_allowed=classes_allowed, batch_size=batch_size)
     return int((pred == y.to(pred.device)).sum()) / y.shape[0]
+
+
+# Rows of the accuracy matrix R --------------------------------------------------------------------------
+def seen_classes(tasks: list[TaskTensors], upto: int) -> list[int]:
+    """The output columns of tasks 0..upto (what class-incremental evaluation may predict after task upto)."""
+    return [c for t in tasks[: upto + 1] for c in t.classes]
+
+
+def evaluate_row(model: nn.Module, tasks: list[TaskTensors], trained_upto: int) -> dict[str, list[float]]:
+    """Row `trained_upto` of the accuracy matrix R in both settings.
+
+    Class-incremental: argmax over all classes seen so far (tasks ≤ max(trained_upto, j) for
+    task j, so forward-transfer entries j > trained_upto are defined). Task-incremental:
+    argmax over task j's own classes.
+    """
+    cls, tsk = [], []
+    for j, t in enumerate(tasks):
+        cls.append(task_accuracy(model, t.x_test, t.y_test, seen_classes(tasks, max(trained_upto, j))))
+        tsk.append(task_accuracy(model, t.x_test, t.y_test, list(t.classes)))
+    return {"class": cls, "task": tsk}
+
+
+def row_finish(tasks: list[TaskTensors], i: int) -> Callable[[nn.Module, dict[str, Any]], dict]:
+    """A phase's `finish` (model, phase state) -> row i of the accuracy matrix R, in both settings."""
+    return lambda model, state: evaluate_row(model, tasks, i)
+
+
+def random_rows(base: nn.Module, tasks: list[TaskTensors]) -> dict[str, list[float]]:
+    """Accuracies of the untrained network (the FWT reference), per setting."""
+    return {"class": [task_accuracy(base, t.x_test, t.y_test, seen_classes(tasks, j)) for j, t in enumerate(tasks)],
+            "task": [task_accuracy(base, t.x_test, t.y_test, list(t.classes)) for t in tasks]}
+
+
+def metrics_so_far(R_rows: dict[int, dict[str, list[float]]], rand_class: list[float], i: int) -> dict[str, float]:
+    """After task i, over tasks 0..i: class- and task-incremental average accuracy (row i of R) and the
+    class-incremental BWT (`rand_class`: the untrained network's class-incremental accuracies)."""
+    R = np.array([R_rows[r]["class"][: i + 1] for r in range(i + 1)])
+    return {"class": float(np.mean(R[i])), "task": float(np.mean(R_rows[i]["task"][: i + 1])),
+            "bwt": cl_metrics(R, np.array(rand_class[: i + 1]))["bwt"]}
+
+
+def final_row(matrix_rows: list[dict], method: str, T: int) -> list[float]:
+    """R[T−1, j] for each task j in the task-incremental setting, averaged over the seeds of `matrix_rows`
+    (rows as `result_rows` writes them)."""
+    R = [r for r in matrix_rows if r["method"] == method and r["setting"] == "task" and r["i"] == T - 1]
+    return [float(np.mean([r["acc"] for r in R if r["j"] == j])) for j in range(T)]
+
+
+def accuracy_along_path(tasks: list[TaskTensors]) -> Callable[[nn.Module], dict]:
+    """Record-row metrics: class-incremental accuracy on every task's test set (over all classes)."""
+    every = sorted({c for t in tasks for c in t.classes})
+
+    def evaluate(model: nn.Module) -> dict:
+        return {f"acc_task{j}": task_accuracy(model, t.x_test, t.y_test, every) for j, t in enumerate(tasks)}
+
+    return evaluate
+
+
+def result_rows(R_rows: dict[int, dict[str, list[float]]], rand: dict[str, list[float]], keys: dict[str, Any],
+                info: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Result rows (the CL metrics, then `info`) and accuracy-matrix rows of one method and seed, both
+    settings, every row starting with `keys` and the setting.
+
+    Args:
+        R_rows: row i of R (`evaluate_row`) for i = 0..T−1.
+        rand: the untrained network's accuracies (`random_rows`), also written as matrix row i = −1.
+    """
+    results, matrices = [], []
+    T = len(R_rows)
+    for setting in ("class", "task"):
+        R = np.array([R_rows[i][setting] for i in range(T)])
+        m = cl_metrics(R, np.array(rand[setting]))
+        results.append({**keys, "setting": setting, **m, **info})
+        matrices += [{**keys, "setting": setting, "i": i, "j": j, "acc": float(R[i, j])}
+                     for i in range(T) for j in range(T)]
+        matrices += [{**keys, "setting": setting, "i": -1, "j": j, "acc": float(rand[setting][j])} for j in range(T)]
+    return results, matrices
+
+
+# Weight-change analysis (the paper's Fig. 3e) ----------------------------------------------------------
+def layer_of(name: str) -> str:
+    """A parameter's layer for the per-layer table: its module path cut after the first numeric index
+    (a transformer block `...encoder.layer.3`, an MLP's `3`), else its module path."""
+    parts = name.split(".")[:-1] or [name]
+    for k, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: k + 1])
+    return ".".join(parts)
+
+
+def weight_change(w0: dict[str, Tensor], model: nn.Module) -> dict[str, float]:
+    """Per layer ‖ΔW‖F / ‖W0‖F between the start of the continual phases (w0) and `model`, plus 'all'."""
+    num: dict[str, float] = {}
+    den: dict[str, float] = {}
+    for name, p in model.named_parameters():
+        if name not in w0:
+            continue
+        layer = layer_of(name)
+        d = (p.detach().float() - w0[name].float()).pow(2).sum().item()
+        n = w0[name].float().pow(2).sum().item()
+        for key in (layer, "all"):
+            num[key] = num.get(key, 0.0) + d
+            den[key] = den.get(key, 0.0) + n
+    return {k: float(np.sqrt(num[k] / den[k])) if den[k] > 0 else float("nan") for k in num}
+
+
+def mean_weight_change(rows: list[dict], method: str) -> dict[str, float]:
+    """`weight_change` per layer averaged over seeds; `rows`: {method, seed, layer, ratio} dicts."""
+    sel = [r for r in rows if r["method"] == method]
+    layers = list(dict.fromkeys(r["layer"] for r in sel))
+    return {k: float(np.mean([r["ratio"] for r in sel if r["layer"] == k])) for k in layers}
+
+
+def weight_pca(paths: dict[str, list[np.ndarray]], start: np.ndarray) -> dict[str, np.ndarray]:
+    """Every method's path (start -> its snapshots) in the plane of the top two principal components of
+    all snapshots (centred at their mean, the common start included)."""
+    names = list(paths)
+    X = np.stack([start] + [r for m in names for r in paths[m]]).astype(np.float64)
+    mean = X.mean(0)
+    _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
+    comps = vt[:2]
+    out, k = {}, 1
+    s = (start - mean) @ comps.T
+    for m in names:
+        n = len(paths[m])
+        out[m] = np.vstack([s, (X[k:k + n] - mean) @ comps.T])
+        k += n
+    return out
+
+
+class WeightSnapshots:
+    """Weights along a method's path at every record, on a seeded subset of coordinates (for the PCA).
+
+    Called as a record-row metric it stores a snapshot and adds no column. `flat` gives a network's
+    weights as one vector (e.g. only the trainable ones, or LoRA's merged weights).
+    """
+
+    def __init__(self, n: int, keep: int, flat: Callable[[nn.Module], Tensor]):
+        self.flat = flat
+        g = torch.Generator().manual_seed(0)
+        self.idx = torch.randperm(n, generator=g)[:keep].sort().values if n > keep else None
+        self.rows: list[np.ndarray] = []
+
+    def take(self, model: nn.Module) -> np.ndarray:
+        w = self.flat(model).detach().float().cpu()
+        return (w if self.idx is None else w[self.idx]).numpy()
+
+    def __call__(self, model: nn.Module) -> dict:
+        self.rows.append(self.take(model))
+        return {}

@@ -30,21 +30,17 @@ import torch
 from torch import nn
 
 from fipray import report
+from fipray.atomic import atomic_write
 from fipray.config import Config, ConfigError, knob
+from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks
 from fipray.core.step import Anchor
+from fipray.data.memory import TaskTensors, memory_upto
 from fipray.eval.continual import task_accuracy
 from fipray.eval.sparsity import sparsity
 from fipray.netset import NetworkSetWriter
 from fipray.operation import Operation, register_operation
-from fipray.ops.continual import Continual, TaskTensors, build_tasks, memory_upto
-from fipray.ops.sparsify import (
-    Sparsify,
-    apply_masks,
-    counted,
-    counted_tensors,
-    fip_sparsify_phases,
-    magnitude_masks,
-)
+from fipray.ops.continual import Continual, build_tasks
+from fipray.ops.sparsify import Sparsify, counted, fip_sparsify_phases
 from fipray.path import Phase, run_path
 from fipray.phases import cross_entropy_secondary, fip_phase
 from fipray.runtime import RunContext, path_summary, train_base, write_outputs
@@ -298,8 +294,6 @@ def _plot_graph(writer: NetworkSetWriter, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from fipray.atomic import atomic_write
 
     ids = [n["node"] for n in writer.nodes]
     xy = _principal_plane(writer, ids)

@@ -19,11 +19,11 @@ all methods' paths (the paper's Fig. 3e).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,22 +32,32 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from fipray import report
+from fipray.baselines.continual import CONTINUAL_BASELINES
 from fipray.config import Config, ConfigError, knob
-from fipray.data.batches import mix_seed
-from fipray.data.stream import Examples, TensorExamples
-from fipray.data.streams import MappedDataset, TaskStream
-from fipray.eval.continual import cl_metrics, task_accuracy
+from fipray.core.distances import get_distance
+from fipray.data import DataBundle, get_data, streams
+from fipray.data.memory import TaskTensors, head_of, materialise, memory_upto
+from fipray.data.stream import Examples, StreamedExamples, build_transform
+from fipray.data.streams import TaskStream
+from fipray.eval.continual import (
+    WeightSnapshots,
+    accuracy_along_path,
+    evaluate_row,
+    final_row,
+    mean_weight_change,
+    metrics_so_far,
+    random_rows,
+    result_rows,
+    row_finish,
+    weight_change,
+    weight_pca,
+)
 from fipray.heads import LAYOUTS, Head
+from fipray.models import load_state_dict_file
 from fipray.operation import Operation, Report, collect_seeds, register_operation
-from fipray.path import Phase, PhaseState, run_path
+from fipray.path import Phase, PhaseState, flat_trainable, run_path
 from fipray.phases import fip_phase, supervised_phase
-from fipray.runtime import RunContext, clone, mean_std, path_summary, tensors, write_outputs
-
-
-def _baselines() -> list[str]:
-    from fipray.baselines.continual import CONTINUAL_BASELINES
-
-    return CONTINUAL_BASELINES.names()
+from fipray.runtime import RunContext, clone, load_bundle, mean_std, path_summary, shard, write_outputs
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,7 @@ class ContinualConfig:
     setting: str = knob("class", choices=("class", "task"))  # the setting summary.json headlines; both computed
     base: str = knob("train", choices=("train", "as_is"))  # task 0: train on it, or take the network as it is
     base_weights: str = ""  # a state dict (.safetensors/.pt) loaded into the network before task 0
-    baselines: tuple[str, ...] = knob(("naive", "er", "ewc"), choices=_baselines)
+    baselines: tuple[str, ...] = knob(("naive", "er", "ewc"), choices=CONTINUAL_BASELINES.names)
     ewc_lambda: float = knob(100.0, ge=0)
     ewc_samples: int = knob(200, gt=0)
     lwf_lambda: float = knob(1.0, ge=0)
@@ -114,85 +124,9 @@ def num_tasks(cfg: Config) -> int:
     return len(cc.tasks) if cc.stream == "datasets" else cc.num_tasks
 
 
-@dataclass(frozen=True)
-class TaskTensors:
-    """One task of a stream, materialised on the run's device.
-
-    x_* are (N, *input_shape), y_* are (N,) output columns (labels mapped by the head; a shared head keeps
-    labels as they are); mem_* is the replay memory (taken from the training examples at `mem_idx`).
-    With streamed data (`data.stream`) the training split is `train` (Examples loaded as needed) and
-    x_train, y_train are None; the test split and the memory stay in memory. `classes` are the task's
-    output columns; `head` is the stream's head layout.
-    """
-
-    index: int
-    classes: tuple[int, ...]
-    x_train: Tensor | None
-    y_train: Tensor | None
-    x_test: Tensor
-    y_test: Tensor
-    x_mem: Tensor
-    y_mem: Tensor
-    train: Examples | None = None
-    mem_idx: Tensor | None = None
-    head: Head | None = None
-    name: str = ""
-    dataset: Dataset | None = None  # streamed: the task's training set as the network sees it
-
-    @property
-    def train_data(self) -> Examples:
-        """The training split as batches: the streamed Examples, or the in-memory tensors."""
-        if self.train is not None:
-            return self.train
-        assert self.x_train is not None and self.y_train is not None
-        return TensorExamples(self.x_train, self.y_train)
-
-    def __len__(self) -> int:
-        return len(self.train_data)
-
-
-def head_of(tasks: list[TaskTensors]) -> Head:
-    """The head of a stream's tasks (a shared head over their classes when none was recorded)."""
-    h = tasks[0].head
-    if h is not None:
-        return h
-    width = 1 + max(c for t in tasks for c in t.classes)
-    return Head("shared", tuple(t.classes for t in tasks), width)
-
-
-def seen_classes(tasks: list[TaskTensors], upto: int) -> list[int]:
-    return [c for t in tasks[: upto + 1] for c in t.classes]
-
-
-def evaluate_row(model: nn.Module, tasks: list[TaskTensors], trained_upto: int) -> dict[str, list[float]]:
-    """Row `trained_upto` of the accuracy matrix R in both settings.
-
-    Class-incremental: argmax over all classes seen so far (tasks ≤ max(trained_upto, j) for
-    task j, so forward-transfer entries j > trained_upto are defined). Task-incremental:
-    argmax over task j's own classes.
-    """
-    cls, tsk = [], []
-    for j, t in enumerate(tasks):
-        cls.append(task_accuracy(model, t.x_test, t.y_test, seen_classes(tasks, max(trained_upto, j))))
-        tsk.append(task_accuracy(model, t.x_test, t.y_test, list(t.classes)))
-    return {"class": cls, "task": tsk}
-
-
-def row_finish(tasks: list[TaskTensors], i: int) -> Callable[[nn.Module, PhaseState], dict]:
-    """A phase's `finish`: row i of the accuracy matrix R, in both settings."""
-    return lambda model, state: evaluate_row(model, tasks, i)
-
-
-def memory_upto(tasks: list[TaskTensors], i: int) -> tuple[Tensor, Tensor]:
-    """Replay memory of tasks 0..i−1: (M, ...) inputs and (M,) labels."""
-    return torch.cat([t.x_mem for t in tasks[:i]]), torch.cat([t.y_mem for t in tasks[:i]])
-
-
 def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """FIP phases for tasks 1..T−1 (the path starts at the network trained on task 0)."""
     head = head_of(tasks)
-    from fipray.core.distances import get_distance
-
     dist = get_distance(cfg.path.distance)
     phases = []
     for i in range(1, len(tasks)):
@@ -211,38 +145,11 @@ def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> li
     return phases
 
 
-def accuracy_along_path(tasks: list[TaskTensors]):
-    """Record-row metrics: class-incremental accuracy on every task's test set (over all classes)."""
-    every = sorted({c for t in tasks for c in t.classes})
-
-    def evaluate(model: nn.Module) -> dict:
-        return {f"acc_task{j}": task_accuracy(model, t.x_test, t.y_test, every) for j, t in enumerate(tasks)}
-
-    return evaluate
-
-
-def stratified_indices(y: Tensor, n: int, seed: int) -> Tensor:
-    """n indices spread evenly over the classes present in y (deterministic given seed)."""
-    classes = torch.unique(y.cpu())
-    g = torch.Generator().manual_seed(seed)
-    per = [n // len(classes) + (1 if i < n % len(classes) else 0) for i in range(len(classes))]
-    out = []
-    for c, k in zip(classes.tolist(), per):
-        idx = torch.nonzero(y.cpu() == c).flatten()
-        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
-    return torch.cat(out).to(y.device)
-
-
 def stream_from_config(cfg: Config, bundle: Any = None) -> TaskStream:
     """The task stream `cfg.continual` describes (`bundle`: the data of a split or domain stream; None
     loads `cfg.data`)."""
-    from fipray.data import streams
-    from fipray.runtime import load_bundle
-
     cc = cfg.continual
     if cc.stream == "datasets":
-        from fipray.data import get_data
-
         bundles = []
         for i, t in enumerate(cc.tasks):
             try:
@@ -272,60 +179,27 @@ def make_head(layout: str, stream: TaskStream) -> tuple[Head, list[dict[int, int
         raise ConfigError(f"config key 'continual.head': {e}") from None
 
 
-def _relabel(y: Tensor, column: dict[int, int]) -> Tensor:
-    lookup = torch.full((max(column) + 1,), -1, dtype=torch.long, device=y.device)
-    lookup[torch.tensor(list(column), device=y.device)] = torch.tensor(list(column.values()), device=y.device)
-    out = lookup[y]
-    if (out < 0).any():
-        raise ValueError(f"labels {sorted(set(y[out < 0].tolist()))[:10]} are not among the task's classes")
-    return out
-
-
-def _transformed(x: Tensor, tf: Callable[[Tensor], Tensor] | None) -> Tensor:
-    if tf is None:
-        return x
-    return torch.cat([tf(x[i:i + 512]) for i in range(0, len(x), 512)])
-
-
 def build_tasks(cfg: Config, bundle: Any, device: torch.device, seed: int, *, stream: TaskStream | None = None,
                 head: Head | None = None, columns: list[dict[int, int]] | None = None) -> list[TaskTensors]:
     """The tasks of a stream (default: the one `cfg.continual` describes over `bundle`) with their replay
-    memories, labels mapped to the head's output columns."""
-    cc = cfg.continual
+    memories, labels mapped to the head's output columns (`fipray.data.memory.materialise`)."""
+    cc, d = cfg.continual, cfg.data
     if stream is None:
         stream = stream_from_config(cfg, bundle)
     if head is None or columns is None:
         head, columns = make_head(cc.head, stream)
-    tasks = []
     for i, t in enumerate(stream.tasks):
-        train: Examples
-        dataset = None
-        if cfg.data.stream:
-            from fipray.data import dataset_labels
-            from fipray.data.stream import StreamedExamples, build_transform
-
-            dataset = MappedDataset(t.train, columns[i], t.transform)
-            train = StreamedExamples(dataset, device, workers=cfg.data.workers,
-                                     train_transform=build_transform(cfg.data.train_transforms),
-                                     eval_transform=build_transform(cfg.data.eval_transforms))
-            ytr = _relabel(dataset_labels(t.train).to(device), columns[i])
-        else:
-            xtr, ytr = tensors(t.train, device)
-            ytr = _relabel(ytr, columns[i])
-            train = TensorExamples(_transformed(xtr, t.transform), ytr)
-        xte, yte = tensors(t.test, device)
-        xte, yte = _transformed(xte, t.transform), _relabel(yte, columns[i])
-        if cc.memory_per_task > len(ytr):
+        n = len(t.train)  # type: ignore[arg-type]
+        if cc.memory_per_task > n:
             raise ConfigError(f"config key 'continual.memory_per_task': {cc.memory_per_task} "
-                              f"exceeds the {len(ytr)} training examples of task {i}")
-        mem = stratified_indices(ytr, cc.memory_per_task, mix_seed(seed, 5, i))
-        x_mem, y_mem = train.take(mem)  # the replay memory: training examples by index
-        common: dict[str, Any] = dict(mem_idx=mem, head=head, name=t.name, dataset=dataset)
-        if isinstance(train, TensorExamples):
-            tasks.append(TaskTensors(i, head.blocks[i], train.x, train.y, xte, yte, x_mem, y_mem, None, **common))
-        else:
-            tasks.append(TaskTensors(i, head.blocks[i], None, None, xte, yte, x_mem, y_mem, train, **common))
-    return tasks
+                              f"exceeds the {n} training examples of task {i}")
+
+    def streamed(dataset: Dataset) -> Examples:
+        return StreamedExamples(dataset, device, workers=d.workers, train_transform=build_transform(d.train_transforms),
+                                eval_transform=build_transform(d.eval_transforms))
+
+    return materialise(stream, head, columns, device, seed, cc.memory_per_task,
+                       streamed=streamed if d.stream else None)
 
 
 def _stream(ctx: RunContext) -> tuple[TaskStream, Head, list[dict[int, int]]]:
@@ -350,115 +224,18 @@ def method_phases(method: str, tasks: list[TaskTensors], cfg: Config, seed: int)
     """A method's phases for tasks 1..T−1 and extra `run_path` arguments (e.g. LoRA's weights view)."""
     if method == "fip":
         return fip_continual_phases(tasks, cfg, seed), {}
-    from fipray.baselines.continual import CONTINUAL_BASELINES
-
     m = re.fullmatch(r"lora_r(\d+)", method)
     got = (CONTINUAL_BASELINES.get("lora")(tasks, cfg, seed, rank=int(m.group(1))) if m
            else CONTINUAL_BASELINES.get(method)(tasks, cfg, seed))
     return got if isinstance(got, tuple) else (got, {})
 
 
-def _random_rows(base: nn.Module, tasks: list[TaskTensors]) -> dict[str, list[float]]:
-    """Accuracies of the untrained network (the FWT reference), per setting."""
-    return {"class": [task_accuracy(base, t.x_test, t.y_test, seen_classes(tasks, j)) for j, t in enumerate(tasks)],
-            "task": [task_accuracy(base, t.x_test, t.y_test, list(t.classes)) for t in tasks]}
-
-
-def _method_rows(method: str, seed: int, R_rows: dict, rand: dict, cfg: Config, seconds: float) -> tuple[list, list]:
-    """Result rows (CL metrics) and accuracy-matrix rows of one method and seed, both settings."""
-    results, matrices = [], []
-    T = len(R_rows)
-    for setting in ("class", "task"):
-        R = np.array([R_rows[i][setting] for i in range(T)])
-        m = cl_metrics(R, np.array(rand[setting]))
-        results.append({"method": method, "seed": seed, "setting": setting, **m,
-                        "memory_per_task": cfg.continual.memory_per_task,
-                        "distance": cfg.path.distance, "seconds": seconds})
-        matrices += [{"method": method, "seed": seed, "setting": setting, "i": i, "j": j, "acc": float(R[i, j])}
-                     for i in range(T) for j in range(T)]
-        matrices += [{"method": method, "seed": seed, "setting": setting, "i": -1, "j": j,
-                      "acc": float(rand[setting][j])} for j in range(T)]
-    return results, matrices
-
-
-# Weight-change analysis (the paper's Fig. 3e) ----------------------------------------------------------
-def layer_of(name: str) -> str:
-    """A parameter's layer for the per-layer table: its module path cut after the first numeric index
-    (a transformer block `...encoder.layer.3`, an MLP's `3`), else its module path."""
-    parts = name.split(".")[:-1] or [name]
-    for k, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: k + 1])
-    return ".".join(parts)
-
-
-def weight_change(w0: dict[str, Tensor], model: nn.Module) -> dict[str, float]:
-    """Per layer ‖ΔW‖F / ‖W0‖F between the start of the continual phases (w0) and `model`, plus 'all'."""
-    num: dict[str, float] = {}
-    den: dict[str, float] = {}
-    for name, p in model.named_parameters():
-        if name not in w0:
-            continue
-        layer = layer_of(name)
-        d = (p.detach().float() - w0[name].float()).pow(2).sum().item()
-        n = w0[name].float().pow(2).sum().item()
-        for key in (layer, "all"):
-            num[key] = num.get(key, 0.0) + d
-            den[key] = den.get(key, 0.0) + n
-    return {k: float(np.sqrt(num[k] / den[k])) if den[k] > 0 else float("nan") for k in num}
-
-
-class _Snapshots:
-    """Weights along a method's path at every record, on a seeded subset of coordinates (for the PCA)."""
-
-    def __init__(self, n: int, keep: int, weights: Callable[[nn.Module], Tensor] | None):
-        from fipray.path import flat_trainable
-
-        self.flat = weights if weights is not None else flat_trainable
-        g = torch.Generator().manual_seed(0)
-        self.idx = torch.randperm(n, generator=g)[:keep].sort().values if n > keep else None
-        self.rows: list[np.ndarray] = []
-
-    def take(self, model: nn.Module) -> np.ndarray:
-        w = self.flat(model).detach().float().cpu()
-        return (w if self.idx is None else w[self.idx]).numpy()
-
-    def __call__(self, model: nn.Module) -> dict:
-        self.rows.append(self.take(model))
-        return {}
-
-
-def _pca(paths: dict[str, list[np.ndarray]], start: np.ndarray) -> dict[str, np.ndarray]:
-    """Every method's path (start -> its snapshots) in the plane of the top two principal components of
-    all snapshots (centred at their mean, the common start included)."""
-    names = list(paths)
-    X = np.stack([start] + [r for m in names for r in paths[m]]).astype(np.float64)
-    mean = X.mean(0)
-    _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
-    comps = vt[:2]
-    out, k = {}, 1
-    s = (start - mean) @ comps.T
-    for m in names:
-        n = len(paths[m])
-        out[m] = np.vstack([s, (X[k:k + n] - mean) @ comps.T])
-        k += n
-    return out
-
-
 def _load_weights(model: nn.Module, file: str) -> None:
-    from pathlib import Path
-
     path = Path(file).expanduser()
     if not path.is_file():
         raise ConfigError(f"config key 'continual.base_weights': {file!r} is not a file")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(load_state_dict_file(path))
     except (RuntimeError, OSError, ValueError) as e:
         raise ConfigError(f"config key 'continual.base_weights': {file!r} does not fit the model: "
                           f"{str(e).splitlines()[0]}") from None
@@ -478,8 +255,6 @@ class Continual(Operation):
     def context(self, cfg: Config, *, bundle: Any = None, tasks: Any = None, **kwargs: Any) -> RunContext:
         """The stream (the caller's `tasks`, else the config's), its head, and a model spec as wide as
         the head."""
-        from fipray.data import DataBundle
-
         if tasks is not None and not isinstance(tasks, TaskStream):
             raise ConfigError(f"tasks= must be a fipray.data.streams.TaskStream (class_split, datasets_stream, "
                               f"domain_stream), got {type(tasks).__name__}")
@@ -522,7 +297,7 @@ class Continual(Operation):
         cfg = ctx.cfg
         tasks = _tasks(ctx, seed)
         base = ctx.model(seed)
-        rand = _random_rows(base, tasks)
+        rand = random_rows(base, tasks)
         t0 = time.perf_counter()
         self.prepare_base(ctx, base, tasks, seed)
         base_seconds = time.perf_counter() - t0
@@ -538,12 +313,12 @@ class Continual(Operation):
             model = clone(base)
             phases, extra = method_phases(method, tasks, cfg, seed)
             fip = method == "fip"
-            snap = _Snapshots(n_params, cfg.continual.pca_coordinates, extra.get("weights"))
+            snap = WeightSnapshots(n_params, cfg.continual.pca_coordinates, extra.get("weights") or flat_trainable)
             if start is None:
                 start = snap.take(model)
             along = accuracy_along_path(tasks) if fip else None
 
-            def evaluate(m: nn.Module, along: Any = along, snap: _Snapshots = snap) -> dict:
+            def evaluate(m: nn.Module, along: Any = along, snap: WeightSnapshots = snap) -> dict:
                 return {**snap(m), **(along(m) if along is not None else {})}
 
             t0 = time.perf_counter()
@@ -556,12 +331,14 @@ class Continual(Operation):
                                      for k, v in weight_change(w0, model).items()]
             snaps[method] = snap.rows
             R_rows = {0: row0, **{i: res.phase_results[f"task{i}"] for i in range(1, len(tasks))}}
-            results, matrices = _method_rows(method, seed, R_rows, rand, cfg, seconds)
+            results, matrices = result_rows(R_rows, rand, {"method": method, "seed": seed},
+                                            {"memory_per_task": cfg.continual.memory_per_task,
+                                             "distance": cfg.path.distance, "seconds": seconds})
             out["results"] += results
             out["accuracy_matrix"] += matrices
         if seed == cfg.seeds[0] and start is not None:
             out["pca"] = [{"method": m, "k": k, "pc1": float(x), "pc2": float(y)}
-                          for m, xy in _pca(snaps, start).items() for k, (x, y) in enumerate(xy)]
+                          for m, xy in weight_pca(snaps, start).items() for k, (x, y) in enumerate(xy)]
         return out
 
     @staticmethod
@@ -578,20 +355,9 @@ class Continual(Operation):
                     "fwt_mean": mean_std([r["fwt"] for r in sel])[0],
                     "seconds": float(np.mean([r["seconds"] for r in sel]))}
 
-        def last_row(method: str) -> list[float]:
-            T = len(stream)
-            R = [r for r in rows["accuracy_matrix"] if r["method"] == method and r["setting"] == "task"
-                 and r["i"] == T - 1]
-            return [float(np.mean([r["acc"] for r in R if r["j"] == j])) for j in range(T)]
-
         def geometry(method: str) -> dict:
             sel = [g for g in rows["geometry"] if g["method"] == method]
             return {k: float(np.mean([g[k] for g in sel])) for k in sel[0] if k not in ("method", "seed")}
-
-        def change(method: str) -> dict:
-            sel = [r for r in rows["weight_change"] if r["method"] == method]
-            layers = list(dict.fromkeys(r["layer"] for r in sel))
-            return {k: float(np.mean([r["ratio"] for r in sel if r["layer"] == k])) for k in layers}
 
         setting = cfg.continual.setting
         other = "task" if setting == "class" else "class"
@@ -601,8 +367,9 @@ class Continual(Operation):
             "distance": cfg.path.distance, "seeds": list(cfg.seeds), "num_tasks": len(stream),
             "base": cfg.continual.base,
             "methods": {m: {**agg(m, setting), f"{other}_incremental": agg(m, other),
-                            "final_task_accuracy": last_row(m), "path": geometry(m),
-                            "weight_change": change(m)} for m in methods},
+                            "final_task_accuracy": final_row(rows["accuracy_matrix"], m, len(stream)),
+                            "path": geometry(m), "weight_change": mean_weight_change(rows["weight_change"], m)}
+                        for m in methods},
             "fip_path": geometry("fip"),
         }
 
@@ -633,15 +400,12 @@ class Continual(Operation):
 
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
-        import dataclasses
-
         tasks = all_tasks = _tasks(ctx, seed)
-        if world > 1:  # each rank its own shard of the new tasks' data
-            if any(t.x_train is None or t.y_train is None for t in tasks):
-                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory task data; "
-                                  "data.stream: true is not supported there yet")
-            tasks = [dataclasses.replace(t, x_train=typing.cast(Tensor, t.x_train)[rank::world],
-                                         y_train=typing.cast(Tensor, t.y_train)[rank::world]) for t in tasks]
+        if world > 1:  # each rank its own shard of the new tasks' data (streamed data: the one ConfigError)
+            tasks = []
+            for t in all_tasks:
+                x, y = shard(t.x_train, t.y_train, rank=rank, world=world, streamed=ctx.cfg.data.stream)
+                tasks.append(dataclasses.replace(t, x_train=x, y_train=y))
         heldout = torch.cat([t.x_test for t in all_tasks])[: ctx.cfg.path.heldout]
         return fip_continual_phases(tasks, ctx.cfg, seed), {"heldout": heldout,
                                                             "evaluate": accuracy_along_path(all_tasks)}
@@ -661,7 +425,7 @@ class Continual(Operation):
         for seed in cfg.seeds:
             tasks = _tasks(ctx, seed)
             base = ctx.model(seed)
-            rand = [task_accuracy(base, t.x_test, t.y_test, seen_classes(tasks, j)) for j, t in enumerate(tasks)]
+            rand = random_rows(base, tasks)["class"]
             self.prepare_base(ctx, base, tasks, seed)
             rows = {0: evaluate_row(base, tasks, 0)}
 
@@ -671,9 +435,7 @@ class Continual(Operation):
                     return
                 i = int(payload["phase"][len("task"):])
                 rows[i] = payload
-                R = np.array([rows[r]["class"][: i + 1] for r in range(i + 1)])
-                cur = {"class": float(np.mean(R[i])), "task": float(np.mean(rows[i]["task"][: i + 1])),
-                       "bwt": cl_metrics(R, np.array(rand[: i + 1]))["bwt"]}
+                cur = metrics_so_far(rows, rand, i)
                 m = {k: float(np.mean(done[k] + [v])) for k, v in cur.items()}
                 report({"acc_mean": m["class"], "task_acc_mean": m["task"], "bwt_mean": m["bwt"],
                         "seed": seed, "task": i})

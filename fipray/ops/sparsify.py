@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from fipray import report
+from fipray.baselines.sparsify import SPARSIFY_BASELINES, finetune_steps
 from fipray.config import Config, ConfigError, knob
+from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks, projection_loss
 from fipray.core.step import Anchor
 from fipray.data.stream import Examples, TensorExamples
 from fipray.eval.predict import accuracy
@@ -35,12 +36,6 @@ from fipray.phases import fip_phase, streamed_logits
 from fipray.runtime import RunContext, clone, mean_std, path_summary, train_base, write_outputs
 
 
-def _baselines() -> list[str]:
-    from fipray.baselines.sparsify import SPARSIFY_BASELINES
-
-    return SPARSIFY_BASELINES.names()
-
-
 @dataclass(frozen=True)
 class SparsifyConfig:
     """Path to the p-sparse submanifold (paper Algorithm 2), then a masked invariance phase."""
@@ -48,7 +43,7 @@ class SparsifyConfig:
     targets: tuple[float, ...] = knob((0.5, 0.8, 0.9), gt=0, lt=1, nonempty=True)
     exclude_head: bool = False  # the classifier head counts unless this is set (PROTOCOLS.md)
     invariance_steps: int = knob(200, ge=0)
-    baselines: tuple[str, ...] = knob(("magnitude", "magnitude_ft"), choices=_baselines)
+    baselines: tuple[str, ...] = knob(("magnitude", "magnitude_ft"), choices=SPARSIFY_BASELINES.names)
     # Glob patterns over parameter names selecting which Linear/Conv weights count, e.g.
     # ["model.bert.encoder.*"] (a HF BERT's encoder Linears, not pooler/head); empty = all of them.
     include: tuple[str, ...] = knob(())
@@ -74,43 +69,6 @@ def counted(model: nn.Module, exclude_head: bool = False, include: tuple[str, ..
     if not names:
         raise ValueError(f"{type(model).__name__} has no Linear/Conv weights to sparsify")
     return names
-
-
-def counted_tensors(model: nn.Module, names: list[str]) -> list[Tensor]:
-    params = dict(model.named_parameters())
-    return [params[n] for n in names]
-
-
-def keep_count(total: int, p: float) -> int:
-    """How many weights survive at sparsity p: N − round(p·N), so the sparsity is within 1/(2N) of p."""
-    return total - int(round(p * total))
-
-
-@torch.no_grad()
-def magnitude_masks(tensors: list[Tensor], p: float) -> list[Tensor]:
-    """Boolean keep-masks with exactly keep_count(N, p) True entries: the largest |w| globally."""
-    flat = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
-    k = keep_count(flat.numel(), p)
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        keep[torch.topk(flat, k, sorted=False).indices] = True
-    out, i = [], 0
-    for t in tensors:
-        out.append(keep[i:i + t.numel()].view_as(t))
-        i += t.numel()
-    return out
-
-
-@torch.no_grad()
-def apply_masks(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    for t, m in zip(tensors, masks):
-        t.mul_(m)
-
-
-def projection_loss(tensors: list[Tensor], p: float) -> Tensor:
-    """‖w − project_p(w)‖² = Σ w² over the weights the projection would zero (mask detached)."""
-    masks = magnitude_masks(tensors, p)
-    return sum(((~m) * t).pow(2).sum() for t, m in zip(tensors, masks))  # type: ignore[return-value]
 
 
 def fip_sparsify_phases(x_mem: Tensor | Examples, dense_anchor: Anchor | Tensor, p: float, cfg: Config, seed: int,
@@ -173,8 +131,6 @@ class Sparsify(Operation):
 
     # The experiment -------------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
-        from fipray.baselines.sparsify import finetune_steps
-
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
         methods = ["fip", *sc.baselines]
         per_p = cfg.path.steps + sc.invariance_steps + finetune_steps(cfg) * len({"magnitude_ft", "imp"} & set(methods))
@@ -210,8 +166,6 @@ class Sparsify(Operation):
                     out["path"] += [{"seed": seed, "target": p, **r} for r in res.records]
                     out["geometry"].append((f"{p:g}", path_summary(res.records)))
                 else:
-                    from fipray.baselines.sparsify import SPARSIFY_BASELINES
-
                     SPARSIFY_BASELINES.get(method)(model, names, p, xtr, ytr, cfg, seed, progress=ctx.bar)
                 out["results"].append({"method": method, "seed": seed, "target": p,
                                        "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
@@ -243,8 +197,6 @@ class Sparsify(Operation):
 
     @staticmethod
     def report(ctx: RunContext, summary: dict, methods: list[str], rows: dict[str, list]) -> None:
-        from fipray.baselines.sparsify import finetune_steps
-
         cfg, out, sc = ctx.cfg, ctx.out, ctx.cfg.sparsify
         assert out is not None
         per_method = summary["methods"]
@@ -278,13 +230,11 @@ class Sparsify(Operation):
         names = counted(model, cfg.sparsify.exclude_head, cfg.sparsify.include)  # as the (wrapped) model has them
         p = max(cfg.sparsify.targets)
         if cfg.data.stream:  # streamed memory: w0's logits on every item, inputs read per memory batch
-            if world > 1:
-                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory data; data.stream: true is "
-                                  "not supported there yet")
+            ctx.rank_shard(rank=rank, world=world)  # DDP ranks cannot split streamed data: the one ConfigError
             phases = fip_sparsify_phases(ctx.train_data(), streamed_logits(model, ctx.train_data()), p, cfg, seed,
                                          names)
         else:
-            xs = ctx.train_tensors()[0][rank::world]
+            (xs,) = ctx.rank_shard(ctx.train_tensors()[0], rank=rank, world=world)
             phases = fip_sparsify_phases(xs, Anchor.from_model(model, xs), p, cfg, seed, names)
         xte, yte = ctx.test_tensors()
         return phases, {"heldout": xte[: cfg.path.heldout], "evaluate": _evaluator(xte, yte, names)}

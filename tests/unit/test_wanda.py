@@ -19,10 +19,11 @@ from fipray.baselines.sparsify import (
     wanda_masks,
 )
 from fipray.config import ConfigError, load_config
+from fipray.core.masks import counted_tensors, keep_count, magnitude_masks
 from fipray.eval.predict import accuracy
 from fipray.eval.sparsity import counted_parameters, sparsity
 from fipray.experiments import run_experiment
-from fipray.ops.sparsify import counted, counted_tensors, keep_count, magnitude_masks
+from fipray.ops.sparsify import counted
 from fipray.runtime import build_model, tensors, train_base
 
 CPU = torch.device("cpu")

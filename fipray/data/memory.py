@@ -1,0 +1,143 @@
+"""Task tensors and replay memories: a task stream materialised on the run's device.
+
+`materialise` turns a `fipray.data.streams.TaskStream` into one `TaskTensors` per task: its training
+split (tensors, or `Examples` streamed as needed), its test split, its output columns under the
+stream's head (`fipray.heads`) and its replay memory, a stratified sample of its training examples
+(`fipray.data.tasks.stratified_indices`). The continual operation, its baselines (ER and DER++ replay
+the same memory FIP keeps invariant on) and the compose operation all read tasks through this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from fipray.data.batches import mix_seed
+from fipray.data.core import as_tensors, dataset_labels
+from fipray.data.stream import Examples, TensorExamples
+from fipray.data.streams import MappedDataset, TaskStream
+from fipray.data.tasks import stratified_indices
+from fipray.heads import Head
+
+
+@dataclass(frozen=True)
+class TaskTensors:
+    """One task of a stream, materialised on the run's device.
+
+    x_* are (N, *input_shape), y_* are (N,) output columns (labels mapped by the head; a shared head keeps
+    labels as they are); mem_* is the replay memory (taken from the training examples at `mem_idx`).
+    With streamed data (`data.stream`) the training split is `train` (Examples loaded as needed) and
+    x_train, y_train are None; the test split and the memory stay in memory. `classes` are the task's
+    output columns; `head` is the stream's head layout.
+    """
+
+    index: int
+    classes: tuple[int, ...]
+    x_train: Tensor | None
+    y_train: Tensor | None
+    x_test: Tensor
+    y_test: Tensor
+    x_mem: Tensor
+    y_mem: Tensor
+    train: Examples | None = None
+    mem_idx: Tensor | None = None
+    head: Head | None = None
+    name: str = ""
+    dataset: Dataset | None = None  # streamed: the task's training set as the network sees it
+
+    @property
+    def train_data(self) -> Examples:
+        """The training split as batches: the streamed Examples, or the in-memory tensors."""
+        if self.train is not None:
+            return self.train
+        assert self.x_train is not None and self.y_train is not None
+        return TensorExamples(self.x_train, self.y_train)
+
+    def __len__(self) -> int:
+        return len(self.train_data)
+
+
+def head_of(tasks: list[TaskTensors]) -> Head:
+    """The head of a stream's tasks (a shared head over their classes when none was recorded)."""
+    h = tasks[0].head
+    if h is not None:
+        return h
+    width = 1 + max(c for t in tasks for c in t.classes)
+    return Head("shared", tuple(t.classes for t in tasks), width)
+
+
+def memory_upto(tasks: list[TaskTensors], i: int) -> tuple[Tensor, Tensor]:
+    """Replay memory of tasks 0..i−1: (M, ...) inputs and (M,) labels."""
+    return torch.cat([t.x_mem for t in tasks[:i]]), torch.cat([t.y_mem for t in tasks[:i]])
+
+
+def _relabel(y: Tensor, column: dict[int, int]) -> Tensor:
+    """Labels mapped to output columns by `column` (label -> column).
+
+    Raises:
+        ValueError: a label is not among the keys of `column` (not one of the task's classes).
+    """
+    lookup = torch.full((max(column) + 1,), -1, dtype=torch.long, device=y.device)
+    lookup[torch.tensor(list(column), device=y.device)] = torch.tensor(list(column.values()), device=y.device)
+    out = lookup[y]
+    if (out < 0).any():
+        raise ValueError(f"labels {sorted(set(y[out < 0].tolist()))[:10]} are not among the task's classes")
+    return out
+
+
+def _transformed(x: Tensor, tf: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """A domain task's inputs: `tf` applied in batches of 512 (None: `x` as it is)."""
+    if tf is None:
+        return x
+    return torch.cat([tf(x[i:i + 512]) for i in range(0, len(x), 512)])
+
+
+def _split(ds: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
+    x, y = as_tensors(ds)
+    return x.to(device), y.to(device).long()
+
+
+def materialise(stream: TaskStream, head: Head, columns: list[dict[int, int]], device: torch.device, seed: int,
+                memory_per_task: int, *, streamed: Callable[[Dataset], Examples] | None = None) -> list[TaskTensors]:
+    """The tasks of `stream` on `device` with their replay memories, labels mapped to the head's columns.
+
+    Args:
+        head, columns: the stream's head and, per task, its label -> output column map (`Head.build`).
+        seed: the run's seed; task i's memory is `stratified_indices` with seed `mix_seed(seed, 5, i)`.
+        memory_per_task: replay examples drawn from each task's training split.
+        streamed: with streamed data, makes a task's training `Examples` from its dataset as the network
+            sees it (labels mapped, domain transform applied); None: training splits as tensors.
+
+    Raises:
+        ValueError: `memory_per_task` exceeds a task's training examples, or a label is not one of its task's classes.
+    """
+    tasks = []
+    for i, t in enumerate(stream.tasks):
+        train: Examples
+        dataset = None
+        if streamed is not None:
+            dataset = MappedDataset(t.train, columns[i], t.transform)
+            train = streamed(dataset)
+            ytr = _relabel(dataset_labels(t.train).to(device), columns[i])
+        else:
+            xtr, ytr = _split(t.train, device)
+            ytr = _relabel(ytr, columns[i])
+            train = TensorExamples(_transformed(xtr, t.transform), ytr)
+        xte, yte = _split(t.test, device)
+        xte, yte = _transformed(xte, t.transform), _relabel(yte, columns[i])
+        if memory_per_task > len(ytr):
+            raise ValueError(f"memory_per_task {memory_per_task} exceeds the {len(ytr)} training examples "
+                             f"of task {i}")
+        mem = stratified_indices(ytr, memory_per_task, mix_seed(seed, 5, i))
+        x_mem, y_mem = train.take(mem)  # the replay memory: training examples by index
+        common: dict[str, Any] = dict(mem_idx=mem, head=head, name=t.name, dataset=dataset)
+        if isinstance(train, TensorExamples):
+            tasks.append(TaskTensors(i, head.blocks[i], train.x, train.y, xte, yte, x_mem, y_mem, None, **common))
+        else:
+            tasks.append(TaskTensors(i, head.blocks[i], None, None, xte, yte, x_mem, y_mem, train, **common))
+    return tasks
