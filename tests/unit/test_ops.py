@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from fipray.config import load_config
 from fipray.core.distances import bhattacharyya
 from fipray.core.step import Anchor
+from fipray.deployment import fgsm_output_shift, select_members
 from fipray.eval.sparsity import sparsity
-from fipray.ops.ensemble import fgsm_output_shift, select_members, undirected_phase
+from fipray.ops.ensemble import undirected_phase
 from fipray.ops.sparsify import (
     counted,
     counted_tensors,
