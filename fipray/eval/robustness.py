@@ -170,7 +170,8 @@ def robustness_curve(
             (:func:`craft_transfer`), adding a ``transfer_<name>`` column per name.
         autoattack_examples: AutoAttack on the first this many examples only (0: all); the row's
             ``autoattack_n`` says how many.
-        autoattack_version: ``"standard"`` or ``"apgd"`` (its APGD-CE and APGD-T only; see :func:`fipray.eval.attacks.auto_attack`).
+        autoattack_version: ``"standard"`` or ``"apgd"`` (its APGD-CE and APGD-T only; see
+            :func:`fipray.eval.attacks.auto_attack`).
 
     Returns:
         One row per ε, in the given order: ``{"eps", "clean", "whitebox", "transfer", "autoattack",

@@ -8,8 +8,12 @@ components of the kick along directions that change the function are undone, com
 Optionally β weights a diversity objective: the cosine similarity between the input-gradient
 of the network's loss and that of w0 (the "coherence" the paper links to robustness).
 
-Networks are sampled every k steps; `select_members` keeps the N samples whose outputs move
-least under an FGSM perturbation of the inputs (the δ rule).
+Networks are sampled every k steps; `select_members` (`fipray.deployment`) keeps the N samples whose
+outputs move least under an FGSM perturbation of the inputs (the δ rule).
+
+Here: the section, the walk, the experiment's rows (each deployed model's evaluation and the review's
+measurements), the FIP paths and the sweep trial. The summary, report.md and the review's tables and goals:
+`fipray.ops.ensemble_report`; the deployed-model type, selection and budgets: `fipray.deployment`.
 
 Protocol (shared/PROTOCOLS.md), against the baselines of `fipray.baselines.ensemble` (a deep ensemble,
 the base network): inputs in [0, 1]; ensembles are attacked through their log(mean softmax) head with

@@ -18,14 +18,16 @@ path's earlier samples, the `diversity_window` most recent), weighted by `divers
   on the PGD examples (ADP-style): members whose errors differ are not all fooled by one perturbation.
 
 Networks are sampled every `ensemble.sample_every` steps; with `robust.paths` > 1 the experiment runs
-that many paths from one w0 (seeds mix_seed(seed, 14, p)) and the δ rule of `fipray.ops.ensemble`
+that many paths from one w0 (seeds mix_seed(seed, 14, p)) and the δ rule of `fipray.deployment`
 picks `ensemble.members` of the union, saved as an ordinary ensemble folder (`fipray serve` / `attack`).
 
 The experiment is the ensemble comparison (`fipray.ops.ensemble`) with this FIP: `fipray robust` and
 `fipray ensemble` with `ensemble.fip: robust` run the same thing (this module registers "robust" among
 the ensemble operation's FIP methods). Cost is counted in gradient evaluations: forward+backward passes
 over one minibatch of `path.batch_size` examples (memory batches pro rata), attack steps included, and a
-forward-only pass of an earlier member (disagreement) counted as a whole one (an over-count).
+forward-only pass of an earlier member (disagreement) counted as a whole one (an over-count); the counts, the
+`robust:` section (`RobustConfig`, registered here) and the training attack live in `fipray.deployment`, which
+the compute-matched baselines (`fipray.baselines.ensemble`) read too.
 """
 
 from __future__ import annotations
@@ -225,7 +227,7 @@ class Robust(Operation):
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "ensemble.members=2", "ensemble.sample_every=10",
              "ensemble.pgd_steps=2", "ensemble.eval_examples=40", "ensemble.autoattack=false",
              "path.record_every=10", "path.checkpoint_every=10", "robust.attack_steps=1", "robust.paths=1",
-             "robust.sample_from=0")
+             "robust.sample_from=0", "path.memory_batch_size=32")
     supports_paths = True
 
     def run(self, ctx: RunContext) -> dict:
