@@ -1,8 +1,8 @@
 """The public runtime every operation, unit and command builds on.
 
-Device, data loading, model building, base training, accuracy, the output folder, progress, result
-files, and `RunContext` (what an operation's run gets: config, device, data, model spec, output folder,
-progress). Nothing here knows which operations exist; it imports only the layers below it.
+Device, data loading, model building, base training (and networks trained like w0), accuracy, the output
+folder, progress, result files, and `RunContext` (what an operation's run gets: config, device, data, model
+spec, output folder, progress). Nothing here knows which operations exist; it imports only the layers below it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, save_config
+from fipray.data.batches import mix_seed
 from fipray.path import PathResult, run_path
 from fipray.phases import supervised_phase
 
@@ -73,6 +74,18 @@ def train_base(model: nn.Module, x: Any, y: Tensor | None, cfg: Config, seed: in
     """
     return run_path(model, [supervised_phase(name, x, y, cfg.train, seed)],
                     record_every=max(cfg.train.steps, 1), checkpoint_every=10**9, progress=progress)
+
+
+def trained_like_w0(ctx: RunContext, seed: int, tag: int, count: int) -> list[nn.Module]:
+    """`count` networks trained like w0 (`train_base` on the training split), member k from seed
+    mix_seed(seed, tag, k) (its initialisation and batch order); in eval mode."""
+    members = []
+    for k in range(count):
+        ms = mix_seed(seed, tag, k)
+        m = ctx.model(ms)
+        train_base(m, ctx.train_data(), None, ctx.cfg, ms, progress=ctx.bar)
+        members.append(m.eval())
+    return members
 
 
 def clone(model: nn.Module) -> nn.Module:

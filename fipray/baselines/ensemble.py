@@ -3,25 +3,29 @@ robust FIP's compute-matched baselines: fast geometric ensembling (cyclic learni
 adversarial training of one network, and an adversarially trained deep ensemble.
 
 Each is `(ctx, base, seed, base_seconds) -> Deployed` (the model to attack, its members, its compute),
-registered by the name `ensemble.baselines` uses.
+registered by the name `ensemble.baselines` uses. Their training runs through `run_path` like FIP's: the deep
+ensemble's members train like w0 (`fipray.runtime.trained_like_w0`), PGD-AT and FGE are phases of their own
+(`adversarial_phase`, `fge_phase`). The budgets they are matched to come from `fipray.deployment`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fipray.config import Config
+from fipray.core.step import StepOutput
 from fipray.data.batches import mix_seed
+from fipray.deployment import Deployed, attack_args, fip_budget
 from fipray.ensemble import Ensemble
-from fipray.ops.ensemble import Deployed, trained_like_w0
+from fipray.eval.attacks import pgd_examples
 from fipray.optim import make_optimizer
+from fipray.path import Phase, PhaseState, run_path
+from fipray.phases import phase_tag, seeded_randomness
 from fipray.registry import Registry
-from fipray.runtime import RunContext, clone
+from fipray.runtime import RunContext, clone, trained_like_w0
 
 ENSEMBLE_BASELINES: Registry = Registry("ensemble baseline")
 
@@ -31,7 +35,7 @@ def _deep_members(ctx: RunContext, seed: int) -> tuple[list[nn.Module], float]:
     deep ensemble starts from copies of the same networks (and is charged their cost)."""
     def train() -> tuple[list[nn.Module], float]:
         t0 = time.perf_counter()
-        members = trained_like_w0(ctx, seed, 7)
+        members = trained_like_w0(ctx, seed, 7, ctx.cfg.ensemble.members)
         return members, time.perf_counter() - t0
 
     return ctx.memo(f"deep_members/{seed}", train)
@@ -51,36 +55,34 @@ def base_network(ctx: RunContext, base: nn.Module, seed: int, base_seconds: floa
 
 
 # Compute-matched baselines of the robust FIP (`fipray.ops.robust`) --------------------------------------------
-def fip_budget(cfg: Config) -> int:
-    """Gradient evaluations after w0 that the robust FIP ensemble spends (its paths and the δ rule), or
-    `robust.at_evals` when set: the budget PGD-AT and the adversarial deep ensemble get."""
-    from fipray.ops.robust import candidates_per_path, path_evals
+def adversarial_phase(ctx: RunContext, seed: int, steps: int, name: str = "pgd_at") -> Phase:
+    """PGD adversarial training (Madry et al.): `steps` updates of cross-entropy on PGD examples crafted
+    against the current weights (the robust FIP's attack, `fipray.deployment.attack_args`), with the training
+    recipe's optimizer and learning rate (or `robust.at_lr`), in train mode. Batch t is batch t of the
+    stream mix_seed(seed, 16); its attack's random start draws from mix_seed(seed, 17, t)."""
+    cfg = ctx.cfg
+    source = ctx.train_data().batches(cfg.train.batch_size, mix_seed(seed, 16))
+    attack = attack_args(cfg.robust)
+    lr = cfg.robust.at_lr or cfg.train.lr
 
-    if cfg.robust.at_evals:
-        return cfg.robust.at_evals
-    candidates = cfg.robust.paths * candidates_per_path(cfg)
-    return cfg.robust.paths * path_evals(cfg) + candidates * math.ceil(256 / cfg.path.batch_size)
+    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
+        with seeded_randomness(model, mix_seed(seed, 8, phase_tag(name), t)):
+            xb, yb = source.batch(t)
+            gen = torch.Generator().manual_seed(mix_seed(seed, 17, t))
+            loss = F.cross_entropy(model(pgd_examples(model, xb, yb, **attack, generator=gen)), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return StepOutput(loss.detach(), torch.zeros((), device=loss.device), loss.detach())
+
+    return Phase(name=name, steps=steps, step=step, train_mode=True,
+                 optimizer=lambda m: make_optimizer(cfg.train.optimizer, m.parameters(), lr, cfg.train.weight_decay))
 
 
 def adversarial_training(ctx: RunContext, model: nn.Module, seed: int, steps: int) -> nn.Module:
-    """PGD adversarial training (Madry et al.): `steps` updates of cross-entropy on PGD examples crafted
-    against the current weights (the robust FIP's attack: `robust.train_eps`, `attack_steps`, `step_size`),
-    with the training recipe's optimizer and learning rate (or `robust.at_lr`), in train mode. Returns the model in eval mode."""
-    from fipray.ops.robust import pgd_examples
-
-    cfg = ctx.cfg
-    source = ctx.train_data().batches(cfg.train.batch_size, mix_seed(seed, 16))
-    lr = cfg.robust.at_lr or cfg.train.lr
-    opt = make_optimizer(cfg.train.optimizer, model.parameters(), lr, cfg.train.weight_decay)
-    model.train()
-    for t in range(steps):
-        xb, yb = source.batch(t)
-        x_adv = pgd_examples(model, xb, yb, cfg.robust, torch.Generator().manual_seed(mix_seed(seed, 17, t)))
-        loss = F.cross_entropy(model(x_adv), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
+    """`model` after `adversarial_phase` (updated in place, through `run_path`), in eval mode."""
+    run_path(model, [adversarial_phase(ctx, seed, steps)], record_every=max(steps, 1), checkpoint_every=10**9)
+    return model
 
 
 @ENSEMBLE_BASELINES.register("pgd_at")
@@ -120,27 +122,44 @@ def fge_lr(i: int, cycle: int, lr_max: float) -> float:
     return (1 - 2 * t) * lr_max + 2 * t * lo if t <= 0.5 else (2 - 2 * t) * lo + (2 * t - 1) * lr_max
 
 
-@ENSEMBLE_BASELINES.register("fge")
-def fast_geometric_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float) -> Deployed:
-    """Fast geometric ensembling from w0: SGD (momentum 0.9) with a cyclic learning rate (`robust.fge_cycle`
-    steps, largest `robust.fge_lr`), one network taken at the lowest rate of each of `ensemble.members` cycles
-    (one training run: its cost is w0's plus members × cycle steps)."""
+def fge_phase(ctx: RunContext, seed: int, name: str = "fge") -> Phase:
+    """Fast geometric ensembling's run: SGD (momentum 0.9) on cross-entropy with the cyclic rate `fge_lr`
+    (`robust.fge_cycle` steps, largest `robust.fge_lr`) for `ensemble.members` cycles, in train mode, batch t
+    from the stream mix_seed(seed, 18). The weights at each cycle's lowest rate are kept in the phase state;
+    its result's "members" lists them."""
     cfg, rc = ctx.cfg, ctx.cfg.robust
     k, c = cfg.ensemble.members, rc.fge_cycle
-    t0 = time.perf_counter()
-    m = clone(base).train()
-    opt = torch.optim.SGD(m.parameters(), lr=rc.fge_lr, momentum=0.9)
     source = ctx.train_data().batches(cfg.train.batch_size, mix_seed(seed, 18))
-    members = []
-    for i in range(k * c):
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         for group in opt.param_groups:
-            group["lr"] = fge_lr(i, c, rc.fge_lr)
-        xb, yb = source.batch(i)
-        loss = F.cross_entropy(m(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i % c + 1 == c // 2:  # mid-cycle: the lowest learning rate
-            members.append(clone(m).eval())
-    return Deployed(Ensemble(members), members, base_seconds + time.perf_counter() - t0,
-                    cfg.train.steps + k * c)
+            group["lr"] = fge_lr(t, c, rc.fge_lr)
+        with seeded_randomness(model, mix_seed(seed, 8, phase_tag(name), t)):
+            xb, yb = source.batch(t)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if t % c + 1 == c // 2:  # mid-cycle: the lowest learning rate
+            state["members"].append({n: v.detach().clone() for n, v in model.state_dict().items()})
+        return StepOutput(loss.detach(), torch.zeros((), device=loss.device), loss.detach())
+
+    return Phase(name=name, steps=k * c, step=step, train_mode=True, prepare=lambda m: {"members": []},
+                 optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=rc.fge_lr, momentum=0.9),
+                 finish=lambda m, state: {"members": state["members"]})
+
+
+@ENSEMBLE_BASELINES.register("fge")
+def fast_geometric_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float) -> Deployed:
+    """Fast geometric ensembling from w0 (`fge_phase`): one network taken at the lowest rate of each of
+    `ensemble.members` cycles (one training run: its cost is w0's plus members × cycle steps)."""
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    steps = cfg.ensemble.members * cfg.robust.fge_cycle
+    res = run_path(clone(base), [fge_phase(ctx, seed)], record_every=steps, checkpoint_every=10**9)
+    members = []
+    for state in res.phase_results["fge"]["members"]:
+        m = clone(base)
+        m.load_state_dict(state)
+        members.append(m.eval())
+    return Deployed(Ensemble(members), members, base_seconds + time.perf_counter() - t0, cfg.train.steps + steps)

@@ -1,4 +1,6 @@
-"""White-box and transfer robustness with torchattacks, an ε curve, and the protocol's sanity flags.
+"""Robustness measurements: white-box and transfer accuracy, an ε curve, transfer matrices, the protocol's sanity flags.
+
+The attacks themselves (PGD, FGSM, AutoAttack through torchattacks) live in :mod:`fipray.eval.attacks`.
 
 Attacked models must return logits or log-probabilities (the :class:`~fipray.ensemble.Ensemble`
 log-mean-softmax head qualifies): torchattacks applies cross-entropy to the output, which is exact
@@ -16,6 +18,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+# fgsm_attack: re-exported for `fipray.eval`'s package namespace (which imports it from here) until it
+# imports it from `fipray.eval.attacks`.
+from fipray.eval.attacks import auto_attack, fgsm_attack, pgd_attack  # noqa: F401
 from fipray.eval.predict import (
     accuracy,
     check_batch,
@@ -26,22 +31,6 @@ from fipray.eval.predict import (
     model_device,
     predictions,
 )
-
-
-def _check_attack_args(x: Tensor, y: Tensor, eps: float) -> None:
-    check_batch(x, y)
-    check_unit_range(x)
-    if not eps >= 0:  # also rejects NaN
-        raise ValueError(f"eps must be >= 0, got {eps}")
-
-
-def _run_attack(attack, model: nn.Module, x: Tensor, y: Tensor, seed: int) -> Tensor:
-    # torchattacks draws its random start from torch's global RNGs: fork them (restored on exit) and
-    # seed the fork. Our eval_mode rather than torchattacks' own switch restores per-submodule flags.
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), eval_mode(model):
-        torch.manual_seed(seed)
-        return attack(x, y).detach()
 
 
 def _adv_correct(
@@ -142,118 +131,6 @@ def transfer_matrix(
     return rows
 
 
-def pgd_attack(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    steps: int = 20,
-    alpha: float | None = None,
-    random_start: bool = True,
-    seed: int = 0,
-) -> Tensor:
-    """L∞ projected gradient descent (torchattacks.PGD) on ``model`` itself.
-
-    Args:
-        model: Maps ``(B, *input_shape)`` in [0, 1] to logits or log-probabilities ``(B, C)``.
-        x: Clean inputs ``(N, *input_shape)`` in [0, 1].
-        y: True labels ``(N,)``.
-        eps: L∞ radius; 0 returns a copy of ``x``.
-        steps: Gradient steps (the protocol asks for >= 20).
-        alpha: Step size; default ``2.5 * eps / steps`` so the iterate can cross the whole ball.
-        random_start: Start from a uniform point in the ball.
-        seed: Seed of the random start (global RNG state is saved and restored around the attack).
-
-    Returns:
-        Adversarial inputs ``(N, *input_shape)`` in [0, 1] with ``|x_adv - x|_∞ <= eps``, on the model's device.
-
-    Raises:
-        ValueError: inputs outside [0, 1], negative ``eps``, ``steps < 1``, or mismatched ``x``/``y``.
-    """
-    import torchattacks
-
-    _check_attack_args(x, y, eps)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if eps == 0:
-        return x.detach().clone().to(model_device(model, x.device))
-    alpha = 2.5 * eps / steps if alpha is None else alpha
-    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
-    return _run_attack(attack, model, x, y, seed)
-
-
-def fgsm_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
-    """Single-step L∞ fast gradient sign attack (torchattacks.FGSM); deterministic, so no seed.
-
-    Args:
-        model: Maps ``(B, *input_shape)`` in [0, 1] to logits or log-probabilities ``(B, C)``.
-        x: Clean inputs ``(N, *input_shape)`` in [0, 1].
-        y: True labels ``(N,)``.
-        eps: L∞ radius; 0 returns a copy of ``x``.
-
-    Returns:
-        Adversarial inputs ``(N, *input_shape)`` in [0, 1], on the model's device.
-    """
-    import torchattacks
-
-    _check_attack_args(x, y, eps)
-    if eps == 0:
-        return x.detach().clone().to(model_device(model, x.device))
-    return _run_attack(torchattacks.FGSM(model, eps=eps), model, x, y, seed=0)
-
-
-class _AsImage(nn.Module):
-    """Presents inputs of any per-example shape to ``model`` as images ``(N, 1, 1, D)``.
-
-    torchattacks' APGD/FAB/Square assume 4-D image batches; reshaping leaves an L∞ ball unchanged.
-    """
-
-    def __init__(self, model: nn.Module, shape: Sequence[int]):
-        super().__init__()
-        self.model, self.shape = model, tuple(shape)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.reshape(x.shape[0], *self.shape))
-
-
-AUTOATTACK_VERSIONS = ("standard", "apgd")
-
-
-def _autoattack(
-    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, num_classes: int, seed: int, version: str = "standard"
-) -> Tensor:
-    """torchattacks' AutoAttack at L∞ radius ``eps``.
-
-    ``version="standard"``: torchattacks' standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square with 5000
-    queries). ``"apgd"``: its two gradient attacks only, built exactly as the standard version builds them
-    (APGD-CE and APGD-T, one restart each), without FAB-T and Square — the black-box Square attack is what
-    catches gradient masking, and also what makes the standard version cost minutes per ε on a CPU.
-    """
-    import torchattacks
-
-    if version not in AUTOATTACK_VERSIONS:
-        raise ValueError(f"AutoAttack version {version!r}: expected one of {AUTOATTACK_VERSIONS}")
-    if eps == 0:
-        return x.detach().clone().to(model_device(model, x.device))
-    if x.ndim != 4:
-        wrapped = _AsImage(model, x.shape[1:])
-        adv = _autoattack(
-            wrapped, x.reshape(x.shape[0], 1, 1, -1), y, eps=eps, num_classes=num_classes, seed=seed,
-            version=version,
-        )
-        return adv.reshape(x.shape)
-    if version == "apgd":
-        attack = torchattacks.MultiAttack([
-            torchattacks.APGD(model, norm="Linf", eps=eps, seed=seed, loss="ce", n_restarts=1),
-            torchattacks.APGDT(model, norm="Linf", eps=eps, seed=seed, n_classes=num_classes, n_restarts=1),
-        ])
-    else:
-        attack = torchattacks.AutoAttack(
-            model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed
-        )
-    return _run_attack(attack, model, x, y, seed)
-
-
 def robustness_curve(
     target: nn.Module,
     x: Tensor,
@@ -293,7 +170,8 @@ def robustness_curve(
             (:func:`craft_transfer`), adding a ``transfer_<name>`` column per name.
         autoattack_examples: AutoAttack on the first this many examples only (0: all); the row's
             ``autoattack_n`` says how many.
-        autoattack_version: ``"standard"`` or ``"apgd"`` (its APGD-CE and APGD-T only; see ``_autoattack``).
+        autoattack_version: ``"standard"`` or ``"apgd"`` (its APGD-CE and APGD-T only; see
+            :func:`fipray.eval.attacks.auto_attack`).
 
     Returns:
         One row per ε, in the given order: ``{"eps", "clean", "whitebox", "transfer", "autoattack",
@@ -325,7 +203,7 @@ def robustness_curve(
     for eps in map(float, eps_list):
         whitebox = partial(pgd_attack, target, eps=eps, steps=steps)
         transfer = None if surrogate is None else partial(pgd_attack, surrogate, eps=eps, steps=steps)
-        auto = partial(_autoattack, target, eps=eps, num_classes=num_classes, version=autoattack_version) \
+        auto = partial(auto_attack, target, eps=eps, num_classes=num_classes, version=autoattack_version) \
             if autoattack else None
         row = {
             "eps": eps,

@@ -18,14 +18,16 @@ path's earlier samples, the `diversity_window` most recent), weighted by `divers
   on the PGD examples (ADP-style): members whose errors differ are not all fooled by one perturbation.
 
 Networks are sampled every `ensemble.sample_every` steps; with `robust.paths` > 1 the experiment runs
-that many paths from one w0 (seeds mix_seed(seed, 14, p)) and the δ rule of `fipray.ops.ensemble`
+that many paths from one w0 (seeds mix_seed(seed, 14, p)) and the δ rule of `fipray.deployment`
 picks `ensemble.members` of the union, saved as an ordinary ensemble folder (`fipray serve` / `attack`).
 
 The experiment is the ensemble comparison (`fipray.ops.ensemble`) with this FIP: `fipray robust` and
 `fipray ensemble` with `ensemble.fip: robust` run the same thing (this module registers "robust" among
 the ensemble operation's FIP methods). Cost is counted in gradient evaluations: forward+backward passes
 over one minibatch of `path.batch_size` examples (memory batches pro rata), attack steps included, and a
-forward-only pass of an earlier member (disagreement) counted as a whole one (an over-count).
+forward-only pass of an earlier member (disagreement) counted as a whole one (an over-count); the counts, the
+`robust:` section (`RobustConfig`, registered here) and the training attack live in `fipray.deployment`, which
+the compute-matched baselines (`fipray.baselines.ensemble`) read too.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,78 +42,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray.config import Config, ConfigError, knob
+from fipray.config import Config, ConfigError
 from fipray.data.batches import mix_seed
 from fipray.data.stream import as_examples
+from fipray.deployment import (
+    Deployed,
+    RobustConfig,
+    attack_args,
+    candidates_per_path,
+    select,
+    selection_evals,
+    step_evals,
+)
 from fipray.ensemble import Ensemble, save_ensemble
-from fipray.eval.predict import accuracy, eval_mode
+from fipray.eval.attacks import input_gradient, pgd_examples
+from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
-from fipray.ops.ensemble import FIP_ENSEMBLES, Deployed, RobustEnsemble, input_gradient, select
+from fipray.ops.ensemble import FIP_ENSEMBLES, RobustEnsemble
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, phase_tag
 from fipray.runtime import RunContext, clone, path_summary, train_base
-
-
-@dataclass(frozen=True)
-class RobustConfig:
-    """Robustness-directed FIP (L = an adversarial objective) and the adversarial baselines' budgets."""
-
-    objective: str = knob("ce", choices=("ce", "trades"))
-    train_eps: float = knob(0.1, gt=0, lt=1)  # L∞ radius of the training attack (ε_train)
-    attack_steps: int = knob(3, ge=1)  # PGD steps crafting each training batch
-    step_size: float = knob(0.0, ge=0)  # 0: 2.5 · train_eps / attack_steps
-    diversity: str = knob("none", choices=("none", "coherence", "disagreement"))
-    diversity_weight: float = knob(0.0, ge=0)  # weight of the diversity term inside L
-    diversity_window: int = knob(3, ge=1)  # the most recent networks taken (w0 first) it pushes away from
-    paths: int = knob(1, ge=1)  # paths from one w0 per seed in the experiment; the union is the candidate set
-    sample_from: int = knob(0, ge=0)  # burn-in: only samples taken at path step >= this are candidates
-    lr_cycle: int = knob(0, ge=0)  # >0: from sample_from on, cosine learning-rate cycles of this many steps
-    lr_peak: float = knob(1.0, gt=0)  # each cycle's largest rate, × path.lr (it falls to path.lr / 100)
-    clean_pass: bool = knob(True)  # the new batch also goes through a clean forward (false: ce's L needs none)
-    validation: int = knob(0, ge=0)  # sweep trials: score on this many held-out training examples, not the test split
-    clean_floor: float = knob(0.01, ge=0, lt=1)  # sweep metric whitebox_floor: clean >= base clean − this
-    # Baselines (`fipray.baselines.ensemble`): pgd_at / adv_deep train with the attack above.
-    at_evals: int = knob(0, ge=0)  # PGD-AT's gradient evaluations after w0 (0: those of the robust FIP paths)
-    at_lr: float = knob(0.0, ge=0)  # pgd_at / adv_deep learning rate (0: train.lr, the recipe's)
-    fge_cycle: int = knob(50, ge=2)  # fast geometric ensembling: steps per learning-rate cycle
-    fge_lr: float = knob(0.01, gt=0)  # its largest (SGD, momentum 0.9) learning rate; the smallest is 1/100 of it
-
-    def check(self, cfg: Config) -> None:
-        ec = cfg.ensemble
-        if ec.fip == "robust" and not ec.load and self.paths * (cfg.path.steps // ec.sample_every) < ec.members:
-            raise ConfigError(f"robust.paths × (path.steps // ensemble.sample_every) = "
-                              f"{self.paths * (cfg.path.steps // ec.sample_every)} sampled networks < "
-                              f"ensemble.members = {ec.members}")
-        if ec.fip == "robust" and not cfg.path.memory_batch_size:
-            raise ConfigError("config key 'path.memory_batch_size' is 0 (the whole memory every step): the robust "
-                              "FIP counts its compute per memory batch; set a batch size")
-        if ec.fip == "robust" and not ec.load and self.paths * candidates_per_path(cfg) < ec.members:
-            raise ConfigError(f"robust.sample_from = {self.sample_from} leaves robust.paths × "
-                              f"{candidates_per_path(cfg)} sampled networks < ensemble.members = {ec.members}")
-        if self.lr_cycle and cfg.path.optimizer not in ("adam", "sgd", "adamw"):
-            raise ConfigError(f"config key 'robust.lr_cycle' needs a path.optimizer with a learning rate "
-                              f"(adam, adamw, sgd), got {cfg.path.optimizer!r}")
-        if self.lr_cycle and cfg.path.step == "metric":
-            raise ConfigError("config key 'robust.lr_cycle' schedules the optimizer's learning rate; path.step: "
-                              "metric has none (use path.step: penalty)")
-        if not self.clean_pass and self.objective == "trades":
-            raise ConfigError("config key 'robust.clean_pass' is false but robust.objective: trades needs the clean "
-                              "outputs of the new batch (use objective: ce, or clean_pass: true)")
-        if self.diversity != "none" and self.diversity_weight == 0:
-            raise ConfigError(f"config key 'robust.diversity_weight' is 0: robust.diversity: {self.diversity} "
-                              "would do nothing (set a weight, or diversity: none)")
-
-
-def sample_steps(cfg: Config) -> list[int]:
-    """The path steps at which a robust path's samples become candidates: every `ensemble.sample_every`
-    steps, from `robust.sample_from` on (earlier samples are taken by the path but not used)."""
-    every = cfg.ensemble.sample_every
-    return [t for t in range(every, cfg.path.steps + 1, every) if t >= cfg.robust.sample_from]
-
-
-def candidates_per_path(cfg: Config) -> int:
-    return len(sample_steps(cfg))
 
 
 def path_lr(cfg: Config, t: int) -> float:
@@ -125,33 +75,6 @@ def path_lr(cfg: Config, t: int) -> float:
     u = ((t - rc.sample_from) % rc.lr_cycle + 1) / rc.lr_cycle
     lo, hi = lr / 100, lr * rc.lr_peak
     return lo + (hi - lo) * (1 + math.cos(math.pi * u)) / 2
-
-
-def step_size(rc: RobustConfig) -> float:
-    return rc.step_size or 2.5 * rc.train_eps / rc.attack_steps
-
-
-def pgd_examples(model: nn.Module, x: Tensor, y: Tensor, rc: RobustConfig, generator: torch.Generator,
-                 clean_logits: Tensor | None = None) -> Tensor:
-    """L∞ PGD with a uniform random start in the ε-ball, crafted on `model` in eval mode: (B, ...) in [0, 1].
-
-    Maximises cross-entropy (objective ce) or KL(softmax(clean_logits) ‖ softmax(f(x'))) (trades). Only
-    the input gets gradients; the random start draws from `generator` (CPU), so crafting never touches
-    torch's global RNG and a resumed path crafts the same examples.
-    """
-    eps, alpha = rc.train_eps, step_size(rc)
-    noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device)
-    x_adv = (x + eps * noise).clamp(0, 1).detach()
-    target = None if clean_logits is None else F.softmax(clean_logits.detach(), dim=1)
-    with eval_mode(model), torch.enable_grad():
-        for _ in range(rc.attack_steps):
-            x_adv.requires_grad_(True)
-            out = model(x_adv)
-            loss = F.cross_entropy(out, y, reduction="sum") if target is None else \
-                F.kl_div(F.log_softmax(out, dim=1), target, reduction="sum")
-            (g,) = torch.autograd.grad(loss, x_adv)
-            x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
 
 
 def _wrong_class_probs(logits: Tensor, y: Tensor) -> Tensor:
@@ -178,33 +101,6 @@ def diversity_term(model: nn.Module, taken: list[dict[str, Tensor]], x: Tensor, 
     return torch.stack(sims).mean()
 
 
-def step_evals(cfg: Config, taken: int) -> float:
-    """Gradient evaluations of one robust FIP step with `taken` networks in the diversity window.
-
-    The memory and the new batch share one forward+backward (memory pro rata to path.batch_size), the PGD
-    examples one more, each attack step one; coherence adds a double backward (2) and one per earlier
-    network, disagreement one per earlier network (a forward only, counted whole). With
-    `robust.clean_pass: false` the new batch has no clean pass (only the memory's, pro rata)."""
-    p, rc = cfg.path, cfg.robust
-    mem = p.memory_batch_size / p.batch_size if p.lam else 0.0
-    n = (1 if rc.clean_pass else 0) + mem + 1 + rc.attack_steps
-    if rc.diversity == "coherence":
-        n += 2 + taken
-    elif rc.diversity == "disagreement":
-        n += taken
-    return n
-
-
-def path_evals(cfg: Config) -> int:
-    """Gradient evaluations of one robust FIP path (what the phase counts, computed from the config)."""
-    rc, every = cfg.robust, cfg.ensemble.sample_every
-    total = 0.0
-    for t in range(cfg.path.steps):
-        taken = min(rc.diversity_window, 1 + t // every) if rc.diversity != "none" else 0
-        total += step_evals(cfg, taken)
-    return int(math.ceil(total))
-
-
 def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Phase:
     """The robustness-directed FIP from the network at the phase start (w0), sampling every
     `ensemble.sample_every` steps. `data` (Examples or (x, y)) serves as memory and as the new batches.
@@ -227,7 +123,7 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
         assert x is not None and y is not None
         gen = torch.Generator().manual_seed(mix_seed(seed, 15, state["t"]))
         trades = rc.objective == "trades"
-        x_adv = pgd_examples(model, x, y, rc, gen, clean_logits=logits if trades else None)
+        x_adv = pgd_examples(model, x, y, **attack_args(rc), generator=gen, clean_logits=logits if trades else None)
         adv_logits = model(x_adv)
         if trades:
             assert logits is not None  # clean_pass: true (RobustConfig.check)
@@ -315,11 +211,9 @@ def robust_fip_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_second
         save_ensemble(members, ctx.out / "ensembles" / f"fip_robust_seed{seed}", model_spec=ctx.spec, metadata={
             "operation": "robust", "seed": seed, "config_hash": cfg.run_id(), "path_ids": [path_ids[i] for i in keep],
             "steps": [steps[i] for i in keep], "fgsm_shift": [h[i] for i in keep], "candidates": len(candidates)})
-    # The δ rule's FGSM shift: one forward+backward over its 256 examples per candidate.
-    select_evals = len(candidates) * math.ceil(256 / cfg.path.batch_size)
     assert len(candidates) == cfg.robust.paths * candidates_per_path(cfg)
     return Deployed(Ensemble(members), members, seconds, cfg.train.steps + cfg.robust.paths * cfg.path.steps,
-                    cfg.train.steps + evals + select_evals)
+                    cfg.train.steps + evals + selection_evals(len(candidates), cfg.path.batch_size))
 
 
 @register_operation
@@ -333,7 +227,7 @@ class Robust(Operation):
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "ensemble.members=2", "ensemble.sample_every=10",
              "ensemble.pgd_steps=2", "ensemble.eval_examples=40", "ensemble.autoattack=false",
              "path.record_every=10", "path.checkpoint_every=10", "robust.attack_steps=1", "robust.paths=1",
-             "robust.sample_from=0")
+             "robust.sample_from=0", "path.memory_batch_size=32")
     supports_paths = True
 
     def run(self, ctx: RunContext) -> dict:
@@ -347,12 +241,8 @@ class Robust(Operation):
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
         xte, yte = ctx.test_tensors()
-        if world > 1:
-            if ctx.cfg.data.stream:
-                raise ConfigError("ray.workers_per_path > 1 (DDP) shards in-memory data; data.stream: true is "
-                                  "not supported there yet")
-            xtr, ytr = ctx.train_tensors()
-            phases = [robust_phase((xtr[rank::world], ytr[rank::world]), ctx.cfg, seed)]
+        if world > 1:  # each DDP rank walks on its own shard of the (in-memory) training data
+            phases = [robust_phase(ctx.rank_shard(*ctx.train_tensors(), rank=rank, world=world), ctx.cfg, seed)]
         else:
             phases = [robust_phase(ctx.train_data(), ctx.cfg, seed)]
         return phases, {"heldout": xte[: ctx.cfg.path.heldout],

@@ -12,8 +12,9 @@ from fipray.config import load_config
 from fipray.core.distances import bhattacharyya
 from fipray.core.masks import counted_tensors, keep_count, magnitude_masks, projection_loss
 from fipray.core.step import Anchor
+from fipray.deployment import fgsm_output_shift, select_members
 from fipray.eval.sparsity import sparsity
-from fipray.ops.ensemble import fgsm_output_shift, select_members, undirected_phase
+from fipray.ops.ensemble import undirected_phase
 from fipray.ops.sparsify import counted, fip_sparsify_phases
 from fipray.path import run_path
 from fipray.runtime import build_model, tensors, train_base

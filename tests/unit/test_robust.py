@@ -10,19 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fipray.config import ConfigError, load_config
+from fipray.deployment import attack_args, path_evals, step_evals
 from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta
+from fipray.eval.attacks import pgd_examples
 from fipray.eval.diversity import coherence, coherence_by_surrogate, member_coherence
 from fipray.eval.predict import accuracy
 from fipray.eval.robustness import craft_transfer, robustness_curve, sanity_flags, transfer_matrix
-from fipray.ops.ensemble import goals
-from fipray.ops.robust import (
-    diversity_term,
-    path_evals,
-    pgd_examples,
-    robust_fip_ensemble,
-    robust_phase,
-    step_evals,
-)
+from fipray.ops.ensemble_report import goals
+from fipray.ops.robust import diversity_term, robust_fip_ensemble, robust_phase
 from fipray.path import run_path
 from fipray.runtime import RunContext, clone, train_base
 
@@ -42,7 +37,7 @@ def trained():
 
 
 def _adv_loss(model: nn.Module, ctx: RunContext, x: torch.Tensor, y: torch.Tensor) -> float:
-    adv = pgd_examples(model, x, y, ctx.cfg.robust, torch.Generator().manual_seed(123))
+    adv = pgd_examples(model, x, y, **attack_args(ctx.cfg.robust), generator=torch.Generator().manual_seed(123))
     with torch.no_grad():
         return float(F.cross_entropy(model(adv), y))
 
@@ -51,12 +46,12 @@ def test_pgd_examples_stay_in_the_ball_and_raise_the_loss(trained):
     ctx, base = trained
     x, y = ctx.train_tensors()[0][:128], ctx.train_tensors()[1][:128]
     rc = ctx.cfg.robust
-    adv = pgd_examples(base, x, y, rc, torch.Generator().manual_seed(0))
+    adv = pgd_examples(base, x, y, **attack_args(rc), generator=torch.Generator().manual_seed(0))
     assert (adv - x).abs().max() <= rc.train_eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():
         assert F.cross_entropy(base(adv), y) > F.cross_entropy(base(x), y) + 0.1
-    assert torch.equal(adv, pgd_examples(base, x, y, rc, torch.Generator().manual_seed(0)))
-    assert not torch.equal(adv, pgd_examples(base, x, y, rc, torch.Generator().manual_seed(1)))
+    assert torch.equal(adv, pgd_examples(base, x, y, **attack_args(rc), generator=torch.Generator().manual_seed(0)))
+    assert not torch.equal(adv, pgd_examples(base, x, y, **attack_args(rc), generator=torch.Generator().manual_seed(1)))
     assert base.training is False  # crafting restores the mode
 
 
@@ -96,7 +91,7 @@ def test_phase_counts_the_gradient_evaluations_the_config_predicts(trained, dive
 def test_diversity_terms_are_one_against_the_same_network_and_lower_against_another(trained):
     ctx, base = trained
     x, y = ctx.train_tensors()[0][:64], ctx.train_tensors()[1][:64]
-    adv = pgd_examples(base, x, y, ctx.cfg.robust, torch.Generator().manual_seed(0))
+    adv = pgd_examples(base, x, y, **attack_args(ctx.cfg.robust), generator=torch.Generator().manual_seed(0))
     same = [{k: v.clone() for k, v in base.state_dict().items()}]
     other = [ctx.model(5).state_dict()]
     for kind in ("coherence", "disagreement"):
@@ -284,8 +279,7 @@ def test_no_clean_pass_takes_the_same_path_for_fewer_counted_evaluations(trained
 
 
 def test_sample_from_keeps_only_late_samples_and_the_budget_counts_them(trained):
-    from fipray.baselines.ensemble import fip_budget
-    from fipray.ops.robust import candidates_per_path, sample_steps
+    from fipray.deployment import candidates_per_path, fip_budget, sample_steps
 
     ctx, base = trained
     cfg = ctx.cfg.replace(**{"robust.sample_from": 6})  # samples at 4, 8, 12: candidates 8 and 12
@@ -355,7 +349,7 @@ def test_validation_split_is_held_out_training_data(trained):
 
 def test_shipped_config_and_its_smoke_tests_load():
     """The shipped config takes late samples only; `--smoke-test` (a 20/40-step path) must reset the burn-in."""
-    from fipray.baselines.ensemble import fip_budget
+    from fipray.deployment import fip_budget
     from fipray.operation import get_operation
 
     cfg = load_config("jobs/configs/ensemble_robust_digits.yaml", [])
