@@ -73,8 +73,8 @@ def main() -> None:
 
     import ray
 
+    from fipray.ray.cluster import quiet_ray
     from fipray.ray.local import init_local
-    from fipray.ray.paths import quiet_ray
 
     load0 = os.getloadavg()[0]
     quiet_ray()

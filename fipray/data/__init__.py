@@ -5,11 +5,17 @@
 ``text_disk``). Items are ``(x, y)``: ``x`` float32 in ``[0, 1]`` of shape ``input_shape`` (int64
 token ids ``(L,)`` for text, ``(2, L)`` ids and token_type_ids for sentence pairs), ``y`` an int64
 scalar. Nothing is ever downloaded.
+
+Where they live: ``builtin`` (digits, CIFAR), ``files`` (``hf_disk``, ``parquet``), ``text`` (the tokenised
+table sources), ``bbc`` (the BBC News corpus), ``tokenizer`` (the tokenizer every text source shares),
+``core`` (bundles and the registry), ``tasks`` (class-incremental splits), ``streams`` (continual task
+streams), ``stream`` and ``batches`` (examples as deterministic batches).
 """
 
+from fipray.data import bbc as _bbc  # noqa: F401  (registers bbc_news)
 from fipray.data import builtin as _builtin  # noqa: F401  (registers digits, cifar10, cifar100)
 from fipray.data import files as _files  # noqa: F401  (registers hf_disk, parquet)
-from fipray.data import text as _text  # noqa: F401  (registers bbc_news, text_parquet, text_csv, text_disk)
+from fipray.data import text as _text  # noqa: F401  (registers text_parquet, text_csv, text_disk)
 from fipray.data.core import (
     DATASETS,
     DataBundle,

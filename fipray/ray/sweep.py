@@ -23,7 +23,7 @@ With `ray.storage_path` set (a folder every node sees, or a `s3://`, `gs://`, `f
 `fipray.ray.storage`), Tune's experiment lives at `<storage>/tune/<sweep.name>` (resumed from there, on any
 machine), TorchTrainer trials at `<storage>/train/`, and on an object store the outputs above are also
 put under `<storage>/results/`. Fractional `ray.gpus_per_path` packs several trials on one GPU; a trial's
-`device` is the GPU Ray assigned to it (`fipray.ray.paths.worker_device`).
+`device` is the GPU Ray assigned to it (`fipray.ray.cluster.worker_device`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, from_dict, save_config
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
+from fipray.ray.cluster import check_storage_on_nodes, joined_cluster, quiet_ray, worker_device
 from fipray.ray.local import init_local
-from fipray.ray.paths import check_storage_on_nodes, joined_cluster, quiet_ray, worker_device
 from fipray.ray.storage import Storage, check_storage, open_storage
 from fipray.runtime import prepare_out
 from fipray.units import run_trial, trial_iterations

