@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fipray.config import ConfigError, build_section, knob
-from fipray.ensemble import load_ensemble, read_ensemble_meta, tokenizer_dir
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta, tokenizer_dir
 
 
 def split_members(num_members: int, shards: int) -> list[list[int]]:

@@ -80,7 +80,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from fipray.config import ConfigError
-from fipray.ensemble import read_ensemble_meta, tokenizer_dir
+from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir
 from fipray.serving import (
     BadRequest,
     EngineCache,
@@ -324,11 +324,11 @@ def _code_version(a: ServeArgs) -> str:
     survive a switch, so a Ray that stops honouring it fails loudly).
     """
     import fipray
-    from fipray import ensemble, serving
+    from fipray import ensemble, ensemble_folder, serving
 
     h = hashlib.sha256(json.dumps({**_asdict(a), "ensemble": None}, sort_keys=True, default=str).encode())
     h.update(fipray.__version__.encode())
-    for module_file in (__file__, serving.__file__, ensemble.__file__):
+    for module_file in (__file__, serving.__file__, ensemble.__file__, ensemble_folder.__file__):
         h.update(Path(module_file).read_bytes())
     return h.hexdigest()[:16]
 

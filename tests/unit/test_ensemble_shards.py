@@ -9,7 +9,7 @@ import torch
 from _ensembles import random_ensemble
 from torch import nn
 
-from fipray.ensemble import load_ensemble
+from fipray.ensemble_folder import load_ensemble
 from fipray.ray.attack import RemoteEnsemble
 from fipray.serving import (
     BadRequest,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from _ensembles import random_ensemble
 
-from fipray.ensemble import load_ensemble, read_ensemble_meta, save_ensemble, tokenizer_dir
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta, save_ensemble, tokenizer_dir
 from fipray.models import create_model
 from fipray.serving import BadRequest, EngineCache, InputSpec, ShardEngine, parse_request
 
