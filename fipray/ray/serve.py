@@ -1,6 +1,6 @@
 """Serve an ensemble of path-sampled networks over HTTP with Ray Serve, members sharded over actors.
 
-Deployments (built by :func:`build_app` from validated :class:`~fipray.serving.ServeArgs`):
+Deployments (built by :func:`build_app` from validated :class:`~fipray.serving_args.ServeArgs`):
 
 - ``EnsembleShard`` (``shards`` > 1): evaluates a contiguous block of members, stacked so one call
   evaluates all of them, and returns their softmax sum (in log space) and, on request, its
@@ -10,7 +10,7 @@ Deployments (built by :func:`build_app` from validated :class:`~fipray.serving.S
   needs no shard restart, and a replica Serve restarted after a crash serves whatever it is asked.
   Each shard may ask for a GPU (``gpus_per_shard``).
 - ``EnsembleIngress``: the HTTP entry point. ``POST /predict`` validates the body (JSON inputs, JSON
-  texts for text ensembles, or a binary ``.npy``; :func:`~fipray.serving.parse_request`), merges
+  texts for text ensembles, or a binary ``.npy``; :func:`~fipray.serving_requests.parse_request`), merges
   concurrent requests with ``@serve.batch``, fans the batch out to the shards and combines their
   parts into log(mean softmax). With ``shards`` = 1 the ingress holds the members itself: one
   deployment, no composition hop (measured ~2.4x the throughput of ingress + 2 shards here,
@@ -81,18 +81,9 @@ from starlette.responses import JSONResponse
 
 from fipray.config import ConfigError
 from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir
-from fipray.serving import (
-    BadRequest,
-    EngineCache,
-    InputSpec,
-    ServeArgs,
-    ShardEngine,
-    combine_log_parts,
-    metadata_doc,
-    parse_request,
-    shard_upstreams,
-    split_members,
-)
+from fipray.serving import EngineCache, ShardEngine, combine_log_parts, shard_upstreams, split_members
+from fipray.serving_args import ServeArgs
+from fipray.serving_requests import BadRequest, InputSpec, metadata_doc, parse_request
 
 Version = tuple[str, str, tuple[int, ...]]  # (folder, members_sha256, member ids)
 
@@ -324,11 +315,12 @@ def _code_version(a: ServeArgs) -> str:
     survive a switch, so a Ray that stops honouring it fails loudly).
     """
     import fipray
-    from fipray import ensemble, ensemble_folder, serving
+    from fipray import ensemble, ensemble_folder, serving, serving_args, serving_requests
 
     h = hashlib.sha256(json.dumps({**_asdict(a), "ensemble": None}, sort_keys=True, default=str).encode())
     h.update(fipray.__version__.encode())
-    for module_file in (__file__, serving.__file__, ensemble.__file__, ensemble_folder.__file__):
+    for module_file in (__file__, serving.__file__, serving_args.__file__, serving_requests.__file__,
+                        ensemble.__file__, ensemble_folder.__file__):
         h.update(Path(module_file).read_bytes())
     return h.hexdigest()[:16]
 
