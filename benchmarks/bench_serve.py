@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta, save_ensemble
+from fipray.ensemble import Ensemble
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta, save_ensemble
 from fipray.models import create_model
 
 

@@ -184,7 +184,7 @@ def _resolve_settings(ens_dir: Path, *, config: str | Path | None, eps: Sequence
             members (from ``split_members``).
     """
     from fipray.config import ConfigError
-    from fipray.ensemble import read_ensemble_meta
+    from fipray.ensemble_folder import read_ensemble_meta
     from fipray.serving import split_members
 
     meta = read_ensemble_meta(ens_dir)
@@ -210,7 +210,7 @@ def _build_surrogate(cfg: Any, bundle: Any, surrogate: str | Path | None, seed: 
     network ``fipray ensemble`` crafted its transfer examples on, so the transfer numbers match.
     """
     from fipray import runtime as common
-    from fipray.ensemble import load_ensemble
+    from fipray.ensemble_folder import load_ensemble
 
     if surrogate is not None:
         return load_ensemble(surrogate), f"ensemble {surrogate}"

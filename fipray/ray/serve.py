@@ -1,6 +1,6 @@
 """Serve an ensemble of path-sampled networks over HTTP with Ray Serve, members sharded over actors.
 
-Deployments (built by :func:`build_app` from validated :class:`~fipray.serving.ServeArgs`):
+Deployments (built by :func:`build_app` from validated :class:`~fipray.serving_args.ServeArgs`):
 
 - ``EnsembleShard`` (``shards`` > 1): evaluates a contiguous block of members, stacked so one call
   evaluates all of them, and returns their softmax sum (in log space) and, on request, its
@@ -10,7 +10,7 @@ Deployments (built by :func:`build_app` from validated :class:`~fipray.serving.S
   needs no shard restart, and a replica Serve restarted after a crash serves whatever it is asked.
   Each shard may ask for a GPU (``gpus_per_shard``).
 - ``EnsembleIngress``: the HTTP entry point. ``POST /predict`` validates the body (JSON inputs, JSON
-  texts for text ensembles, or a binary ``.npy``; :func:`~fipray.serving.parse_request`), merges
+  texts for text ensembles, or a binary ``.npy``; :func:`~fipray.serving_requests.parse_request`), merges
   concurrent requests with ``@serve.batch``, fans the batch out to the shards and combines their
   parts into log(mean softmax). With ``shards`` = 1 the ingress holds the members itself: one
   deployment, no composition hop (measured ~2.4x the throughput of ingress + 2 shards here,
@@ -22,7 +22,7 @@ Which ensemble answers is the ingress's ``user_config`` (``{"ensemble": folder}`
 then switches atomically; requests admitted before the switch finish on the old version.
 :func:`update_ensemble` redeploys the app with a new folder; a Serve config whose ``args.ensemble``
 changes does the same through ``serve deploy``. The deployments carry a code version made of the
-serving code and every arg but the folder (:func:`_code_version`), so a switch changes only
+serving code and every arg but the folder (:mod:`fipray.ray.serve_version`), so a switch changes only
 ``user_config`` and Serve reconfigures the running replicas in place: no replica is replaced
 (shards included), a switch takes about a second instead of a rolling restart's 6-12 s.
 
@@ -43,7 +43,8 @@ needs Ray started by ``fipray serve`` (the settings are environment variables of
 a cluster set them on every node). A live switch keeps the replica (see below), so ``PORT`` stays up.
 
 Started by ``fipray serve --ensemble DIR [--shards S] [--port PORT]`` (HTTP on 127.0.0.1 unless
-``--host`` says otherwise), or from a Serve config file::
+``--host`` says otherwise; the process, its signals and its smoke test are :mod:`fipray.ray.serve_main`),
+from Python with :func:`start`, or from a Serve config file::
 
     # serve run serve.yaml   (RAY_USAGE_STATS_ENABLED=0 offline)
     http_options: {host: 127.0.0.1, port: 8011, request_timeout_s: 30}
@@ -59,18 +60,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
-import json
 import os
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import ray
 import torch
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -80,19 +76,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from fipray.config import ConfigError
-from fipray.ensemble import read_ensemble_meta, tokenizer_dir
-from fipray.serving import (
-    BadRequest,
-    EngineCache,
-    InputSpec,
-    ServeArgs,
-    ShardEngine,
-    combine_log_parts,
-    metadata_doc,
-    parse_request,
-    shard_upstreams,
-    split_members,
-)
+from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir
+from fipray.ray.serve_version import code_version
+from fipray.serving import EngineCache, ShardEngine, combine_log_parts, shard_upstreams, split_members
+from fipray.serving_args import ServeArgs
+from fipray.serving_requests import BadRequest, InputSpec, metadata_doc, parse_request
 
 Version = tuple[str, str, tuple[int, ...]]  # (folder, members_sha256, member ids)
 
@@ -313,28 +301,14 @@ def _autoscaling(where: str, value: Mapping[str, Any]) -> dict[str, Any]:
     return {"num_replicas": "auto", "autoscaling_config": dict(value)}
 
 
-def _code_version(a: ServeArgs) -> str:
-    """Serve's code version of the deployments: the serving code and every arg but the ensemble folder.
-
-    Serve restarts replicas only when this changes; a switch to another folder then changes nothing but
-    the ingress's ``user_config``, which Serve applies in place (``reconfigure`` on the running replica)
-    instead of replacing every replica (what an unversioned ``serve.run`` does, shards included). Ray
-    2.60 removed ``version`` from ``Deployment.options``; the deployment's ``_version`` (which
-    ``serve.run`` reads, else a random string) carries it (``_versioned``; a test checks the replicas
-    survive a switch, so a Ray that stops honouring it fails loudly).
-    """
-    import fipray
-    from fipray import ensemble, serving
-
-    h = hashlib.sha256(json.dumps({**_asdict(a), "ensemble": None}, sort_keys=True, default=str).encode())
-    h.update(fipray.__version__.encode())
-    for module_file in (__file__, serving.__file__, ensemble.__file__):
-        h.update(Path(module_file).read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _versioned(deployment: Any, version: str) -> Any:
-    deployment._version = version  # see _code_version
+    """``deployment`` carrying Serve code version ``version`` (:func:`~fipray.ray.serve_version.code_version`).
+
+    Ray 2.60 removed ``version`` from ``Deployment.options``; the deployment's ``_version`` (which
+    ``serve.run`` reads, else a random string) carries it (a test checks the replicas survive a
+    switch, so a Ray that stops honouring it fails loudly).
+    """
+    deployment._version = version
     return deployment
 
 
@@ -352,7 +326,7 @@ def build_app(args: Mapping[str, Any]):
         # Only then: a deployment's logging_config replaces the app's (a Serve config's log level, encoding).
         common["logging_config"] = {"enable_access_log": False}
     shards = []
-    version = _code_version(a)
+    version = code_version(_asdict(a))
     if a.shards > 1:
         device = "cuda" if a.gpus_per_shard > 0 else "cpu"
         scaling = _autoscaling("shard_autoscaling", a.shard_autoscaling)
@@ -394,10 +368,6 @@ def direct_ingress_env(port: int) -> dict[str, str]:
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def start(
@@ -466,103 +436,3 @@ def args_from_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     if "request_timeout_s" in http:
         args.setdefault("request_timeout_s", http["request_timeout_s"])
     return args, http
-
-
-def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | None = None,
-               smoke_test: bool = False, metrics_port: int | None = None, direct_port: int | None = None) -> int:
-    """``fipray serve``: start local Ray (or join ``address``), deploy, wait for a signal, shut down.
-
-    SIGTERM, SIGINT and SIGHUP are handled: the first two shut Serve and the Ray this call started
-    down (no Ray process is left behind); SIGHUP re-reads ``args["ensemble"]`` (e.g. a symlink
-    pointed at a new folder) and switches to it without dropping requests. With ``smoke_test`` it
-    answers one ``/predict`` request (zeros of the members' input shape) over HTTP on
-    ``host:port``, prints the answer and shuts down instead of waiting. ``metrics_port`` exposes
-    Ray's Prometheus metrics (Serve's ``ray_serve_*`` included) on that port of the local Ray (bound by
-    Ray: loopback when the node's address is loopback, else every interface). ``direct_port``: the
-    ingress replica also answers on ``host:direct_port`` without the proxy (module docstring).
-    """
-    import signal
-
-    from fipray.ray.local import init_local
-
-    a = ServeArgs.from_dict(args)  # bad args fail before Ray starts
-    if metrics_port and (address or os.environ.get("RAY_ADDRESS")):
-        raise ConfigError("--metrics-port sets up the local Ray that fipray serve starts; a cluster joined with "
-                          "--address/RAY_ADDRESS exports metrics on the port its nodes were started with")
-    if direct_port is not None:
-        # the user's arguments first (range, autoscaling), then the state of this process's Ray
-        direct_env = direct_ingress_env(int(direct_port))  # checks the port's range
-        if a.ingress_autoscaling:
-            raise ConfigError("--direct-port serves from exactly one ingress replica; drop ingress_autoscaling")
-        if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
-            raise ConfigError("--direct-port configures the local Ray that fipray serve starts; on a running Ray or "
-                              "cluster set the environment of fipray.ray.serve.direct_ingress_env on its nodes")
-        import socket
-
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, int(direct_port)))
-            except OSError as e:
-                raise ConfigError(f"--direct-port {direct_port}: cannot listen on {host}:{direct_port} ({e})") from None
-        os.environ.update(direct_env)
-    started = not ray.is_initialized()  # the Ray this call starts, it also stops
-    extra: dict[str, Any] = {"_metrics_export_port": int(metrics_port)} if metrics_port else {}
-    init_local(address=address, **extra)
-    reload = threading.Event()
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # SIGTERM stops like Ctrl-C does
-    signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
-
-    try:
-        start(args, host=host, port=port)
-        url = f"http://{host}:{port}"
-        urls = {"url": url, "predict": f"{url}/predict", "healthz": f"{url}/healthz", "metadata": f"{url}/metadata"}
-        if metrics_port:
-            urls["metrics"] = f"http://127.0.0.1:{metrics_port}/metrics"
-        if direct_port is not None:
-            urls["direct_predict"] = f"http://{host}:{direct_port}/predict"
-        print(json.dumps(urls), flush=True)
-        if smoke_test:
-            print(json.dumps(_smoke_request(url, a.ensemble)), flush=True)
-            if direct_port is not None:
-                direct = _smoke_request(f"http://{host}:{direct_port}", a.ensemble)
-                print(json.dumps({**direct, "direct": True}), flush=True)
-            return 0
-        print("serving; Ctrl-C or SIGTERM stops, SIGHUP re-reads the ensemble folder", flush=True)
-        while True:
-            if reload.wait(3600):
-                reload.clear()
-                try:
-                    # The folder as of now (a symlink re-pointed since start-up), not `a.ensemble`.
-                    target = ServeArgs.from_dict(args)
-                    update_ensemble(_asdict(target))
-                    print(json.dumps({"switched_to": target.ensemble}), flush=True)
-                except (ValueError, FileNotFoundError) as e:  # keep serving the old one
-                    print(json.dumps({"switch_failed": str(e)}), flush=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the shutdown short
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            serve.shutdown()
-        finally:
-            if started:
-                ray.shutdown()
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-    return 0
-
-
-def _smoke_request(url: str, ensemble: str) -> dict[str, Any]:
-    """POST one all-zeros input to ``url``/predict; the answer's labels and shape."""
-    import urllib.request
-
-    shape = read_ensemble_meta(ensemble)["model_spec"]["input_shape"]
-    body = json.dumps({"inputs": [np.zeros(shape, dtype=np.int64).tolist()]}).encode()
-    req = urllib.request.Request(f"{url}/predict", data=body, headers={"content-type": "application/json"})
-    t0 = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        answer = json.loads(resp.read())
-    return {"smoke_test": "ok", "status": 200, "labels": answer["labels"], "members": answer.get("members"),
-            "seconds": round(time.perf_counter() - t0, 3)}

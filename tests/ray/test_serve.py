@@ -14,7 +14,7 @@ import torch
 from _ensembles import free_port, processes_mentioning, random_ensemble
 from torch import nn
 
-from fipray.ensemble import load_ensemble, save_ensemble
+from fipray.ensemble_folder import load_ensemble, save_ensemble
 from fipray.models import create_model
 
 pytestmark = pytest.mark.ray
@@ -317,7 +317,7 @@ def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):
     from ray import serve
 
     from fipray.data.text import tokenize
-    from fipray.ensemble import tokenizer_dir
+    from fipray.ensemble_folder import tokenizer_dir
     from fipray.ray.serve import start
 
     assert tokenizer_dir(minilm_dir) is not None  # recorded from the members' pretrained_dir

@@ -18,7 +18,7 @@ import pytest
 import torch
 from _ensembles import free_port, processes_mentioning, random_ensemble
 
-from fipray.ensemble import load_ensemble
+from fipray.ensemble_folder import load_ensemble
 
 pytestmark = pytest.mark.ray
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fipray.ensemble import MEMBERS_FILE, META_FILE, Ensemble, load_ensemble, save_ensemble
+from fipray.ensemble import Ensemble
+from fipray.ensemble_folder import MEMBERS_FILE, META_FILE, load_ensemble, save_ensemble
 
 
 def tiny_factory(name: str, *, num_classes: int, input_shape: tuple[int, ...], hidden: int = 8) -> nn.Module:

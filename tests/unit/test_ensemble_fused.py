@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta, save_ensemble
+from fipray.ensemble import Ensemble
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta, save_ensemble
 from fipray.models import create_model
 
 ARCHS = {

@@ -9,17 +9,11 @@ import torch
 from _ensembles import random_ensemble
 from torch import nn
 
-from fipray.ensemble import load_ensemble
+from fipray.ensemble_folder import load_ensemble
 from fipray.ray.attack import RemoteEnsemble
-from fipray.serving import (
-    BadRequest,
-    ServeArgs,
-    ShardEngine,
-    combine_log_parts,
-    parse_predict_body,
-    shard_upstreams,
-    split_members,
-)
+from fipray.serving import ShardEngine, combine_log_parts, shard_upstreams, split_members
+from fipray.serving_args import ServeArgs
+from fipray.serving_requests import BadRequest, parse_predict_body
 
 SHAPE = (1, 4, 4)
 

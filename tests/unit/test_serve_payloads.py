@@ -10,9 +10,10 @@ import pytest
 import torch
 from _ensembles import random_ensemble
 
-from fipray.ensemble import load_ensemble, read_ensemble_meta, save_ensemble, tokenizer_dir
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta, save_ensemble, tokenizer_dir
 from fipray.models import create_model
-from fipray.serving import BadRequest, EngineCache, InputSpec, ShardEngine, parse_request
+from fipray.serving import EngineCache, ShardEngine
+from fipray.serving_requests import BadRequest, InputSpec, parse_request
 
 SHAPE = (1, 4, 4)
 IMG = InputSpec(SHAPE, max_inputs=8, max_body_bytes=4096)
@@ -198,7 +199,7 @@ def test_engine_cache_keeps_two_versions_and_refuses_a_rewritten_folder(text_ens
 
 def test_serve_args_from_command_line_strings_and_bad_keys(text_ens, capsys):
     from fipray.cli import main
-    from fipray.serving import ServeArgs
+    from fipray.serving_args import ServeArgs
 
     a = ServeArgs.from_dict({"ensemble": str(text_ens), "truncate_texts": "true", "max_queued_requests": "8",
                              "shard_autoscaling": '{"min_replicas": 1, "max_replicas": 3}', "retry_after_s": "2"})
