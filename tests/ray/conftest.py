@@ -1,4 +1,5 @@
-"""Fixtures of the Ray tier (opt-in: `pytest -m ray`).
+"""Fixtures of the Ray tier (`pytest -m ray`; README's command runs it without its `heavy` tests, which
+.ci/run runs next with `-m "heavy and not slow"`; both tiers share this one Ray).
 
 One private local Ray for this folder's tests (RAY_NOTES.md: ~4 s and ~0.8 GiB per start): 2 CPUs,
 a private temp dir (never a stale cluster file), the dashboard on (Tune's ASHA frees the placement

@@ -29,6 +29,7 @@ def _job(**over):
     return job_from_dict(base, over)
 
 
+@pytest.mark.heavy
 def test_fsdp_path_on_two_ranks_equals_the_unsharded_path(ray_2cpus, tmp_path):
     from fipray.ray.paths import run_paths
     from fipray.units import base_path, load_final, run_one_path

@@ -72,6 +72,7 @@ def _run_cluster(tmp_path: Path, s3: dict, cfg: dict, head: dict, workers: list[
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.heavy
 def test_node_removed_mid_run_paths_restart_elsewhere_from_storage(s3, tmp_path):
     from safetensors.torch import load as load_safetensors
 

@@ -70,6 +70,7 @@ def test_two_paths_merge_into_one_table_and_one_ensemble(ray_2cpus, tmp_path):
     assert _max_diff(f1, ref) <= 1e-6
 
 
+@pytest.mark.heavy  # a path's process killed mid-run (the S3 variant in test_storage_s3 is heavy too)
 def test_killed_path_resumes_from_its_checkpoint(ray_2cpus, tmp_path):
     """SIGKILL path 0's process mid-run: it restarts from its checkpoint, path 1 carries on, and the final
     weights and merged rows equal an uninterrupted run's."""
@@ -113,6 +114,7 @@ def test_killed_path_resumes_from_its_checkpoint(ray_2cpus, tmp_path):
     assert s["streamed_rows_match_table"]
 
 
+@pytest.mark.heavy  # DDP on 2 CPU ranks; Train itself stays in the default run (test_sweep's TorchTrainer trials)
 def test_train_backend_runs_a_path_on_two_ddp_ranks(ray_2cpus, tmp_path):
     from fipray.ensemble import load_ensemble
     from fipray.ray.paths import run_paths

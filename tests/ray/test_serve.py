@@ -279,6 +279,7 @@ def _replica_pids() -> dict[int, str]:
     return out
 
 
+@pytest.mark.heavy
 def test_live_switch_under_load_drops_no_request(served, ens_dir, other_dir):
     port = served["port"]
     args = {"ensemble": str(other_dir), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY}

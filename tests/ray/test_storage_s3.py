@@ -125,6 +125,7 @@ def _stop_tree(pid: int) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.heavy
 def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
     """`fipray paths --config F ray.storage_path=s3://...`: SIGKILL path 0 once its checkpoint is in the bucket;
     it restarts from that checkpoint, and the outputs read back from the bucket equal an uninterrupted run."""

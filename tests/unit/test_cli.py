@@ -225,16 +225,43 @@ def test_every_command_has_a_smoke_test_flag():
         assert parser.parse_args(argv).smoke_test is True
 
 
-@pytest.mark.parametrize("op", ["continual", "sparsify", "ensemble", "spectrum", "compose"])
+def _shipped_config(op: str) -> Path:
+    """The shipped digits config of operation `op`: `<op>_digits.yaml`, else the digits config (not a sweep)
+    that names it as its `operation` or as its `ensemble.fip` (robust: ensemble_robust_digits.yaml)."""
+    if (CONFIGS / f"{op}_digits.yaml").is_file():
+        return CONFIGS / f"{op}_digits.yaml"
+    from fipray.config import read_yaml_mapping
+
+    for f in sorted(CONFIGS.glob("*digits*.yaml")):
+        raw = read_yaml_mapping(f)
+        if "sweep" not in raw and op in (raw.get("operation"), (raw.get("ensemble") or {}).get("fip")):
+            return f
+    raise AssertionError(f"operation {op!r} is registered but ships no digits config in {CONFIGS}")
+
+
+def _registered_operations() -> list[str]:
+    from fipray.operation import operation_classes
+
+    return sorted(operation_classes())
+
+
+@pytest.mark.parametrize("op", _registered_operations())
 def test_operation_smoke_test_on_the_shipped_config(op, capsys, tmp_path):
-    """`fipray <op> --smoke-test --config <shipped>`: the whole command in seconds, one seed."""
+    """`fipray <op> --smoke-test --config <shipped>` for every registered operation (discovered from the
+    registry): the whole command in seconds, one seed."""
+    from fipray.config import read_yaml_mapping
+
+    config = _shipped_config(op)
     out = tmp_path / op
-    assert main([op, "--smoke-test", "--no-progress", "--config", str(CONFIGS / f"{op}_digits.yaml"),
-                  "--out", str(out)]) == 0
+    assert main([op, "--smoke-test", "--no-progress", "--config", str(config), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert json.loads(printed.strip().splitlines()[-1])  # the brief
+    brief = json.loads(printed.strip().splitlines()[-1])
+    assert brief
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["operation"] == op
+    # `robust` runs the ensemble comparison with its FIP (the summary is the ensemble operation's).
+    assert summary["operation"] in (op, read_yaml_mapping(config)["operation"])
+    if op == "robust":
+        assert "fip_robust" in brief, brief
     assert load_config(out / "config.yaml").seeds == (0,)
     if op == "compose":  # the smoke test still builds a set with sparse end nodes, which query can rank
         assert summary["num_nodes"] > 1
