@@ -20,8 +20,9 @@ import time
 
 import torch
 
-from fipray.baselines.ensemble import fip_budget, pgd_at
+from fipray.baselines.ensemble import pgd_at
 from fipray.config import load_config
+from fipray.deployment import fip_budget
 from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve
 from fipray.ops.robust import robust_fip_ensemble, validation_context

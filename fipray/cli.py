@@ -178,7 +178,7 @@ def _add_serve_args(s: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from fipray.ray.serve import main_serve
+    from fipray.ray.serve_main import main_serve
 
     if (args.ensemble is None) == (args.serve_config is None):
         raise ConfigError("give --ensemble DIR or --config SERVE_YAML (one of them)")

@@ -81,7 +81,7 @@ def save_ensemble(
         metadata: JSON-serialisable facts about how the members were made (operation, path ids,
             steps, config hash, ...).
         tokenizer: For members taking token ids: the tokenizer (a folder or a shortcut name such as
-            ``"minilm-l6"``, see :func:`fipray.data.text.load_tokenizer`) that made their inputs;
+            ``"minilm-l6"``, see :func:`fipray.data.tokenizer.load_tokenizer`) that made their inputs;
             saved into ``tokenizer/``. None: the members' ``pretrained_dir`` when they are text
             models built from a folder holding a tokenizer, else nothing.
 
@@ -138,7 +138,7 @@ def _members_tokenizer(members: Sequence[nn.Module], spec: Mapping[str, Any]) ->
     source = spec["kwargs"].get("pretrained_dir")
     if source is None or not isinstance(members[0], HFTextClassifier):
         return None
-    from fipray.data.text import load_tokenizer
+    from fipray.data.tokenizer import load_tokenizer
 
     try:
         load_tokenizer(source)
@@ -152,7 +152,7 @@ def _save_tokenizer(tokenizer: str | Path, target: Path) -> None:
     import shutil
     import tempfile
 
-    from fipray.data.text import load_tokenizer
+    from fipray.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     target.parent.mkdir(parents=True, exist_ok=True)

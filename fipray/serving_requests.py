@@ -261,7 +261,7 @@ def _text_batch(texts: Any, pairs: Any, spec: InputSpec) -> Tensor:
     second = _strings(pairs, "text_pairs", spec.max_inputs) if pairs is not None else None
     if second is not None and len(second) != len(strings):
         raise BadRequest(f"{len(strings)} texts but {len(second)} text_pairs")
-    from fipray.data.text import load_tokenizer, tokenize
+    from fipray.data.tokenizer import load_tokenizer, tokenize
 
     length = spec.shape[-1]
     if not spec.truncate_texts:

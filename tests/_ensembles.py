@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fipray.ensemble import save_ensemble
+from fipray.ensemble_folder import save_ensemble
 from fipray.models import create_model
 
 

@@ -28,10 +28,6 @@ from torch.utils.data import TensorDataset
 
 from fipray.data.core import DataBundle, register_dataset
 from fipray.data.files import load_splits, require_columns
-
-# load_tokenizer is re-exported only for callers that still import it (and tokenize) from here:
-# fipray.ensemble, fipray.serving and two serve tests. Its home is fipray.data.tokenizer; drop this then.
-from fipray.data.tokenizer import load_tokenizer as load_tokenizer
 from fipray.data.tokenizer import tokenize
 
 

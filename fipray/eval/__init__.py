@@ -3,10 +3,11 @@
 torchattacks is imported only when an attack runs, so importing this package stays light.
 """
 
+from fipray.eval.attacks import fgsm_attack, pgd_attack
 from fipray.eval.continual import cl_metrics, task_accuracy
 from fipray.eval.diversity import coherence, default_layers, pairwise_disagreement, representation_diversity
 from fipray.eval.predict import input_gradients
-from fipray.eval.robustness import fgsm_attack, pgd_attack, robustness_curve, sanity_flags
+from fipray.eval.robustness import robustness_curve, sanity_flags
 from fipray.eval.sparsity import counted_parameters, sparsity, sparsity_report
 
 __all__ = [

@@ -18,9 +18,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-# fgsm_attack: re-exported for `fipray.eval`'s package namespace (which imports it from here) until it
-# imports it from `fipray.eval.attacks`.
-from fipray.eval.attacks import auto_attack, fgsm_attack, pgd_attack  # noqa: F401
+from fipray.eval.attacks import auto_attack, pgd_attack
 from fipray.eval.predict import (
     accuracy,
     check_batch,

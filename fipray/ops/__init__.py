@@ -5,9 +5,8 @@ Each module declares its config section, phases, experiment, FIP paths and sweep
 """
 
 from fipray.ops import compose, continual, ensemble, robust, sparsify, spectrum  # noqa: F401  (registers them)
-from fipray.ops.continual import TaskTensors, fip_continual_phases
-from fipray.ops.ensemble import select_members, undirected_phase
-from fipray.ops.sparsify import fip_sparsify_phases, magnitude_masks, projection_loss
+from fipray.ops.continual import fip_continual_phases
+from fipray.ops.ensemble import undirected_phase
+from fipray.ops.sparsify import fip_sparsify_phases
 
-__all__ = ["TaskTensors", "fip_continual_phases", "fip_sparsify_phases", "magnitude_masks",
-           "projection_loss", "undirected_phase", "select_members"]
+__all__ = ["fip_continual_phases", "fip_sparsify_phases", "undirected_phase"]

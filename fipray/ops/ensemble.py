@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from fipray.baselines.ensemble import ENSEMBLE_BASELINES
 from fipray.config import Config, ConfigError, knob
 from fipray.data.batches import mix_seed
-from fipray.deployment import Deployed, select, select_members  # noqa: F401  (select_members: see below)
-from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta, save_ensemble
+from fipray.deployment import Deployed, select
+from fipray.ensemble import Ensemble
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta, save_ensemble
 from fipray.eval.attacks import input_gradient
 from fipray.eval.diversity import (
     coherence,
@@ -54,9 +55,6 @@ from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase
 from fipray.registry import Registry
 from fipray.runtime import RunContext, clone, path_summary, train_base, trained_like_w0
-
-# `select_members` is imported above only for `fipray.ops`' package namespace, which imports it from here, until
-# it imports it from `fipray.deployment`.
 
 
 def _baselines() -> list[str]:

@@ -54,7 +54,8 @@ from fipray.deployment import (
     selection_evals,
     step_evals,
 )
-from fipray.ensemble import Ensemble, save_ensemble
+from fipray.ensemble import Ensemble
+from fipray.ensemble_folder import save_ensemble
 from fipray.eval.attacks import input_gradient, pgd_examples
 from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve

@@ -9,7 +9,7 @@
    `TorchTrainer` per path (DDP over `workers_per_path` ranks, Train's FailureConfig and checkpoint
    restore). Ranks of one trainer fail together, so paths never share a trainer (RAY_NOTES.md);
 4. merge: the record rows of every path into `<out>/path.parquet` (column `path`), the sampled networks
-   of every path into one ensemble folder `<out>/ensemble/` (`fipray.ensemble.load_ensemble`).
+   of every path into one ensemble folder `<out>/ensemble/` (`fipray.ensemble_folder.load_ensemble`).
 
 Storage (`ray.storage_path`, default `<out>/storage`) is a folder every node sees or a `s3://`, `gs://`,
 `file://` URI (`fipray.ray.storage`): on an object store each path runs in a staging folder on its node,
@@ -99,7 +99,7 @@ def _merge(job: JobConfig, out: Path, storage: Path, results: list[dict]) -> dic
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fipray.ensemble import save_ensemble
+    from fipray.ensemble_folder import save_ensemble
 
     cfg = job.cfg
     dirs = [(r["path"], storage / path_rel(r["path"]), r) for r in results]
@@ -260,7 +260,7 @@ def _report(job: JobConfig, ordered: list[dict], merged: dict) -> str:
     lines += [f"| {r['path']} | {r['seed']} | {r['steps']} | {r['seconds']:.1f} | {r.get('attempts', 1)} | "
               f"{r['resumed_from']} |" for r in ordered]
     lines += ["", f"Merged path table: `path.parquet` ({merged['rows']} rows, column `path`). Ensemble of "
-              f"{merged['members']} networks: `ensemble/` (fipray.ensemble.load_ensemble).", ""]
+              f"{merged['members']} networks: `ensemble/` (fipray.ensemble_folder.load_ensemble).", ""]
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_two_paths_merge_into_one_table_and_one_ensemble(ray_2cpus, tmp_path):
-    from fipray.ensemble import load_ensemble
+    from fipray.ensemble_folder import load_ensemble
     from fipray.ray.paths import run_paths
     from fipray.units import load_final
 
@@ -116,7 +116,7 @@ def test_killed_path_resumes_from_its_checkpoint(ray_2cpus, tmp_path):
 
 @pytest.mark.heavy  # DDP on 2 CPU ranks; Train itself stays in the default run (test_sweep's TorchTrainer trials)
 def test_train_backend_runs_a_path_on_two_ddp_ranks(ray_2cpus, tmp_path):
-    from fipray.ensemble import load_ensemble
+    from fipray.ensemble_folder import load_ensemble
     from fipray.ray.paths import run_paths
 
     job = _job(**{"ray.backend": "train", "ray.num_paths": 1, "ray.workers_per_path": 2,

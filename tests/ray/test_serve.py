@@ -317,7 +317,7 @@ def minilm_dir(tmp_path_factory):
 def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):
     from ray import serve
 
-    from fipray.data.text import tokenize
+    from fipray.data.tokenizer import tokenize
     from fipray.ensemble_folder import tokenizer_dir
     from fipray.ray.serve import start
 

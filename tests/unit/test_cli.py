@@ -160,7 +160,7 @@ def test_ensemble_end_to_end(capsys, tmp_path):
     folders = [p for p in ens.iterdir() if p.is_dir()]
     assert [p.name for p in folders] == ["fip_seed0"]
     assert any(folders[0].iterdir())
-    from fipray.ensemble import load_ensemble
+    from fipray.ensemble_folder import load_ensemble
 
     loaded = load_ensemble(folders[0])
     assert len(loaded.members) == 2

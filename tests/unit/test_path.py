@@ -9,7 +9,8 @@ import torch
 
 from fipray.config import load_config
 from fipray.core.distances import get_distance
-from fipray.ops.continual import accuracy_along_path, build_tasks, fip_continual_phases
+from fipray.eval.continual import accuracy_along_path
+from fipray.ops.continual import build_tasks, fip_continual_phases
 from fipray.path import CHECKPOINT, load_checkpoint, run_path
 from fipray.runtime import build_model, train_base
 

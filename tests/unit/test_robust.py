@@ -11,7 +11,8 @@ from torch import nn
 
 from fipray.config import ConfigError, load_config
 from fipray.deployment import attack_args, path_evals, step_evals
-from fipray.ensemble import Ensemble, load_ensemble, read_ensemble_meta
+from fipray.ensemble import Ensemble
+from fipray.ensemble_folder import load_ensemble, read_ensemble_meta
 from fipray.eval.attacks import pgd_examples
 from fipray.eval.diversity import coherence, coherence_by_surrogate, member_coherence
 from fipray.eval.predict import accuracy

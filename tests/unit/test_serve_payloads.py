@@ -154,7 +154,7 @@ def test_text_ensemble_records_its_tokenizer_and_image_ensembles_do_not(text_ens
 
 
 def test_texts_tokenised_server_side_give_the_in_process_answer(text_ens):
-    from fipray.data.text import tokenize
+    from fipray.data.tokenizer import tokenize
 
     engine = ShardEngine(text_ens, threads=1)
     facts = engine.input_facts()
