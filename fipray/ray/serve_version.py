@@ -10,7 +10,6 @@ inside functions too), so a module added to the serving path is covered without 
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import json
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import fipray
+from fipray.importgraph import module_imports
 
 SERVING_ROOT = "fipray.ray.serve"  # the deployments; everything their replicas run is imported from here
 PACKAGE_DIR = Path(fipray.__file__).resolve().parent
@@ -46,25 +46,8 @@ def imported_modules(name: str) -> set[str]:
 @functools.lru_cache(maxsize=512)
 def _file_imports(name: str, path: Path, mtime_ns: int) -> frozenset[str]:
     """:func:`imported_modules` of one version of the file (a redeploy re-reads only files that changed)."""
-    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package[: len(package) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            targets = [f"{base}.{a.name}" for a in node.names]  # `from pkg import module` or a name in pkg
-        else:
-            continue
-        for target in targets:
-            while target and module_file(target) is None:
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                found.add(target)
-    return frozenset(found)
+    return frozenset(module_imports(path.read_text(), name, path.name == "__init__.py",
+                                    lambda target: module_file(target) is not None))
 
 
 def serving_modules(root: str = SERVING_ROOT) -> list[str]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from fipray.importgraph import module_imports
+
 ROOT = Path(__file__).resolve().parents[2]
 MAX_FILE_LINES = 450  # lines of a module, everything counted
 MAX_FUNCTION_LINES = 60  # code lines of a function body: no docstring, comments or blank lines
@@ -44,28 +46,8 @@ def modules(root: Path, package: str = "fipray") -> dict[str, Path]:
 
 def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
     """Module -> the package's modules it imports anywhere in its file (function-local imports included)."""
-    graph: dict[str, set[str]] = {}
-    for name, path in mods.items():
-        deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
-                    parts = parts[: len(parts) - node.level + 1]
-                    base = ".".join([*parts, base] if base else parts)
-                targets = [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for t in targets:
-                while t and t not in mods:
-                    t = t.rpartition(".")[0]
-                if t and t != name:
-                    deps.add(t)
-        graph[name] = deps
-    return graph
+    return {name: module_imports(path.read_text(), name, path.name == "__init__.py", mods.__contains__)
+            for name, path in mods.items()}
 
 
 def floor_of(module: str, table: list[tuple[str, list[str]]]) -> int | None:

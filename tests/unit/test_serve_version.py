@@ -28,7 +28,7 @@ def test_serving_modules_include_the_split_modules():
     covered = set(serving_modules())
     assert {"fipray.ray.serve", "fipray.ray.serve_version", "fipray.serving", "fipray.serving_args",
             "fipray.serving_requests", "fipray.ensemble", "fipray.ensemble_folder", "fipray.models.hf",
-            "fipray.data.text", "fipray.config"} <= covered
+            "fipray.data.tokenizer", "fipray.config"} <= covered
     assert "fipray.ray.serve_main" not in covered  # the `fipray serve` process runs in no replica
 
 
