@@ -267,13 +267,19 @@ def lora_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, rank: int =
     tc = _train_cfg(cfg, lc.lr)
     live: dict[str, Any] = {}
 
-    def prepare(model: nn.Module) -> PhaseState:
-        names, out = lora_targets(model, lc.targets)
-        conf = LoraConfig(r=rank, lora_alpha=lc.alpha or 2 * rank, lora_dropout=lc.dropout,
-                          target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
-                          modules_to_save=[out])
-        live["peft"] = get_peft_model(model, conf)  # adapters injected into `model` in place
-        return {}
+    def make_prepare(i: int):
+        def prepare(model: nn.Module) -> PhaseState:
+            names, out = lora_targets(model, lc.targets)
+            conf = LoraConfig(r=rank, lora_alpha=lc.alpha or 2 * rank, lora_dropout=lc.dropout,
+                              target_modules="^(?:" + "|".join(re.escape(n) for n in names) + ")$",
+                              modules_to_save=[out])
+            # peft draws the adapters' A matrices from torch's global RNG: seeded here, so they are a function of
+            # (seed, rank, task) and not of whatever the process ran before (two runs gave different numbers).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(seed, phase_tag("lora_init"), rank, i))
+                live["peft"] = get_peft_model(model, conf)  # adapters injected into `model` in place
+            return {}
+        return prepare
 
     def merge(model: nn.Module) -> None:
         live.pop("peft").merge_and_unload()  # `model` again has its own modules, the adapters merged in
@@ -294,6 +300,6 @@ def lora_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, rank: int =
         return torch.cat([p.detach().reshape(-1) for p in net.parameters()])  # frozen or not
 
     phases = [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
-                               prepare=prepare, finish=make_finish(i))
+                               prepare=make_prepare(i), finish=make_finish(i))
               for i in range(1, len(tasks))]
     return phases, {"weights": weights}
