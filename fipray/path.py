@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from fipray.atomic import atomic_torch_save, atomic_write
 from fipray.core.modes import eval_mode
 from fipray.core.step import StepOutput
-from fipray.optim import make_optimizer  # noqa: F401  (re-exported: phases build optimizers through it)
 
 PhaseState = dict[str, Any]
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, int, PhaseState], StepOutput]
