@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from fipray.config import Config, ConfigError, knob
 from fipray.core.distances import get_distance
+from fipray.core.modes import eval_mode
 from fipray.eval.attacks import input_gradient
-from fipray.eval.predict import eval_mode
 from fipray.runtime import RunContext
 
 SELECTION_EXAMPLES = 256  # training examples on which the δ rule measures FGSM output shifts

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from fipray.config import PathConfig, TrainConfig
 from fipray.core.distances import get_distance
+from fipray.core.modes import eval_mode
 from fipray.core.step import Anchor, StepOutput, fip_objective, metric_step, penalty_step
 from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.stream import Examples, TensorExamples, as_examples
-from fipray.eval.predict import eval_mode
 from fipray.optim import make_optimizer
 from fipray.path import Phase, PhaseState
 from fipray.precision import Scaler, autocast, device_of

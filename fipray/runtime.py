@@ -1,7 +1,7 @@
 """The public runtime every operation, unit and command builds on.
 
-Device, data loading, model building, base training (and networks trained like w0), accuracy, the output
-folder, progress, result files, and `RunContext` (what an operation's run gets: config, device, data, model
+Device, data loading, model building, base training (and networks trained like w0), the DDP shard rule, the
+output folder, progress, result files, and `RunContext` (what an operation's run gets: config, device, data, model
 spec, output folder, progress). Nothing here knows which operations exist; it imports only the layers below it.
 """
 

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fipray.config import Config, ConfigError, TrainConfig
+from fipray.core.modes import eval_mode
 from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.memory import TaskTensors, head_of, memory_upto
 from fipray.data.stream import Examples, StreamedExamples, TensorExamples
 from fipray.eval.continual import row_finish
-from fipray.eval.predict import eval_mode
 from fipray.path import Phase, PhaseState
 from fipray.phases import phase_tag, supervised_phase
 from fipray.registry import Registry

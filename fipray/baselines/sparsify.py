@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fipray.config import Config, TrainConfig
 from fipray.core.masks import apply_masks, counted_tensors, keep_count, magnitude_masks
-from fipray.eval.predict import eval_mode
+from fipray.core.modes import eval_mode
 from fipray.eval.sparsity import is_hf_conv1d
 from fipray.path import run_path
 from fipray.phases import supervised_phase

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray.eval.predict import check_batch, check_unit_range, eval_mode, model_device
+from fipray.core.modes import eval_mode
+from fipray.eval.predict import check_batch, check_unit_range, model_device
 
 
 def _check_attack_args(x: Tensor, y: Tensor, eps: float) -> None:

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fipray.core.modes import eval_mode
 from fipray.eval.predict import (
     as_members,
     check_batch,
     check_batch_size,
-    eval_mode,
     input_gradients,
     model_device,
     predictions,

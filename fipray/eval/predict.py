@@ -1,4 +1,5 @@
-"""Helpers shared by the evaluation modules: eval mode that restores itself, batched forward passes."""
+"""Helpers shared by the evaluation modules: input checks and batched forward passes (predictions, accuracy,
+input gradients), each in `fipray.core.modes.eval_mode`."""
 
 from __future__ import annotations
 

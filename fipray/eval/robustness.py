@@ -18,13 +18,13 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from fipray.core.modes import eval_mode
 from fipray.eval.attacks import auto_attack, pgd_attack
 from fipray.eval.predict import (
     accuracy,
     check_batch,
     check_batch_size,
     check_unit_range,
-    eval_mode,
     input_gradients,
     model_device,
     predictions,
