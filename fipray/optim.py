@@ -27,6 +27,12 @@ def _sgd(params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
+@OPTIMIZERS.register("plain_sgd")
+def _plain_sgd(params: Any, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    # SGD without momentum: the optimizer of the DER paper's benchmarks (mammoth's `torch.optim.SGD(lr)`).
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+
 def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """A fresh optimizer by registry name; an unknown name raises listing the valid ones."""
     try:

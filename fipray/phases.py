@@ -63,6 +63,7 @@ def supervised_phase(
     prepare: Callable[[nn.Module], PhaseState] | None = None,
     train_mode: bool = True,
     loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    mix_in: Callable[[nn.Module, int, PhaseState], tuple[Tensor, Tensor] | None] | None = None,
 ) -> Phase:
     """Cross-entropy on (x, y) minibatches, plus an optional extra penalty (EWC, replay).
 
@@ -73,6 +74,8 @@ def supervised_phase(
         x, y: the examples as tensors (N, ...) and (N,), or `x` an `Examples` (e.g. streamed) and y None.
         loss: (logits, labels) -> the task loss; default `F.cross_entropy` (e.g. a continual head's
             cross-entropy over the live columns, `fipray.heads.Head.loss`).
+        mix_in: (model, t, state) -> examples (x, y) appended to step t's batch before the loss (one mean
+            over both: experience replay as Chaudhry et al. 2019 and the DER paper's code define it), or None.
     """
     task_loss = F.cross_entropy if loss is None else loss
     data = typing.cast(Examples, x) if y is None else TensorExamples(typing.cast(Tensor, x), y)
@@ -84,6 +87,9 @@ def supervised_phase(
 
     def _step(model: nn.Module, opt: torch.optim.Optimizer, t: int, state: PhaseState) -> StepOutput:
         xb, yb = source.batch(t)
+        more = mix_in(model, t, state) if mix_in is not None else None
+        if more is not None:
+            xb, yb = torch.cat([xb, more[0].to(xb.dtype)]), torch.cat([yb, more[1]])
         if train.precision == "fp32" and train.accumulate == 1:
             loss = task_loss(model(xb), yb)
             ex = extra(model, t, state) if extra is not None else torch.zeros((), device=loss.device)

@@ -17,11 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray.config import Config, ConfigError, TrainConfig
+from fipray.baselines.replay import (
+    first_task,
+    joint_once_phases,
+    reservoir_der_phases,
+    reservoir_er_phases,
+    task_steps,
+    train_config,
+)
+from fipray.config import Config, ConfigError
 from fipray.core.modes import eval_mode
 from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.memory import TaskTensors, head_of, memory_upto
 from fipray.data.stream import Examples, StreamedExamples, TensorExamples
+from fipray.data.transformed import ConcatExamples
 from fipray.eval.continual import row_finish
 from fipray.path import Phase, PhaseState
 from fipray.phases import phase_tag, supervised_phase
@@ -32,11 +41,11 @@ from fipray.registry import Registry
 CONTINUAL_BASELINES: Registry = Registry("continual baseline")
 
 
-def _train_cfg(cfg: Config, lr: float = 0.0) -> TrainConfig:
-    # Baselines take the same step count, batch size and optimizer as the FIP phase.
-    p = cfg.path
-    return TrainConfig(steps=p.steps, batch_size=p.batch_size, lr=lr or p.lr, optimizer=p.optimizer,
-                       weight_decay=p.weight_decay, precision=p.precision, accumulate=p.accumulate)
+_train_cfg = train_config
+
+
+def _steps(cfg: Config, tasks: list[TaskTensors], i: int) -> int:
+    return task_steps(cfg, len(tasks[i]), cfg.path.batch_size)
 
 
 @CONTINUAL_BASELINES.register("naive")
@@ -44,13 +53,16 @@ def naive_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase
     """Fine-tuning on each new task alone (the lower bound)."""
     tc, head = _train_cfg(cfg), head_of(tasks)
     return [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
-                             finish=row_finish(tasks, i))
-            for i in range(1, len(tasks))]
+                             steps=_steps(cfg, tasks, i), finish=row_finish(tasks, i))
+            for i in range(first_task(cfg), len(tasks))]
 
 
 @CONTINUAL_BASELINES.register("er")
 def er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
-    """New-task cross-entropy plus cross-entropy on a replay batch from the same memory FIP uses."""
+    """New-task cross-entropy plus cross-entropy on a replay batch from the same memory FIP uses (a
+    reservoir buffer with `continual.memory: reservoir`, `fipray.baselines.replay`)."""
+    if cfg.continual.memory == "reservoir":
+        return reservoir_er_phases(tasks, cfg, seed)
     tc, head = _train_cfg(cfg), head_of(tasks)
     phases = []
     for i in range(1, len(tasks)):
@@ -63,7 +75,7 @@ def er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
             return head.cross_entropy(model(x_mem[idx]), y_mem[idx], i)
 
         phases.append(supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
-                                       extra=replay, finish=row_finish(tasks, i)))
+                                       steps=_steps(cfg, tasks, i), extra=replay, finish=row_finish(tasks, i)))
     return phases
 
 
@@ -122,7 +134,7 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
         return prepare
 
     return [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, extra=penalty, loss=head.loss(i),
-                             prepare=make_prepare(i), finish=row_finish(tasks, i))
+                             steps=_steps(cfg, tasks, i), prepare=make_prepare(i), finish=row_finish(tasks, i))
             for i in range(1, len(tasks))]
 
 
@@ -164,17 +176,29 @@ def lwf_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
             return cc.lwf_lambda * match(model(xb), target)
 
         phases.append(supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
-                                       extra=distil, prepare=prepare, finish=row_finish(tasks, i)))
+                                       steps=_steps(cfg, tasks, i), extra=distil, prepare=prepare,
+                                       finish=row_finish(tasks, i)))
     return phases
 
 
+@CONTINUAL_BASELINES.register("der")
+def der_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
+    """DER (Buzzega et al. 2020): DER++ without the replayed labels' term (β = 0)."""
+    return derpp_phases(tasks, cfg, seed, beta=0.0)
+
+
 @CONTINUAL_BASELINES.register("derpp")
-def derpp_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
+def derpp_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, beta: float | None = None) -> list[Phase]:
     """DER++ (Buzzega et al. 2020): new-task cross-entropy + α·MSE between the network's logits and the
     logits stored with each memory example + β·cross-entropy on a second replay batch. The memory is the
-    one FIP and ER use; each example's logits are the network's at the end of its task (the output
-    columns live then)."""
-    tc, head, cc = _train_cfg(cfg), head_of(tasks), cfg.continual
+    one FIP and ER use; with per-task memories each example's logits are the network's at the end of its
+    task (the output columns live then), with a reservoir buffer those it had when it entered the buffer
+    (`fipray.baselines.replay`)."""
+    cc = cfg.continual
+    beta = cc.der_beta if beta is None else beta
+    if cc.memory == "reservoir":
+        return reservoir_der_phases(tasks, cfg, seed, beta=beta)
+    tc, head = _train_cfg(cfg), head_of(tasks)
     stored: list[Tensor] = []  # per finished task: its memory's logits at the end of that task
 
     phases = []
@@ -200,10 +224,13 @@ def derpp_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase
             a, b = s1.indices(t).to(x_mem.device), s2.indices(t).to(x_mem.device)
             z, m = state["logits"][a], live[a]
             mse = ((model(x_mem[a]) - z).pow(2) * m).sum() / m.sum().clamp(min=1)
-            return cc.der_alpha * mse + cc.der_beta * head.cross_entropy(model(x_mem[b]), y_mem[b], i)
+            if not beta:
+                return cc.der_alpha * mse
+            return cc.der_alpha * mse + beta * head.cross_entropy(model(x_mem[b]), y_mem[b], i)
 
         phases.append(supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
-                                       extra=replay, prepare=prepare, finish=row_finish(tasks, i)))
+                                       steps=_steps(cfg, tasks, i), extra=replay, prepare=prepare,
+                                       finish=row_finish(tasks, i)))
     return phases
 
 
@@ -213,6 +240,8 @@ def _joint_data(tasks: list[TaskTensors], upto: int) -> Examples:
     if all(t.x_train is not None for t in sel):
         return TensorExamples(torch.cat([t.x_train for t in sel if t.x_train is not None]),
                               torch.cat([t.y_train for t in sel if t.y_train is not None]))
+    if not any(isinstance(t.train, StreamedExamples) for t in sel):  # e.g. domain tasks transformed per batch
+        return ConcatExamples([t.train_data for t in sel])
     from torch.utils.data import ConcatDataset
 
     last = tasks[upto].train
@@ -225,11 +254,14 @@ def _joint_data(tasks: list[TaskTensors], upto: int) -> Examples:
 @CONTINUAL_BASELINES.register("joint")
 def joint_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """Joint training (the upper bound): at task i, the same number of steps on the union of the whole
-    training sets of tasks 0..i (no memory limit), each example's loss over its own head's columns."""
+    training sets of tasks 0..i (no memory limit), each example's loss over its own head's columns. With task
+    lengths in epochs (`continual.epochs`), the DER paper's JOINT instead (`joint_once_phases`)."""
+    if cfg.continual.epochs:
+        return joint_once_phases(tasks, cfg, seed)
     tc, head = _train_cfg(cfg), head_of(tasks)
     return [supervised_phase(f"task{i}", _joint_data(tasks, i), None, tc, seed, loss=head.loss(i),
-                             finish=row_finish(tasks, i))
-            for i in range(1, len(tasks))]
+                             steps=cfg.path.steps, finish=row_finish(tasks, i))
+            for i in range(first_task(cfg), len(tasks))]
 
 
 # LoRA ----------------------------------------------------------------------------------------------------
@@ -300,6 +332,6 @@ def lora_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, rank: int =
         return torch.cat([p.detach().reshape(-1) for p in net.parameters()])  # frozen or not
 
     phases = [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
-                               prepare=make_prepare(i), finish=make_finish(i))
+                               steps=_steps(cfg, tasks, i), prepare=make_prepare(i), finish=make_finish(i))
               for i in range(1, len(tasks))]
     return phases, {"weights": weights}

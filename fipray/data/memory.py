@@ -22,6 +22,7 @@ from fipray.data.core import as_tensors, dataset_labels
 from fipray.data.stream import Examples, TensorExamples
 from fipray.data.streams import MappedDataset, TaskStream
 from fipray.data.tasks import stratified_indices
+from fipray.data.transformed import TransformedExamples
 from fipray.heads import Head
 
 
@@ -103,7 +104,8 @@ def _split(ds: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def materialise(stream: TaskStream, head: Head, columns: list[dict[int, int]], device: torch.device, seed: int,
-                memory_per_task: int, *, streamed: Callable[[Dataset], Examples] | None = None) -> list[TaskTensors]:
+                memory_per_task: int, *, streamed: Callable[[Dataset], Examples] | None = None,
+                test_cache: dict | None = None) -> list[TaskTensors]:
     """The tasks of `stream` on `device` with their replay memories, labels mapped to the head's columns.
 
     Args:
@@ -111,7 +113,9 @@ def materialise(stream: TaskStream, head: Head, columns: list[dict[int, int]], d
         seed: the run's seed; task i's memory is `stratified_indices` with seed `mix_seed(seed, 5, i)`.
         memory_per_task: replay examples drawn from each task's training split.
         streamed: with streamed data, makes a task's training `Examples` from its dataset as the network
-            sees it (labels mapped, domain transform applied); None: training splits as tensors.
+            sees it (labels mapped, domain transform applied); None: training splits as tensors (a domain
+            task's as `TransformedExamples`: the untransformed tensors, its transform applied per batch).
+        test_cache: kept across calls (e.g. seeds) so each task's transformed test inputs are made once.
 
     Raises:
         ValueError: `memory_per_task` exceeds a task's training examples, or a label is not one of its task's classes.
@@ -127,9 +131,17 @@ def materialise(stream: TaskStream, head: Head, columns: list[dict[int, int]], d
         else:
             xtr, ytr = _split(t.train, device)
             ytr = _relabel(ytr, columns[i])
-            train = TensorExamples(_transformed(xtr, t.transform), ytr)
+            # A domain task's training inputs are transformed per batch: one copy of the data for all tasks.
+            train = TensorExamples(xtr, ytr) if t.transform is None else TransformedExamples(xtr, ytr, t.transform)
         xte, yte = _split(t.test, device)
-        xte, yte = _transformed(xte, t.transform), _relabel(yte, columns[i])
+        key = (i, id(t.test), str(device))
+        if test_cache is not None and key in test_cache:
+            xte = test_cache[key]
+        else:
+            xte = _transformed(xte, t.transform)
+            if test_cache is not None:
+                test_cache[key] = xte
+        yte = _relabel(yte, columns[i])
         if memory_per_task > len(ytr):
             raise ValueError(f"memory_per_task {memory_per_task} exceeds the {len(ytr)} training examples "
                              f"of task {i}")

@@ -166,6 +166,9 @@ def permutations(num_tasks: int, input_shape: Sequence[int], seed: int = 0,
 
 
 class _Rotate:
+    """Images rotated by a fixed angle about their centre (nearest neighbour, zero fill: what PIL's rotate
+    does to an MNIST digit)."""
+
     def __init__(self, degrees: float):
         self.degrees = degrees
 
@@ -178,6 +181,17 @@ class _Rotate:
 def rotations(num_tasks: int, step_degrees: float) -> list[InputTransform | None]:
     """Task i sees its images rotated by i·step_degrees (task 0 unrotated)."""
     return [None if i == 0 else _Rotate(i * step_degrees) for i in range(num_tasks)]
+
+
+def random_rotations(num_tasks: int, low: float, high: float, seed: int = 0,
+                     identity_first: bool = False) -> list[InputTransform | None]:
+    """One fixed angle per task drawn uniformly from [low, high) degrees, seeded (rotated MNIST as the DER
+    paper builds it: every task rotated, task 0 included, unless `identity_first`)."""
+    if not high > low:
+        raise ValueError(f"a rotation range needs low < high, got [{low}, {high}]")
+    g = torch.Generator().manual_seed(seed)
+    angles = (low + (high - low) * torch.rand(num_tasks, generator=g, dtype=torch.float64)).tolist()
+    return [None if (i == 0 and identity_first) else _Rotate(a) for i, a in enumerate(angles)]
 
 
 class MappedDataset(Dataset):

@@ -31,18 +31,29 @@ def _mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequen
 
 
 @register_model("mlp")
-def mlp(num_classes: int, input_shape: tuple[int, ...], *, hidden: Sequence[int] = (256, 256)) -> nn.Module:
+def mlp(num_classes: int, input_shape: tuple[int, ...], *, hidden: Sequence[int] = (256, 256),
+        init: str = "default") -> nn.Module:
     """Flatten → (Linear → ReLU) per hidden size → Linear head.
 
     Args:
         num_classes: Output logits.
         input_shape: Per-example shape; flattened to ``prod(input_shape)`` features.
         hidden: Hidden layer widths (may be empty for a linear model).
+        init: ``default`` (PyTorch's Linear init) or ``xavier`` (Xavier-uniform weights, zero biases: the
+            MNIST MLP of the DER paper's benchmarks, mammoth's ``MNISTMLP``).
 
     Returns:
         Module mapping ``(B, *input_shape)`` to ``(B, num_classes)``.
     """
-    return _mlp(math.prod(input_shape), tuple(hidden), num_classes)
+    if init not in ("default", "xavier"):
+        raise ValueError(f"mlp init {init!r} is not one of default, xavier")
+    net = _mlp(math.prod(input_shape), tuple(hidden), num_classes)
+    if init == "xavier":
+        for m in net.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+    return net
 
 
 @register_model("lenet_300_100")

@@ -22,22 +22,20 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from fipray import report
 from fipray.baselines.continual import CONTINUAL_BASELINES
-from fipray.config import Config, ConfigError, knob
+from fipray.baselines.replay import buffer_at_task, first_task, task_steps
+from fipray.config import Config, ConfigError
 from fipray.core.distances import get_distance
-from fipray.data import DataBundle, get_data, streams
-from fipray.data.memory import TaskTensors, head_of, materialise, memory_upto
-from fipray.data.stream import Examples, StreamedExamples, build_transform
+from fipray.data import DataBundle
+from fipray.data.memory import TaskTensors, head_of, memory_upto
 from fipray.data.streams import TaskStream
 from fipray.eval.continual import (
     WeightSnapshots,
@@ -52,85 +50,39 @@ from fipray.eval.continual import (
     weight_change,
     weight_pca,
 )
-from fipray.heads import LAYOUTS, Head
+from fipray.heads import Head
 from fipray.models import load_state_dict_file
 from fipray.operation import Operation, Report, collect_seeds, register_operation
+from fipray.ops.continual_setup import (
+    ContinualConfig,
+    LoraOptions,
+    build_tasks,
+    make_head,
+    method_config,
+    methods_of,
+    num_tasks,
+    stream_from_config,
+)
 from fipray.path import Phase, PhaseState, flat_trainable, run_path
 from fipray.phases import fip_phase, supervised_phase
-from fipray.runtime import RunContext, clone, load_bundle, mean_std, path_summary, shard, write_outputs
+from fipray.runtime import RunContext, clone, mean_std, path_summary, shard, write_outputs
 
-
-@dataclass(frozen=True)
-class LoraOptions:
-    """The LoRA baseline (peft): one method per rank (`lora_r8`, ...); adapters merged after each task."""
-
-    ranks: tuple[int, ...] = knob((8,), gt=0, nonempty=True)
-    alpha: float = knob(0.0, ge=0)  # LoRA's alpha; 0: 2 x rank
-    dropout: float = knob(0.0, ge=0, lt=1)
-    # peft target_modules: module-name suffixes; (): query/value projections of a transformer, every
-    # Linear layer but the output head otherwise. The head always trains (peft modules_to_save).
-    targets: tuple[str, ...] = knob(())
-    lr: float = knob(0.0, ge=0)  # 0: path.lr
-
-
-@dataclass(frozen=True)
-class ContinualConfig:
-    """Continual learning on a task stream (paper Algorithm 1)."""
-
-    stream: str = knob("split", choices=("split", "datasets", "domain"))
-    head: str = knob("shared", choices=LAYOUTS)
-    num_tasks: int = knob(5, gt=0)  # split and domain streams; a datasets stream has one task per entry of `tasks`
-    classes_per_task: int = knob(0, ge=0)  # 0: num_classes // num_tasks
-    tasks: tuple[dict, ...] = knob(())  # datasets stream: [{name, kwargs}] per task, as the `data` section
-    domain: str = knob("permute", choices=("permute", "rotate"))  # domain stream: the per-task transform
-    domain_seed: int = knob(0, ge=0)
-    rotate_degrees: float = knob(15.0)
-    memory_per_task: int = knob(20, gt=0)
-    setting: str = knob("class", choices=("class", "task"))  # the setting summary.json headlines; both computed
-    base: str = knob("train", choices=("train", "as_is"))  # task 0: train on it, or take the network as it is
-    base_weights: str = ""  # a state dict (.safetensors/.pt) loaded into the network before task 0
-    baselines: tuple[str, ...] = knob(("naive", "er", "ewc"), choices=CONTINUAL_BASELINES.names)
-    ewc_lambda: float = knob(100.0, ge=0)
-    ewc_samples: int = knob(200, gt=0)
-    lwf_lambda: float = knob(1.0, ge=0)
-    lwf_temperature: float = knob(2.0, gt=0)
-    der_alpha: float = knob(0.3, ge=0)  # DER++: weight of the logit-matching term
-    der_beta: float = knob(0.5, ge=0)  # DER++: weight of the replayed labels' cross-entropy
-    lora: LoraOptions = field(default_factory=LoraOptions)
-    pca_coordinates: int = knob(100_000, gt=0)  # weight-space PCA: a seeded subset of this many coordinates
-
-    def check(self, cfg: Config) -> None:
-        if cfg.operation != "continual":
-            return
-        if self.stream == "datasets":
-            if not self.tasks:
-                raise ConfigError("config key 'continual.tasks': a datasets stream needs one entry per task "
-                                  "({name, kwargs}, like the data section)")
-            for i, t in enumerate(self.tasks):
-                bad = sorted(set(t) - {"name", "kwargs"})
-                if "name" not in t or bad:
-                    raise ConfigError(f"config key 'continual.tasks[{i}]': give name and optional kwargs"
-                                      f"{', not ' + ', '.join(bad) if bad else ''}")
-            if self.head == "shared":
-                raise ConfigError("config key 'continual.head': 'shared' needs one label space; the tasks of a "
-                                  "datasets stream have their own, use 'multi' or 'grow'")
-        elif self.tasks:
-            raise ConfigError(f"config key 'continual.tasks' lists datasets, but continual.stream is "
-                              f"{self.stream!r} (set stream: datasets)")
-
-
-def num_tasks(cfg: Config) -> int:
-    cc = cfg.continual
-    return len(cc.tasks) if cc.stream == "datasets" else cc.num_tasks
+__all__ = ["Continual", "ContinualConfig", "LoraOptions", "build_tasks", "fip_continual_phases", "make_head",
+           "method_config", "methods_of", "num_tasks", "stream_from_config"]
 
 
 def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
-    """FIP phases for tasks 1..T−1 (the path starts at the network trained on task 0)."""
+    """FIP phases for tasks 1..T−1 (the path starts at the network trained on task 0). Phase i keeps
+    invariance on the replay memory of tasks 0..i−1: their per-task memories, or the reservoir buffer as it
+    stands when task i starts (`continual.memory: reservoir`)."""
     head = head_of(tasks)
     dist = get_distance(cfg.path.distance)
     phases = []
     for i in range(1, len(tasks)):
-        x_mem, _ = memory_upto(tasks, i)
+        if cfg.continual.memory == "reservoir":
+            x_mem, _ = buffer_at_task(tasks, cfg, seed, i)
+        else:
+            x_mem, _ = memory_upto(tasks, i)
 
         def secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None, y: Tensor | None,
                       state: PhaseState, i: int = i) -> Tensor:
@@ -140,66 +92,9 @@ def fip_continual_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> li
         phases.append(fip_phase(
             f"task{i}", cfg.path, seed, memory=x_mem, secondary=secondary,
             new_data=tasks[i].train_data, distance=head.invariance(dist, i),
-            finish=row_finish(tasks, i),
+            steps=task_steps(cfg, len(tasks[i]), cfg.path.batch_size), finish=row_finish(tasks, i),
         ))
     return phases
-
-
-def stream_from_config(cfg: Config, bundle: Any = None) -> TaskStream:
-    """The task stream `cfg.continual` describes (`bundle`: the data of a split or domain stream; None
-    loads `cfg.data`)."""
-    cc = cfg.continual
-    if cc.stream == "datasets":
-        bundles = []
-        for i, t in enumerate(cc.tasks):
-            try:
-                bundles.append(get_data(t["name"], **dict(t.get("kwargs") or {})))
-            except (KeyError, TypeError, ValueError) as e:
-                raise ConfigError(f"config key 'continual.tasks[{i}]': {e.args[0] if e.args else e}") from None
-        try:
-            return streams.datasets_stream(bundles)
-        except ValueError as e:
-            raise ConfigError(f"config key 'continual.tasks': {e}") from None
-    bundle = bundle if bundle is not None else load_bundle(cfg)
-    if cc.stream == "domain":
-        tfs = (streams.permutations(cc.num_tasks, bundle.input_shape, cc.domain_seed) if cc.domain == "permute"
-               else streams.rotations(cc.num_tasks, cc.rotate_degrees))
-        names = [f"{cc.domain} {i}" if i else "original" for i in range(cc.num_tasks)]
-        return streams.domain_stream(bundle, tfs, names)
-    try:
-        return streams.class_split(bundle, cc.num_tasks, classes_per_task=cc.classes_per_task or None)
-    except ValueError as e:
-        raise ConfigError(f"config section 'continual': {e}") from None
-
-
-def make_head(layout: str, stream: TaskStream) -> tuple[Head, list[dict[int, int]]]:
-    try:
-        return Head.build(layout, [t.classes for t in stream.tasks], stream.shared_labels, stream.num_labels)
-    except ValueError as e:
-        raise ConfigError(f"config key 'continual.head': {e}") from None
-
-
-def build_tasks(cfg: Config, bundle: Any, device: torch.device, seed: int, *, stream: TaskStream | None = None,
-                head: Head | None = None, columns: list[dict[int, int]] | None = None) -> list[TaskTensors]:
-    """The tasks of a stream (default: the one `cfg.continual` describes over `bundle`) with their replay
-    memories, labels mapped to the head's output columns (`fipray.data.memory.materialise`)."""
-    cc, d = cfg.continual, cfg.data
-    if stream is None:
-        stream = stream_from_config(cfg, bundle)
-    if head is None or columns is None:
-        head, columns = make_head(cc.head, stream)
-    for i, t in enumerate(stream.tasks):
-        n = len(t.train)  # type: ignore[arg-type]
-        if cc.memory_per_task > n:
-            raise ConfigError(f"config key 'continual.memory_per_task': {cc.memory_per_task} "
-                              f"exceeds the {n} training examples of task {i}")
-
-    def streamed(dataset: Dataset) -> Examples:
-        return StreamedExamples(dataset, device, workers=d.workers, train_transform=build_transform(d.train_transforms),
-                                eval_transform=build_transform(d.eval_transforms))
-
-    return materialise(stream, head, columns, device, seed, cc.memory_per_task,
-                       streamed=streamed if d.stream else None)
 
 
 def _stream(ctx: RunContext) -> tuple[TaskStream, Head, list[dict[int, int]]]:
@@ -208,26 +103,26 @@ def _stream(ctx: RunContext) -> tuple[TaskStream, Head, list[dict[int, int]]]:
 
 def _tasks(ctx: RunContext, seed: int) -> list[TaskTensors]:
     stream, head, columns = _stream(ctx)
+    cache = ctx.memo("test_inputs", dict)  # a domain task's transformed test inputs, made once for all seeds
     return ctx.memo(f"tasks/{seed}", lambda: build_tasks(ctx.cfg, ctx.bundle, ctx.device, seed, stream=stream,
-                                                         head=head, columns=columns))
-
-
-def methods_of(cfg: Config) -> list[str]:
-    """FIP, then the baselines; `lora` is one method per rank (`lora_r8`, ...)."""
-    out = ["fip"]
-    for b in cfg.continual.baselines:
-        out += [f"lora_r{r}" for r in cfg.continual.lora.ranks] if b == "lora" else [b]
-    return out
+                                                         head=head, columns=columns, test_cache=cache))
 
 
 def method_phases(method: str, tasks: list[TaskTensors], cfg: Config, seed: int) -> tuple[list[Phase], dict]:
-    """A method's phases for tasks 1..T−1 and extra `run_path` arguments (e.g. LoRA's weights view)."""
+    """A method's phases and extra `run_path` arguments (e.g. LoRA's weights view): tasks 1..T−1, or for a
+    baseline under `continual.base: each` tasks 0..T−1. `cfg`: the method's own (`method_config`)."""
     if method == "fip":
         return fip_continual_phases(tasks, cfg, seed), {}
     m = re.fullmatch(r"lora_r(\d+)", method)
     got = (CONTINUAL_BASELINES.get("lora")(tasks, cfg, seed, rank=int(m.group(1))) if m
            else CONTINUAL_BASELINES.get(method)(tasks, cfg, seed))
     return got if isinstance(got, tuple) else (got, {})
+
+
+def memory_label(cfg: Config) -> str:
+    """The replay memory every method of a run shares, as the tables state it."""
+    cc = cfg.continual
+    return f"reservoir {cc.buffer_size}" if cc.memory == "reservoir" else f"{cc.memory_per_task} per task"
 
 
 def _load_weights(model: nn.Module, file: str) -> None:
@@ -273,18 +168,21 @@ class Continual(Operation):
         cc = ctx.cfg.continual
         if cc.base_weights:
             _load_weights(model, cc.base_weights)
-        if cc.base == "train":
-            head = head_of(tasks)
-            run_path(model, [supervised_phase("base", tasks[0].train_data, None, ctx.cfg.train, seed,
+        if cc.base in ("train", "each"):
+            head, tc = head_of(tasks), ctx.cfg.train
+            steps = task_steps(ctx.cfg, len(tasks[0]), tc.batch_size) if cc.epochs else tc.steps
+            run_path(model, [supervised_phase("base", tasks[0].train_data, None, tc, seed, steps=steps,
                                               loss=head.loss(0))],
-                     record_every=max(ctx.cfg.train.steps, 1), checkpoint_every=10**9, progress=ctx.bar)
+                     record_every=max(steps, 1), checkpoint_every=10**9, progress=ctx.bar)
 
     # The experiment -------------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
         methods = methods_of(cfg)
-        T = len(_stream(ctx)[0])
-        total = len(cfg.seeds) * (cfg.train.steps + len(methods) * (T - 1) * cfg.path.steps)
+        sizes = [len(t) for t in _tasks(ctx, cfg.seeds[0])]
+        per_task = sum(task_steps(cfg, n, cfg.path.batch_size) for n in sizes[1:])
+        base = task_steps(cfg, sizes[0], cfg.train.batch_size) if cfg.continual.epochs else cfg.train.steps
+        total = len(cfg.seeds) * (base + len(methods) * per_task)
         rows = collect_seeds(ctx, total, self.name,
                              ("results", "accuracy_matrix", "path", "geometry", "weight_change", "pca"),
                              lambda seed: self.run_seed(ctx, seed, methods))
@@ -293,53 +191,63 @@ class Continual(Operation):
         return summary
 
     def run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
-        """Base network on task 0, then every method's phases for tasks 1..T−1 from it."""
+        """Base network on task 0, then every method's phases for tasks 1..T−1 from it (with `base: each`,
+        every baseline's phases for tasks 0..T−1 from the untrained network instead)."""
         cfg = ctx.cfg
         tasks = _tasks(ctx, seed)
         base = ctx.model(seed)
+        init = clone(base)
         rand = random_rows(base, tasks)
         t0 = time.perf_counter()
         self.prepare_base(ctx, base, tasks, seed)
-        base_seconds = time.perf_counter() - t0
-        row0 = evaluate_row(base, tasks, 0)
-        w0 = {k: v.detach().clone() for k, v in base.named_parameters()}
-        n_params = sum(v.numel() for v in w0.values())
-        heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
+        start = {"base": (base, time.perf_counter() - t0, evaluate_row(base, tasks, 0)), "init": (init, 0.0, None)}
         out: dict[str, list] = {k: [] for k in ("results", "accuracy_matrix", "path", "geometry", "weight_change",
                                                 "pca")}
         snaps: dict[str, list[np.ndarray]] = {}
-        start = None
+        origin = None
         for method in methods:
-            model = clone(base)
-            phases, extra = method_phases(method, tasks, cfg, seed)
-            fip = method == "fip"
-            snap = WeightSnapshots(n_params, cfg.continual.pca_coordinates, extra.get("weights") or flat_trainable)
-            if start is None:
-                start = snap.take(model)
-            along = accuracy_along_path(tasks) if fip else None
-
-            def evaluate(m: nn.Module, along: Any = along, snap: WeightSnapshots = snap) -> dict:
-                return {**snap(m), **(along(m) if along is not None else {})}
-
-            t0 = time.perf_counter()
-            res = run_path(model, phases, out_dir=ctx.checkpoint_dir(method, f"seed{seed}") if fip else None,
-                           **{**ctx.path_kwargs(heldout, evaluate), **extra})
-            seconds = base_seconds + time.perf_counter() - t0
+            own = first_task(cfg) == 0 and method != "fip"
+            net, seconds, row0 = start["init" if own else "base"]
+            snap, first, res, secs = self.run_method(ctx, method, clone(net), tasks, seed)
+            origin = first if origin is None else origin
+            model = res.model
             out["path"] += [{"method": method, "seed": seed, **r} for r in res.records]
             out["geometry"].append({"method": method, "seed": seed, **path_summary(res.records)})
+            w_start = {k: v.detach() for k, v in net.named_parameters()}
             out["weight_change"] += [{"method": method, "seed": seed, "layer": k, "ratio": v}
-                                     for k, v in weight_change(w0, model).items()]
+                                     for k, v in weight_change(w_start, model).items()]
             snaps[method] = snap.rows
-            R_rows = {0: row0, **{i: res.phase_results[f"task{i}"] for i in range(1, len(tasks))}}
+            R_rows = {i: res.phase_results[f"task{i}"] for i in range(0 if own else 1, len(tasks))}
+            R_rows.setdefault(0, row0)
             results, matrices = result_rows(R_rows, rand, {"method": method, "seed": seed},
-                                            {"memory_per_task": cfg.continual.memory_per_task,
-                                             "distance": cfg.path.distance, "seconds": seconds})
+                                            {"memory": memory_label(cfg), "distance": cfg.path.distance,
+                                             "seconds": seconds + secs})
             out["results"] += results
             out["accuracy_matrix"] += matrices
-        if seed == cfg.seeds[0] and start is not None:
+        if seed == cfg.seeds[0] and origin is not None:
             out["pca"] = [{"method": m, "k": k, "pc1": float(x), "pc2": float(y)}
-                          for m, xy in weight_pca(snaps, start).items() for k, (x, y) in enumerate(xy)]
+                          for m, xy in weight_pca(snaps, origin).items() for k, (x, y) in enumerate(xy)]
         return out
+
+    def run_method(self, ctx: RunContext, method: str, model: nn.Module, tasks: list[TaskTensors],
+                   seed: int) -> tuple[WeightSnapshots, np.ndarray, Any, float]:
+        """One method's path from `model` under its own config: (weight snapshots, the starting weights'
+        snapshot, the path result, seconds)."""
+        cfg = ctx.cfg
+        phases, extra = method_phases(method, tasks, method_config(cfg, method), seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        snap = WeightSnapshots(n_params, cfg.continual.pca_coordinates, extra.get("weights") or flat_trainable)
+        first = snap.take(model)
+        along = accuracy_along_path(tasks) if method == "fip" else None
+
+        def evaluate(m: nn.Module) -> dict:
+            return {**snap(m), **(along(m) if along is not None else {})}
+
+        heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
+        t0 = time.perf_counter()
+        res = run_path(model, phases, out_dir=ctx.checkpoint_dir(method, f"seed{seed}") if method == "fip" else None,
+                       **{**ctx.path_kwargs(heldout, evaluate), **extra})
+        return snap, first, res, time.perf_counter() - t0
 
     @staticmethod
     def aggregate(ctx: RunContext, methods: list[str], rows: dict[str, list]) -> dict:
