@@ -187,6 +187,18 @@ def der_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     return derpp_phases(tasks, cfg, seed, beta=0.0)
 
 
+@CONTINUAL_BASELINES.register("fip_stored")
+def fip_stored_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
+    """FIP's objective with invariance anchored where DER anchors: β·CE(new batch) + λ·d(f(x_buf), z_buf) on a
+    reservoir buffer, each example's anchor z the outputs it had when it entered the buffer (not the network
+    at the task's start), d = `path.distance`, λ/β/η = `path.lam`/`path.beta`/`path.lr`. Needs `continual.memory:
+    reservoir` (`fipray.baselines.replay`)."""
+    if cfg.continual.memory != "reservoir":
+        raise ConfigError("continual baseline 'fip_stored' anchors on a reservoir buffer: set continual.memory: "
+                          "reservoir")
+    return reservoir_der_phases(tasks, cfg, seed, beta=0.0, invariance=True)
+
+
 @CONTINUAL_BASELINES.register("derpp")
 def derpp_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, beta: float | None = None) -> list[Phase]:
     """DER++ (Buzzega et al. 2020): new-task cross-entropy + α·MSE between the network's logits and the

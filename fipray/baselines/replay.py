@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fipray.config import Config, TrainConfig
+from fipray.core.distances import get_distance
 from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.memory import TaskTensors, head_of
 from fipray.data.reservoir import ReplayBuffer, ReservoirPlan, gather
@@ -102,9 +103,15 @@ def reservoir_er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> lis
     return phases
 
 
-def reservoir_der_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, beta: float) -> list[Phase]:
-    """DER (`beta` 0) or DER++ with a reservoir buffer whose logits are stored at insertion."""
+def reservoir_der_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, beta: float,
+                         invariance: bool = False) -> list[Phase]:
+    """DER (`beta` 0) or DER++ with a reservoir buffer whose logits are stored at insertion.
+
+    `invariance`: FIP's objective on that buffer instead (`fip_stored`): β·CE(batch) + λ·d(f(x_buf), z_buf)
+    with d the path's output distance (`path.distance`, Bhattacharyya by default), λ = `path.lam`,
+    β = `path.beta`, each example's anchor z its outputs when it entered the buffer; no replayed labels."""
     tc, head, cc = train_config(cfg), head_of(tasks), cfg.continual
+    dist = get_distance(cfg.path.distance)
     plan = stream_plan(tasks, cfg, seed)
     buf = ReplayBuffer(plan, [t.train_data for t in tasks], mix_seed(seed, 14), num_outputs=head.num_outputs)
     mb = cfg.path.memory_batch_size or plan.size
@@ -124,16 +131,24 @@ def reservoir_der_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, be
             if got is not None:
                 assert buf.logits is not None
                 x, _, slots, owner = got
+                z = buf.logits[slots.to(x.device)]
                 m = live[owner].to(x.device)
-                err = (model(x) - buf.logits[slots.to(x.device)]).pow(2) * m
-                total = total + cc.der_alpha * err.sum() / m.sum().clamp(min=1)
+                if invariance:  # on the columns live when the example entered (all of them for a shared head)
+                    total = total + cfg.path.lam * dist(model(x).masked_fill(~m, -1e4), z.masked_fill(~m, -1e4))
+                else:
+                    err = (model(x) - z).pow(2) * m
+                    total = total + cc.der_alpha * err.sum() / m.sum().clamp(min=1)
                 if beta:
                     x2, y2, _, _ = buf.sample(g, mb, draw=1)  # type: ignore[misc]
                     total = total + beta * head.cross_entropy(model(x2), y2, i)
             buf.store(model, g)
             return total
 
-        phases.append(supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
+        task_loss = head.loss(i)
+        if invariance:
+            def task_loss(logits: Tensor, y: Tensor, i: int = i) -> Tensor:
+                return cfg.path.beta * head.cross_entropy(logits, y, i)
+        phases.append(supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=task_loss,
                                        steps=plan.offsets[i + 1] - plan.offsets[i], extra=replay,
                                        prepare=prepare, finish=row_finish(tasks, i)))
     return phases

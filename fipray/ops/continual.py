@@ -291,6 +291,14 @@ class Continual(Operation):
         if rows["pca"]:
             report.plot_weight_pca(rows["pca"], methods, out / "weight_pca.png",
                                    f"Weight-space PCA of every method's path (seed {cfg.seeds[0]})")
+        if summary["num_tasks"] == 2:  # the paper's Fig. 2: both tasks' test accuracy as FIP's path moves
+            first = cfg.seeds[0]
+            ends = {(r["method"], r["j"]): r["acc"] for r in rows["accuracy_matrix"]
+                    if r["seed"] == first and r["setting"] == "class" and r["i"] == 1}
+            report.plot_task_pair([r for r in rows["path"] if r["method"] == "fip" and r["seed"] == first],
+                                  out / "task_pair.png", tuple(summary["tasks"]),
+                                  title=f"FIP path vs the baselines' end points (seed {first}, test sets)",
+                                  others={m: (ends[(m, 0)], ends[(m, 1)]) for m in methods if m != "fip"})
         write_outputs(out, cfg, summary, {k: rows[k] for k in ("path", "accuracy_matrix", "results",
                                                                "weight_change", "pca")},
                       report.continual_report(summary, cfg))
@@ -315,7 +323,7 @@ class Continual(Operation):
                 x, y = shard(t.x_train, t.y_train, rank=rank, world=world, streamed=ctx.cfg.data.stream)
                 tasks.append(dataclasses.replace(t, x_train=x, y_train=y))
         heldout = torch.cat([t.x_test for t in all_tasks])[: ctx.cfg.path.heldout]
-        return fip_continual_phases(tasks, ctx.cfg, seed), {"heldout": heldout,
+        return fip_continual_phases(tasks, method_config(ctx.cfg, "fip"), seed), {"heldout": heldout,
                                                             "evaluate": accuracy_along_path(all_tasks)}
 
     def path_steps(self, cfg: Config) -> int:
@@ -352,5 +360,5 @@ class Continual(Operation):
                         done[k].append(v)
 
             kw = ctx.path_kwargs()
-            run_path(clone(base), fip_continual_phases(tasks, cfg, seed), record_every=10**9,
+            run_path(clone(base), fip_continual_phases(tasks, method_config(cfg, "fip"), seed), record_every=10**9,
                      checkpoint_every=10**9, distance=kw["distance"], callback=on_event)

@@ -10,6 +10,7 @@ of each method, or each method's own tuned ones).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from fipray.runtime import load_bundle
 OVERRIDABLE = ("path.", "continual.der_alpha", "continual.der_beta", "continual.er_replay", "continual.ewc_",
                "continual.lwf_", "continual.lora.")
 # Methods that can learn task 0 themselves (`base: each`): those whose phases make sense on the first task.
-OWN_FIRST_TASK = ("fip", "naive", "er", "der", "derpp", "joint")
+OWN_FIRST_TASK = ("fip", "naive", "er", "der", "derpp", "fip_stored", "joint")
 
 
 @dataclass(frozen=True)
@@ -109,15 +110,21 @@ class ContinualConfig:
             if bad:
                 raise ConfigError(f"config key 'continual.base': 'each' (every method learns task 0 itself) "
                                   f"supports {', '.join(OWN_FIRST_TASK)}; not {', '.join(bad)}")
+        if "fip_stored" in self.baselines and self.memory != "reservoir":
+            raise ConfigError("config key 'continual.baselines': fip_stored anchors on a reservoir buffer; set "
+                              "continual.memory: reservoir")
         if self.rotate_range and (len(self.rotate_range) != 2 or not self.rotate_range[0] < self.rotate_range[1]):
             raise ConfigError(f"config key 'continual.rotate_range': give [low, high] degrees with low < high, "
                               f"got {list(self.rotate_range)}")
         if self.rotate_range and (self.stream != "domain" or self.domain != "rotate"):
             raise ConfigError("config key 'continual.rotate_range' applies to stream: domain with domain: rotate")
-        unknown = sorted(set(self.overrides) - set(methods))
+        # A method the run leaves out may keep its overrides (`continual.baselines=[]` on the command line);
+        # a name that is no method at all is a typo.
+        known = {"fip", *CONTINUAL_BASELINES.names()}
+        unknown = sorted(m for m in self.overrides if m not in known and not re.fullmatch(r"lora_r\d+", m))
         if unknown:
-            raise ConfigError(f"config key 'continual.overrides': {unknown[0]!r} is not a method of this run "
-                              f"({', '.join(methods)})")
+            raise ConfigError(f"config key 'continual.overrides': {unknown[0]!r} is not a method (fip, "
+                              f"{', '.join(CONTINUAL_BASELINES.names())}, lora_r<rank>)")
         for m in self.overrides:
             method_config(cfg, m)
 

@@ -149,7 +149,7 @@ def test_er_concat_is_one_mean_over_batch_and_replay():
 
 def _cfg(**continual):
     cc = {"stream": "domain", "num_tasks": 3, "identity_first": False, "memory": "reservoir", "buffer_size": 20,
-          "epochs": 1, "base": "each", "baselines": ["naive", "er", "der", "derpp", "joint"], **continual}
+          "epochs": 1, "base": "each", "baselines": ["naive", "er", "der", "derpp", "fip_stored", "joint"], **continual}
     return from_dict({"operation": "continual", "seeds": [0], "threads": 1, "data": {"name": "digits"},
                       "model": {"name": "mlp", "kwargs": {"hidden": [16], "init": "xavier"}},
                       "train": {"steps": 1, "batch_size": 32, "lr": 0.1, "optimizer": "plain_sgd"},
@@ -160,11 +160,12 @@ def _cfg(**continual):
 
 @pytest.mark.parametrize("continual, needle", [
     ({"baselines": ["ewc"]}, "'continual.base': 'each'"),
-    ({"overrides": {"lwf": {"path.lr": 0.1}}}, "'lwf' is not a method of this run"),
+    ({"overrides": {"derp": {"path.lr": 0.1}}}, "'derp' is not a method"),
     ({"overrides": {"derpp": {"data.name": "digits"}}}, "'data.name' cannot differ between methods"),
     ({"overrides": {"derpp": {"path.lr": -1}}}, "continual.overrides.derpp"),
     ({"domain": "rotate", "rotate_range": [90, 10]}, "low < high"),
     ({"rotate_range": [0, 180]}, "domain: rotate"),
+    ({"memory": "per_task", "base": "train", "baselines": ["fip_stored"]}, "fip_stored anchors on a reservoir"),
 ])
 def test_protocol_config_errors_name_the_key(continual, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -185,7 +186,7 @@ def test_the_protocol_runs_every_method_from_its_own_first_task(tmp_path):
 
     cfg = _cfg(domain="rotate", rotate_range=[0, 180])
     summary = run_experiment(cfg, tmp_path, progress=False)
-    assert set(summary["methods"]) == {"fip", "naive", "er", "der", "derpp", "joint"}
+    assert set(summary["methods"]) == {"fip", "naive", "er", "der", "derpp", "fip_stored", "joint"}
     import pandas as pd
 
     R = pd.read_parquet(tmp_path / "accuracy_matrix.parquet")
