@@ -153,7 +153,7 @@ def continual_report(summary: dict, cfg: Any) -> str:
     if any(v.get("weight_change") for v in methods.values()):
         layers = list(dict.fromkeys(k for v in methods.values() for k in v.get("weight_change", {}) if k != "all"))
         out += ["## Weight change from the network after task 0 (‖ΔW‖F / ‖W0‖F per layer; path length in "
-                "weight space; mean output drift on held-out inputs)", "",
+                "weight space, summed over every optimizer step; mean output drift on held-out inputs)", "",
                 md_table(["method", "all", *layers, "path length", "straight distance", "held-out drift"],
                          [[m, v["weight_change"].get("all", float("nan")),
                            *[v["weight_change"].get(k, float("nan")) for k in layers],
