@@ -46,6 +46,49 @@ def plot_path_accuracy(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def plot_task_pair(records: list[dict], out: Path, names: tuple[str, str], title: str = "",
+                   others: dict[str, tuple[float, float]] | None = None) -> None:
+    """A 2-task stream's FIP path in the plane (task-0 accuracy, task-1 accuracy), like Fig. 2 of the FIP paper.
+
+    Args:
+        records: the path's record rows in path order (`acc_task0`, `acc_task1`; rows without both are
+            skipped, e.g. those of another phase).
+        out: the PNG to write.
+        names: the two tasks' names, for the axis labels.
+        title: the figure title ("" gives "FIP path: <task 0> vs <task 1>").
+        others: method -> its final (task-0, task-1) accuracies (naive, ER, DER++, joint), drawn as
+            labelled markers.
+
+    Nothing is written when there is nothing to draw (no row with both accuracies and no `others`).
+    """
+    pts = [(float(r["acc_task0"]), float(r["acc_task1"])) for r in records
+           if r.get("acc_task0") is not None and r.get("acc_task1") is not None]
+    others = others or {}
+    if not pts and not others:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", ms=3, lw=1.2, color="C0", label="FIP path", zorder=3)
+        for (x, y), text in ((pts[0], "start"), (pts[-1], "end")):
+            ax.plot(x, y, "o", ms=7, mfc="none", mec="k", zorder=4)
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, -10 if text == "start" else 6),
+                        fontsize=8)
+    markers = "sD^vP*Xh"
+    for i, (method, (x, y)) in enumerate(others.items()):
+        ax.plot(x, y, markers[i % len(markers)], ms=7, color=f"C{i + 1}", label=method, zorder=5)
+        ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel(f"{names[0]} test accuracy (task 0)")
+    ax.set_ylabel(f"{names[1]} test accuracy (task 1)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(title or f"FIP path: {names[0]} vs {names[1]}", fontsize=9)
+    save_figure(fig, Path(out))
+
+
 def plot_matrices(rows: list[dict], methods: list[str], setting: str, path: Path) -> None:
     """Mean accuracy matrix R per method (one heatmap each)."""
     plt = pyplot()
@@ -153,7 +196,7 @@ def continual_report(summary: dict, cfg: Any) -> str:
     if any(v.get("weight_change") for v in methods.values()):
         layers = list(dict.fromkeys(k for v in methods.values() for k in v.get("weight_change", {}) if k != "all"))
         out += ["## Weight change from the network after task 0 (‖ΔW‖F / ‖W0‖F per layer; path length in "
-                "weight space; mean output drift on held-out inputs)", "",
+                "weight space, summed over every optimizer step; mean output drift on held-out inputs)", "",
                 md_table(["method", "all", *layers, "path length", "straight distance", "held-out drift"],
                          [[m, v["weight_change"].get("all", float("nan")),
                            *[v["weight_change"].get(k, float("nan")) for k in layers],

@@ -138,7 +138,8 @@ def write_outputs(out: Path, cfg: Config, summary: dict, tables: dict[str, list[
 
 
 def path_summary(records: list[dict]) -> dict:
-    """PROTOCOLS.md path numbers from a path's records: FIP length, straight distance, mean drift."""
+    """PROTOCOLS.md path numbers from a path's records: FIP length (summed over every step by `run_path`),
+    straight distance, mean drift."""
     if not records:
         return {}
     drift = [r["heldout_distance"] for r in records if "heldout_distance" in r]

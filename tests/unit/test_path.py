@@ -142,6 +142,7 @@ def test_resumed_run_matches_uninterrupted(setting, reference, tmp_path, thresho
     steps = [r["step"] for r in res.records]
     assert all(b > a for a, b in zip(steps, steps[1:])), steps  # no repeated rows
     _assert_records_equal(res.records, ref.records)
+    assert [r["fip_length"] for r in res.records] == [r["fip_length"] for r in ref.records]  # to the last bit
     assert res.phase_results == ref.phase_results
 
 
