@@ -11,7 +11,12 @@ invariance distance read them.
   so the network at task i is exactly one with the nodes of tasks <= i appended (each initialised at its
   untouched initial weights). Invariance compares the nodes the anchor network had.
 
-Columns are laid out task by task for ``multi`` and for ``grow`` over per-task label spaces; over a shared
+- ``union``: one head over the union of the tasks' label spaces, each task's labels shifted past the
+  earlier tasks' (MNIST 0-9, then Fashion-MNIST 10-19: the FIP paper's two-dataset demo). Every column
+  is live from the start, as with ``shared``: losses are the softmax over all of them and invariance keeps
+  the whole output, so an old task's inputs stay away from the new task's columns too.
+
+Columns are laid out task by task for ``multi``, ``union`` and for ``grow`` over per-task label spaces; over a shared
 label space (class splits, domains) ``grow`` keeps label = column.
 """
 
@@ -24,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LAYOUTS = ("shared", "multi", "grow")
+LAYOUTS = ("shared", "multi", "grow", "union")
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 
@@ -34,7 +39,7 @@ class Head:
     """The output columns of each task, under one layout.
 
     Attributes:
-        layout: "shared", "multi" or "grow".
+        layout: "shared", "multi", "grow" or "union".
         blocks: the output columns of each task, in task order.
         num_outputs: the network's output width.
     """
@@ -56,9 +61,12 @@ class Head:
         if layout == "shared" or (layout == "grow" and shared_labels):
             if not shared_labels:
                 raise ValueError("head 'shared' needs one label space for all tasks; tasks with their own "
-                                 "label spaces (a datasets stream) need head 'multi' or 'grow'")
+                                 "label spaces (a datasets stream) need head 'multi', 'grow' or 'union'")
             maps = [{c: c for c in cl} for cl in task_classes]
             return cls(layout, tuple(tuple(cl) for cl in task_classes), num_labels), maps
+        if layout == "union" and shared_labels:
+            raise ValueError("head 'union' joins tasks' own label spaces (a datasets stream); tasks that share "
+                             "one label space need head 'shared'")
         maps, blocks, off = [], [], 0
         for cl in task_classes:
             maps.append({c: off + k for k, c in enumerate(cl)})
@@ -67,9 +75,14 @@ class Head:
         return cls(layout, tuple(blocks), off), maps
 
     # Columns ------------------------------------------------------------------------------------------
+    @property
+    def all_live(self) -> bool:
+        """Every column takes part in every loss and in the invariance (`shared`, `union`)."""
+        return self.layout in ("shared", "union")
+
     def live(self, upto: int) -> list[int]:
-        """The columns that exist once tasks 0..upto have arrived (every column for `shared`)."""
-        if self.layout == "shared":
+        """The columns that exist once tasks 0..upto have arrived (every column for `shared`, `union`)."""
+        if self.all_live:
             return list(range(self.num_outputs))
         return sorted({c for b in self.blocks[: upto + 1] for c in b})
 
@@ -82,7 +95,7 @@ class Head:
     def mask(self, y: Tensor, task: int) -> Tensor | None:
         """Which logits of each example take part in a loss while task `task` is learned: (B, C) or (C,)
         bool, None for all of them."""
-        if self.layout == "shared":
+        if self.all_live:
             return None
         if self.layout == "grow":
             m = torch.zeros(self.num_outputs, dtype=torch.bool, device=y.device)
@@ -107,7 +120,7 @@ class Head:
         """The distance the FIP phase of task `task` keeps small against the anchor (the network after
         task−1): the full outputs (`shared`, returned as None: the phase's own distance), the anchor's
         nodes (`grow`), or each earlier task's head in turn, averaged (`multi`)."""
-        if self.layout == "shared":
+        if self.all_live:
             return None
         if self.layout == "grow":
             cols = torch.tensor(self.live(task - 1))

@@ -166,7 +166,8 @@ def continual_report(summary: dict, cfg: Any) -> str:
     methods = summary["methods"]
     tasks = summary.get("tasks") or []
     head_text = {"shared": "one head over one label space", "multi": "one head per task",
-                 "grow": "one head, output nodes appended per task"}.get(summary.get("head", "shared"), "")
+                 "grow": "one head, output nodes appended per task",
+                 "union": "one head over the union of the tasks' label spaces, every column live"}.get(summary.get("head", "shared"), "")
     stream_text = {"split": "class-incremental splits of one dataset", "class": "class-incremental splits of one "
                    "dataset", "datasets": "a sequence of datasets with their own label spaces",
                    "domain": "domain-incremental (same classes, one input transform per task)"}

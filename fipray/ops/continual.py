@@ -144,7 +144,8 @@ class Continual(Operation):
     help = "run the continual experiment (FIP vs its baselines over seeds)"
     section = ContinualConfig
     metrics = ("acc_mean", "task_acc_mean", "bwt_mean")
-    smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "path.record_every=10", "path.checkpoint_every=20")
+    smoke = ("seeds=[0]", "train.steps=40", "path.steps=20", "path.record_every=10", "path.checkpoint_every=20",
+             "continual.epochs=0")
     supports_paths = True
 
     def context(self, cfg: Config, *, bundle: Any = None, tasks: Any = None, **kwargs: Any) -> RunContext:

@@ -96,7 +96,7 @@ class ContinualConfig:
                                       f"{', not ' + ', '.join(bad) if bad else ''}")
             if self.head == "shared":
                 raise ConfigError("config key 'continual.head': 'shared' needs one label space; the tasks of a "
-                                  "datasets stream have their own, use 'multi' or 'grow'")
+                                  "datasets stream have their own, use 'multi', 'grow' or 'union'")
         elif self.tasks:
             raise ConfigError(f"config key 'continual.tasks' lists datasets, but continual.stream is "
                               f"{self.stream!r} (set stream: datasets)")

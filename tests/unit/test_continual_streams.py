@@ -193,3 +193,15 @@ def test_bad_base_weights_and_bad_tasks_argument(tmp_path):
 def test_class_split_stream_matches_split_tasks(digits):
     s = class_split(digits, 5)
     assert [t.classes for t in s.tasks] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)] and s.shared_labels
+
+
+def test_union_head_shifts_labels_and_keeps_every_column_live():
+    """`union`: the FIP paper's two-dataset head (MNIST 0-9, then Fashion 10-19), every column in every loss
+    and in the invariance; refused over one shared label space."""
+    head, maps = Head.build("union", [tuple(range(10)), tuple(range(10))], False, 10)
+    assert head.num_outputs == 20 and maps[1][3] == 13 and head.live(0) == list(range(20))
+    logits, y = torch.randn(4, 20), torch.tensor([12, 15, 10, 19])
+    assert torch.equal(head.cross_entropy(logits, y, 1), F.cross_entropy(logits, y))
+    assert head.invariance(lambda a, b: (a - b).sum(), 1) is None  # the phase's own distance on all outputs
+    with pytest.raises(ValueError, match="need head 'shared'"):
+        Head.build("union", [(0, 1), (2, 3)], True, 4)
