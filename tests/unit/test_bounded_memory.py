@@ -64,6 +64,11 @@ def test_k_samples_raise_peak_rss_by_a_small_multiple_of_the_model(mode):
     S = got["S"]
     assert got["samples"] == k and base["samples"] == 0
     extra = got["peak"] - base["peak"]
-    assert extra < 4 * S, f"{mode}: +{extra / 2**20:.0f} MiB for {k} samples of {S / 2**20:.0f} MiB"
+    # The network set's writer holds a few copies at once (the sample read back, its CPU clone, the last node,
+    # the parent for the edge distance): ~4-5 S above the RSS after run_path. That used to hide under run_path's
+    # own peak, which the per-step path length lowered by 1-2 S (no flat copies per record), so the bound for
+    # the set is 6 S; either bound is far below K·S = 16 S.
+    bound = 6 if mode == "netset" else 4
+    assert extra < bound * S, f"{mode}: +{extra / 2**20:.0f} MiB for {k} samples of {S / 2**20:.0f} MiB"
     # The checkpoint lists the samples' files: it is as large with K samples as with none.
     assert got["checkpoint_bytes"] - base["checkpoint_bytes"] < S / 10
