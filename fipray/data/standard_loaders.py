@@ -109,11 +109,14 @@ def _read_reviews(raw: dict[str, bytes], split: str) -> tuple[np.ndarray, np.nda
 
 
 def _reviews(name: str, validation: int, seed: int, per_class: int, max_length: int,
-             tokenizer: str | Path) -> DataBundle:
+             tokenizer: str | Path, test_per_class: int) -> DataBundle:
     _check_options(validation, per_class, "per_class")
+    _check_options(validation, test_per_class, "test_per_class")
     train, evaluation = _train_and_eval(name, validation, seed, _read_reviews)
+    # Chosen before tokenising: only the kept texts are tokenised.
     keep = np.sort(cap_per_class(np.arange(len(train[1])), train[1], per_class, seed))
-    splits = [(train[0][keep], train[1][keep]), evaluation]
+    keep_eval = np.sort(cap_per_class(np.arange(len(evaluation[1])), evaluation[1], test_per_class, seed))
+    splits = [(train[0][keep], train[1][keep]), (evaluation[0][keep_eval], evaluation[1][keep_eval])]
     xs = [tokenize(list(texts), None, tokenizer, max_length) for texts, _ in splits]
     return DataBundle(
         TensorDataset(xs[0], torch.from_numpy(splits[0][1])),
@@ -124,7 +127,7 @@ def _reviews(name: str, validation: int, seed: int, per_class: int, max_length: 
 
 @register_dataset("imdb")
 def imdb(validation: int = 0, seed: int = 0, per_class: int = 0, max_length: int = 128,
-         tokenizer: str | Path = "minilm-l6") -> DataBundle:
+         tokenizer: str | Path = "minilm-l6", test_per_class: int = 0) -> DataBundle:
     """IMDb movie reviews (binary sentiment), tokenised, from the cache (``fipray data fetch imdb``).
 
     The cached set is IMDb's 25,000 training reviews split once at conversion into 20,000 train and a
@@ -135,11 +138,14 @@ def imdb(validation: int = 0, seed: int = 0, per_class: int = 0, max_length: int
     Args:
         validation: When positive, this many training reviews (stratified, drawn with ``seed``) become
             the test split and leave the training split; the test split is not read.
-        seed: Seed of the ``validation`` draw and of the ``per_class`` choice.
+        seed: Seed of the ``validation`` draw and of the ``per_class`` and ``test_per_class`` choices.
         per_class: When positive, keep at most this many training reviews per class (a random choice
             fixed by ``seed``); the test split is unchanged.
         max_length: ``L``; reviews are truncated (most are longer than 128 tokens).
         tokenizer: Tokenizer folder or shortcut name (default ``"minilm-l6"``, uncased WordPiece).
+        test_per_class: When positive, keep at most this many reviews per class of the test split
+            (the held-out part with ``validation``): a stratified random subset fixed by ``seed``, for
+            cheaper evaluation. 0 (default) keeps the whole split.
 
     Returns:
         A bundle of ``TensorDataset`` s, ``x`` int64 ``(N, L)``, ``y`` int64 (0 negative, 1 positive),
@@ -150,16 +156,17 @@ def imdb(validation: int = 0, seed: int = 0, per_class: int = 0, max_length: int
         DataCacheError: A cached file is corrupted or truncated (the message names it).
         FileNotFoundError: The tokenizer is not installed.
     """
-    return _reviews("imdb", validation, seed, per_class, max_length, tokenizer)
+    return _reviews("imdb", validation, seed, per_class, max_length, tokenizer, test_per_class)
 
 
 @register_dataset("rotten_tomatoes")
 def rotten_tomatoes(validation: int = 0, seed: int = 0, per_class: int = 0, max_length: int = 64,
-                    tokenizer: str | Path = "minilm-l6") -> DataBundle:
+                    tokenizer: str | Path = "minilm-l6", test_per_class: int = 0) -> DataBundle:
     """Rotten Tomatoes sentences (Pang & Lee; binary sentiment), tokenised, from the cache.
 
     8,530 sentences split once at conversion into 6,824 train and a 1,706 test split held out with
     seed 0. Sentences are short (lower-cased, tokens space-separated), hence ``max_length=64``. Other
-    arguments, returns and errors as :func:`imdb` (``fipray data fetch rotten_tomatoes``).
+    arguments (``test_per_class`` included), returns and errors as :func:`imdb`
+    (``fipray data fetch rotten_tomatoes``).
     """
-    return _reviews("rotten_tomatoes", validation, seed, per_class, max_length, tokenizer)
+    return _reviews("rotten_tomatoes", validation, seed, per_class, max_length, tokenizer, test_per_class)

@@ -214,6 +214,29 @@ def test_review_sets_split_and_tokenise_like_bbc_news(root, archives, name, n):
     assert len(v.test) == 4 and torch.bincount(v.train.tensors[1]).tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("name", ["imdb", "rotten_tomatoes"])
+def test_review_sets_test_per_class_is_a_seeded_stratified_part_of_the_test_split(root, archives, name):
+    cache.fetch(name, source=archives["reviews"])
+    full = get_data(name, max_length=16)
+    n_test = len(full.test)  # 4 (imdb) or 2 (rotten_tomatoes): half of each class
+    rows = {tuple(r.tolist()): int(lab) for r, lab in zip(*full.test.tensors)}
+    for seed in (0, 1):
+        b = get_data(name, max_length=16, seed=seed, test_per_class=1)
+        assert torch.bincount(b.test.tensors[1]).tolist() == [1, 1]
+        for r, lab in zip(*b.test.tensors):  # a subset of the test split, labels unchanged
+            assert rows[tuple(r.tolist())] == int(lab)
+        again = get_data(name, max_length=16, seed=seed, test_per_class=1)
+        assert torch.equal(b.test.tensors[0], again.test.tensors[0])  # fixed by the seed
+        assert torch.equal(b.train.tensors[0], full.train.tensors[0])  # training split untouched
+    assert len(get_data(name, max_length=16, test_per_class=n_test).test) == n_test  # a cap, not a demand
+    # with validation it caps the held-out part, which is the test split
+    v = get_data(name, max_length=16, validation=6, test_per_class=2)
+    assert torch.bincount(v.test.tensors[1]).tolist() == [2, 2]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="test_per_class"):
+            get_data(name, max_length=16, test_per_class=bad)
+
+
 # ---------------------------------------------------------------- integrity
 
 
