@@ -297,7 +297,7 @@ class Continual(Operation):
             ends = {(r["method"], r["j"]): r["acc"] for r in rows["accuracy_matrix"]
                     if r["seed"] == first and r["setting"] == "class" and r["i"] == 1}
             report.plot_task_pair([r for r in rows["path"] if r["method"] == "fip" and r["seed"] == first],
-                                  out / "task_pair.png", tuple(summary["tasks"]),
+                                  out / "task_pair.png", tuple(t.split(":")[0] for t in summary["tasks"]),
                                   title=f"FIP path vs the baselines' end points (seed {first}, test sets)",
                                   others={m: (ends[(m, 0)], ends[(m, 1)]) for m in methods if m != "fip"})
         write_outputs(out, cfg, summary, {k: rows[k] for k in ("path", "accuracy_matrix", "results",
