@@ -103,7 +103,7 @@ def _stream(ctx: RunContext) -> tuple[TaskStream, Head, list[dict[int, int]]]:
 
 def _tasks(ctx: RunContext, seed: int) -> list[TaskTensors]:
     stream, head, columns = _stream(ctx)
-    cache = ctx.memo("test_inputs", dict)  # a domain task's transformed test inputs, made once for all seeds
+    cache: dict = ctx.memo("test_inputs", dict)  # a domain task's transformed test inputs, made once for all seeds
     return ctx.memo(f"tasks/{seed}", lambda: build_tasks(ctx.cfg, ctx.bundle, ctx.device, seed, stream=stream,
                                                          head=head, columns=columns, test_cache=cache))
 

@@ -197,7 +197,8 @@ def stream_from_config(cfg: Config, bundle: Any = None) -> TaskStream:
         if cc.domain == "permute":
             tfs = streams.permutations(cc.num_tasks, bundle.input_shape, cc.domain_seed, cc.identity_first)
         elif cc.rotate_range:
-            tfs = streams.random_rotations(cc.num_tasks, *cc.rotate_range, seed=cc.domain_seed,
+            low, high = cc.rotate_range[0], cc.rotate_range[1]
+            tfs = streams.random_rotations(cc.num_tasks, low, high, seed=cc.domain_seed,
                                            identity_first=cc.identity_first)
         else:
             tfs = streams.rotations(cc.num_tasks, cc.rotate_degrees)
