@@ -41,9 +41,6 @@ from fipray.registry import Registry
 CONTINUAL_BASELINES: Registry = Registry("continual baseline")
 
 
-_train_cfg = train_config
-
-
 def _steps(cfg: Config, tasks: list[TaskTensors], i: int) -> int:
     return task_steps(cfg, len(tasks[i]), cfg.path.batch_size)
 
@@ -51,7 +48,7 @@ def _steps(cfg: Config, tasks: list[TaskTensors], i: int) -> int:
 @CONTINUAL_BASELINES.register("naive")
 def naive_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """Fine-tuning on each new task alone (the lower bound)."""
-    tc, head = _train_cfg(cfg), head_of(tasks)
+    tc, head = train_config(cfg), head_of(tasks)
     return [supervised_phase(f"task{i}", tasks[i].train_data, None, tc, seed, loss=head.loss(i),
                              steps=_steps(cfg, tasks, i), finish=row_finish(tasks, i))
             for i in range(first_task(cfg), len(tasks))]
@@ -63,7 +60,7 @@ def er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     reservoir buffer with `continual.memory: reservoir`, `fipray.baselines.replay`)."""
     if cfg.continual.memory == "reservoir":
         return reservoir_er_phases(tasks, cfg, seed)
-    tc, head = _train_cfg(cfg), head_of(tasks)
+    tc, head = train_config(cfg), head_of(tasks)
     phases = []
     for i in range(1, len(tasks)):
         x_mem, y_mem = memory_upto(tasks, i)
@@ -105,7 +102,7 @@ def ewc_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
 
     The Fishers and anchors live in the phase state, so a resumed run keeps them.
     """
-    tc, head = _train_cfg(cfg), head_of(tasks)
+    tc, head = train_config(cfg), head_of(tasks)
     n = cfg.continual.ewc_samples
     consolidated: list[tuple[list[Tensor], list[Tensor]]] = []  # per finished task: (F, w*)
 
@@ -157,7 +154,7 @@ def lwf_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase]:
     """Learning without Forgetting (Li & Hoiem 2016): new-task cross-entropy plus λ·T²·KL between the
     network's and the previous network's softened outputs on the new task's inputs, over the previous
     network's output columns (each earlier head in turn with one head per task). No replay memory."""
-    tc, head, cc = _train_cfg(cfg), head_of(tasks), cfg.continual
+    tc, head, cc = train_config(cfg), head_of(tasks), cfg.continual
     kd = _kd(cc.lwf_temperature)
     phases = []
     for i in range(1, len(tasks)):
@@ -210,7 +207,7 @@ def derpp_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, beta: floa
     beta = cc.der_beta if beta is None else beta
     if cc.memory == "reservoir":
         return reservoir_der_phases(tasks, cfg, seed, beta=beta)
-    tc, head = _train_cfg(cfg), head_of(tasks)
+    tc, head = train_config(cfg), head_of(tasks)
     stored: list[Tensor] = []  # per finished task: its memory's logits at the end of that task
 
     phases = []
@@ -270,7 +267,7 @@ def joint_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> list[Phase
     lengths in epochs (`continual.epochs`), the DER paper's JOINT instead (`joint_once_phases`)."""
     if cfg.continual.epochs:
         return joint_once_phases(tasks, cfg, seed)
-    tc, head = _train_cfg(cfg), head_of(tasks)
+    tc, head = train_config(cfg), head_of(tasks)
     return [supervised_phase(f"task{i}", _joint_data(tasks, i), None, tc, seed, loss=head.loss(i),
                              steps=cfg.path.steps, finish=row_finish(tasks, i))
             for i in range(first_task(cfg), len(tasks))]
@@ -308,7 +305,7 @@ def lora_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, rank: int =
     from peft import LoraConfig, get_peft_model
 
     lc, head = cfg.continual.lora, head_of(tasks)
-    tc = _train_cfg(cfg, lc.lr)
+    tc = train_config(cfg, lc.lr)
     live: dict[str, Any] = {}
 
     def make_prepare(i: int):

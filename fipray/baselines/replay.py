@@ -24,8 +24,8 @@ from fipray.config import Config, TrainConfig
 from fipray.core.distances import get_distance
 from fipray.data.batches import BatchStream, mix_seed
 from fipray.data.memory import TaskTensors, head_of
-from fipray.data.reservoir import ReplayBuffer, ReservoirPlan, gather
-from fipray.data.transformed import ConcatExamples
+from fipray.data.reservoir import ReplayBuffer, ReservoirPlan
+from fipray.data.transformed import ConcatExamples, gather
 from fipray.eval.continual import row_finish
 from fipray.path import Phase, PhaseState
 from fipray.phases import phase_tag, supervised_phase

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from fipray.core.modes import eval_mode
 from fipray.data.batches import mix_seed
 from fipray.data.stream import Examples
+from fipray.data.transformed import gather
 
 
 @dataclass(frozen=True)
@@ -111,20 +112,6 @@ def _cat(parts: list[Tensor]) -> Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
-def gather(examples: Sequence[Examples], tasks: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-    """Inputs and labels of (task, index) pairs, in the given order, read from each task's examples."""
-    xs, ys, order = [], [], []
-    for k in tasks.unique().tolist():
-        sel = torch.nonzero(tasks == k).flatten()
-        x, y = examples[k].take(index[sel])
-        xs.append(x)
-        ys.append(y)
-        order.append(sel)
-    back = torch.argsort(torch.cat(order))
-    x, y = torch.cat(xs), torch.cat(ys)
-    return x[back.to(x.device)], y[back.to(y.device)]
-
-
 class ReplayBuffer:
     """One method's view of a `ReservoirPlan`: replay minibatches, and (with `keep_logits`) the logits each
     example had when it entered the buffer (DER's dark knowledge).
@@ -140,13 +127,20 @@ class ReplayBuffer:
         self.plan, self.examples, self.seed = plan, list(examples), seed
         self.logits: Tensor | None = None
         self.stored = torch.zeros(plan.size, dtype=torch.bool)
+        self._at: tuple[int, tuple[Tensor, Tensor, Tensor]] | None = None  # the buffer of the last step asked
         if num_outputs:
             self.logits = torch.zeros(plan.size, num_outputs, device=self.examples[0].device)
+
+    def contents(self, g: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`ReservoirPlan.contents(g)`, kept for step g: DER++ draws twice from the same buffer each step."""
+        if self._at is None or self._at[0] != g:
+            self._at = (g, self.plan.contents(g))
+        return self._at[1]
 
     def sample(self, g: int, n: int, draw: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """`min(n, filled)` examples of the buffer before step g, drawn without replacement: (x, y, slots,
         tasks); None while it is empty. `draw` tells independent draws of one step apart (DER++ takes two)."""
-        slots, tasks, index = self.plan.contents(g)
+        slots, tasks, index = self.contents(g)
         if not len(slots):
             return None
         gen = torch.Generator().manual_seed(mix_seed(self.seed, 11, g, draw))
@@ -172,7 +166,7 @@ class ReplayBuffer:
         when every method starts from one base network trained elsewhere): the network's outputs now."""
         if self.logits is None:
             return
-        slots, tasks, index = self.plan.contents(g)
+        slots, tasks, index = self.contents(g)
         miss = ~self.stored[slots]
         if bool(miss.any()):
             x, _ = gather(self.examples, tasks[miss], index[miss])

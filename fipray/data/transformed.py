@@ -65,17 +65,22 @@ class ConcatExamples(Examples):
     def take(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         idx = idx.cpu()
         which = torch.searchsorted(self.starts, idx, right=True) - 1
-        xs: list[Tensor] = []
-        ys: list[Tensor] = []
-        order: list[Tensor] = []
-        for k in which.unique().tolist():
-            sel = torch.nonzero(which == k).flatten()
-            x, y = self.parts[k].take(idx[sel] - self.starts[k])
-            xs.append(x)
-            ys.append(y)
-            order.append(sel)
-        back = torch.argsort(torch.cat(order)).to(self.device)
-        return torch.cat(xs)[back], torch.cat(ys)[back]
+        return gather(self.parts, which, idx - self.starts[which])
 
     def batches(self, batch_size: int, seed: int) -> BatchSource:
         return _IndexedSource(BatchStream(len(self), batch_size, seed), self)
+
+
+def gather(parts: Sequence[Examples], which: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """Inputs and labels of (part, index) pairs, in the given order, each read from its part's `take` (one
+    call per part): the items of a union of task sets, or of a replay buffer over a stream."""
+    xs, ys, order = [], [], []
+    for k in which.unique().tolist():
+        sel = torch.nonzero(which == k).flatten()
+        x, y = parts[k].take(index[sel])
+        xs.append(x)
+        ys.append(y)
+        order.append(sel)
+    back = torch.argsort(torch.cat(order))
+    x, y = torch.cat(xs), torch.cat(ys)
+    return x[back.to(x.device)], y[back.to(y.device)]

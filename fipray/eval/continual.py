@@ -155,6 +155,18 @@ def accuracies(model: nn.Module, x: Tensor, y: Tensor, allowed: list[Sequence[in
     return out
 
 
+def heldout_inputs(tasks: list[TaskTensors], n: int) -> Tensor:
+    """The first `n` test inputs of the stream, task after task (the held-out inputs whose output drift a
+    path records), read only from the tasks that hold them."""
+    parts, left = [], n
+    for t in tasks:
+        if left <= 0:
+            break
+        parts.append(t.x_test[:left])
+        left -= len(parts[-1])
+    return torch.cat(parts) if parts else tasks[0].x_test[:0]
+
+
 def row_finish(tasks: list[TaskTensors], i: int) -> Callable[[nn.Module, dict[str, Any]], dict]:
     """A phase's `finish` (model, phase state) -> row i of the accuracy matrix R, in both settings."""
     return lambda model, state: evaluate_row(model, tasks, i)

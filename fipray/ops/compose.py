@@ -35,7 +35,7 @@ from fipray.config import Config, ConfigError, knob
 from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks
 from fipray.core.step import Anchor
 from fipray.data.memory import TaskTensors, memory_upto
-from fipray.eval.continual import task_accuracy
+from fipray.eval.continual import heldout_inputs, task_accuracy
 from fipray.eval.sparsity import sparsity
 from fipray.netset import NetworkSetWriter
 from fipray.operation import Operation, register_operation
@@ -181,7 +181,7 @@ class Compose(Operation):
         writer.add_node(root, base.state_dict(), seed=seed, order="", operation="base", phase="base",
                         step=0, **metrics(base, names))
         ends: dict[str, str] = {}
-        heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
+        heldout = heldout_inputs(tasks, cfg.path.heldout)
         for order in cc.orders:
             model = ctx.model(seed)
             model.load_state_dict(base.state_dict())

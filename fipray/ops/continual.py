@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from fipray import report
@@ -42,6 +41,7 @@ from fipray.eval.continual import (
     accuracy_along_path,
     evaluate_row,
     final_row,
+    heldout_inputs,
     mean_weight_change,
     metrics_so_far,
     random_rows,
@@ -244,7 +244,7 @@ class Continual(Operation):
         def evaluate(m: nn.Module) -> dict:
             return {**snap(m), **(along(m) if along is not None else {})}
 
-        heldout = torch.cat([t.x_test for t in tasks])[: cfg.path.heldout]
+        heldout = heldout_inputs(tasks, cfg.path.heldout)
         t0 = time.perf_counter()
         res = run_path(model, phases, out_dir=ctx.checkpoint_dir(method, f"seed{seed}") if method == "fip" else None,
                        **{**ctx.path_kwargs(heldout, evaluate), **extra})
@@ -323,7 +323,7 @@ class Continual(Operation):
             for t in all_tasks:
                 x, y = shard(t.x_train, t.y_train, rank=rank, world=world, streamed=ctx.cfg.data.stream)
                 tasks.append(dataclasses.replace(t, x_train=x, y_train=y))
-        heldout = torch.cat([t.x_test for t in all_tasks])[: ctx.cfg.path.heldout]
+        heldout = heldout_inputs(all_tasks, ctx.cfg.path.heldout)
         return fip_continual_phases(tasks, method_config(ctx.cfg, "fip"), seed), {"heldout": heldout,
                                                             "evaluate": accuracy_along_path(all_tasks)}
 
