@@ -7,6 +7,7 @@ built-in families. ``resolve_pretrained`` maps shortcut names (``"minilm-l6"``) 
 """
 
 from fipray.models import hf as _hf  # noqa: F401  (registers hf_bert, hf_vit)
+from fipray.models import mnist as _mnist  # noqa: F401  (registers mnist_fast_cnn, lenet5_mnist)
 from fipray.models import simple as _simple  # noqa: F401  (registers mlp, lenet_300_100, small_cnn, small_bn_cnn)
 from fipray.models import timm_models as _timm_models  # noqa: F401  (registers the timm: prefix)
 from fipray.models.hf import HFImageClassifier, HFTextClassifier
