@@ -53,6 +53,21 @@ class RobustConfig:
     at_lr: float = knob(0.0, ge=0)  # pgd_at / adv_deep learning rate (0: train.lr, the recipe's)
     fge_cycle: int = knob(50, ge=2)  # fast geometric ensembling: steps per learning-rate cycle
     fge_lr: float = knob(0.01, gt=0)  # its largest (SGD, momentum 0.9) learning rate; the smallest is 1/100 of it
+    # Where the path starts. w0: the network `train:` trains (cross-entropy). adversarial: w0 is adversarially
+    # trained from scratch by the recipe below for train.steps steps of train.batch_size (train.optimizer, its
+    # rate train.lr at the schedule's peak), or loaded from `base_weights`; the deep-ensemble members and the
+    # independent surrogate are trained the same way, and every method's compute counts that training.
+    start: str = knob("w0", choices=("w0", "adversarial"))
+    recipe: str = knob("fast_fgsm", choices=("fast_fgsm", "pgd"))  # fast_fgsm: Wong et al. 2020; pgd: Madry et al.
+    recipe_eps: float = knob(0.3, gt=0, lt=1)  # L∞ radius of the recipe's training attack
+    recipe_alpha: float = knob(0.375, gt=0)  # fast_fgsm: the FGSM step from the random start (Wong: 1.25 ε)
+    recipe_steps: int = knob(40, ge=1)  # pgd: attack steps per batch
+    recipe_step_size: float = knob(0.01, gt=0)  # pgd: attack step size
+    recipe_schedule: str = knob("cyclic", choices=("cyclic", "flat"))  # cyclic: 0 → train.lr at 40% → 0, per step
+    base_weights: str = ""  # start: adversarial: w0's state dict from this file (or `cached:<set>/<file>`)
+    # Invariance on adversarial inputs too: adv_invariance × d(f(x_adv; w), f(x_adv; w0)) joins L, x_adv the PGD
+    # examples L is computed on (0: the invariance holds on clean inputs only).
+    adv_invariance: float = knob(0.0, ge=0)
 
     def check(self, cfg: Config) -> None:
         ec = cfg.ensemble
@@ -75,6 +90,9 @@ class RobustConfig:
         if not self.clean_pass and self.objective == "trades":
             raise ConfigError("config key 'robust.clean_pass' is false but robust.objective: trades needs the clean "
                               "outputs of the new batch (use objective: ce, or clean_pass: true)")
+        if self.base_weights and self.start != "adversarial":
+            raise ConfigError("config key 'robust.base_weights' is set but robust.start is w0 (the network `train:` "
+                              "trains): use start: adversarial to start from loaded weights")
         if self.diversity != "none" and self.diversity_weight == 0:
             raise ConfigError(f"config key 'robust.diversity_weight' is 0: robust.diversity: {self.diversity} "
                               "would do nothing (set a weight, or diversity: none)")
@@ -105,12 +123,13 @@ def step_evals(cfg: Config, taken: int) -> float:
     """Gradient evaluations of one robust FIP step with `taken` networks in the diversity window.
 
     The memory and the new batch share one forward+backward (memory pro rata to path.batch_size), the PGD
-    examples one more, each attack step one; coherence adds a double backward (2) and one per earlier
+    examples one more, each attack step one, w0's forward on them (robust.adv_invariance) one (counted whole);
+    coherence adds a double backward (2) and one per earlier
     network, disagreement one per earlier network (a forward only, counted whole). With
     `robust.clean_pass: false` the new batch has no clean pass (only the memory's, pro rata)."""
     p, rc = cfg.path, cfg.robust
     mem = p.memory_batch_size / p.batch_size if p.lam else 0.0
-    n = (1 if rc.clean_pass else 0) + mem + 1 + rc.attack_steps
+    n = (1 if rc.clean_pass else 0) + mem + 1 + rc.attack_steps + (1 if rc.adv_invariance else 0)
     if rc.diversity == "coherence":
         n += 2 + taken
     elif rc.diversity == "disagreement":
@@ -126,6 +145,21 @@ def path_evals(cfg: Config) -> int:
         taken = min(rc.diversity_window, 1 + t // every) if rc.diversity != "none" else 0
         total += step_evals(cfg, taken)
     return int(math.ceil(total))
+
+
+def recipe_step_evals(rc: RobustConfig) -> int:
+    """Gradient evaluations of one step of the adversarial recipe: the attack's steps and the update."""
+    return (1 if rc.recipe == "fast_fgsm" else rc.recipe_steps) + 1
+
+
+def base_evals(cfg: Config) -> int:
+    """Gradient evaluations of training w0 from scratch: train.steps updates, each one evaluation (start: w0) or
+    `recipe_step_evals` (start: adversarial); 0 for weights loaded from `robust.base_weights` (trained elsewhere, at
+    a cost this run does not know)."""
+    rc = cfg.robust
+    if rc.start == "w0":
+        return cfg.train.steps
+    return 0 if rc.base_weights else cfg.train.steps * recipe_step_evals(rc)
 
 
 def selection_evals(candidates: int, batch_size: int) -> int:

@@ -76,16 +76,34 @@ def train_base(model: nn.Module, x: Any, y: Tensor | None, cfg: Config, seed: in
                     record_every=max(cfg.train.steps, 1), checkpoint_every=10**9, progress=progress)
 
 
-def trained_like_w0(ctx: RunContext, seed: int, tag: int, count: int) -> list[nn.Module]:
-    """`count` networks trained like w0 (`train_base` on the training split), member k from seed
-    mix_seed(seed, tag, k) (its initialisation and batch order); in eval mode."""
+def trained_like_w0(ctx: RunContext, seed: int, tag: int, count: int,
+                    train: Callable[[nn.Module, int], Any] | None = None) -> list[nn.Module]:
+    """`count` networks trained like w0 (`train(model, seed)`, default `train_base` on the training split),
+    member k from seed mix_seed(seed, tag, k) (its initialisation and batch order); in eval mode."""
     members = []
     for k in range(count):
         ms = mix_seed(seed, tag, k)
         m = ctx.model(ms)
-        train_base(m, ctx.train_data(), None, ctx.cfg, ms, progress=ctx.bar)
+        if train is None:
+            train_base(m, ctx.train_data(), None, ctx.cfg, ms, progress=ctx.bar)
+        else:
+            train(m, ms)
         members.append(m.eval())
     return members
+
+
+def load_weights(model: nn.Module, file: str, key: str) -> None:
+    """Load the state dict in `file` (.safetensors, or a torch file read with weights_only) into `model`; a
+    ConfigError naming config key `key` when the file is missing or does not fit."""
+    from fipray.models.registry import load_state_dict_file
+
+    path = Path(file).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key '{key}': {file!r} is not a file")
+    try:
+        model.load_state_dict(load_state_dict_file(path))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(f"config key '{key}': {file!r} does not fit the model: {str(e).splitlines()[0]}") from None
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -72,6 +72,7 @@ def craft_transfer(
     steps: int = 20,
     seed: int = 0,
     batch_size: int = 256,
+    alpha: float | None = None,
 ) -> dict[float, Tensor]:
     """PGD examples crafted on ``surrogate`` once, to evaluate any number of targets on (transfer attacks).
 
@@ -92,7 +93,7 @@ def craft_transfer(
     check_batch_size(batch_size)
     out = {}
     for eps in map(float, eps_list):
-        parts = [pgd_attack(surrogate, xb, yb, eps, steps=steps, seed=seed + i).cpu()
+        parts = [pgd_attack(surrogate, xb, yb, eps, steps=steps, alpha=alpha, seed=seed + i).cpu()
                  for i, (xb, yb) in enumerate(zip(x.split(batch_size), y.split(batch_size)))]
         out[eps] = torch.cat(parts)
     return out
@@ -144,6 +145,8 @@ def robustness_curve(
     transfer_from: Mapping[str, Mapping[float, Tensor]] | None = None,
     autoattack_examples: int = 0,
     autoattack_version: str = "standard",
+    alpha: float | None = None,
+    strong_eps: Sequence[float] | None = None,
 ) -> list[dict[str, float]]:
     """Clean, white-box and transfer accuracy of ``target`` for each ε.
 
@@ -170,6 +173,9 @@ def robustness_curve(
             ``autoattack_n`` says how many.
         autoattack_version: ``"standard"`` or ``"apgd"`` (its APGD-CE and APGD-T only; see
             :func:`fipray.eval.attacks.auto_attack`).
+        alpha: PGD step size of both attacks (None: ``2.5 * eps / steps``).
+        strong_eps: The radii at which ``restarts`` and ``autoattack`` apply (None: all); at the others the
+            row has one PGD start and a NaN ``autoattack`` (the costly attacks where they matter).
 
     Returns:
         One row per ε, in the given order: ``{"eps", "clean", "whitebox", "transfer", "autoattack",
@@ -197,17 +203,20 @@ def robustness_curve(
             else _adv_accuracy(target, x, y, craft, seed=seed, batch_size=batch_size)
         )
 
+    strong = None if strong_eps is None else {float(e) for e in strong_eps}
     rows = []
     for eps in map(float, eps_list):
-        whitebox = partial(pgd_attack, target, eps=eps, steps=steps)
-        transfer = None if surrogate is None else partial(pgd_attack, surrogate, eps=eps, steps=steps)
+        full = strong is None or eps in strong
+        starts = restarts if full else 1
+        whitebox = partial(pgd_attack, target, eps=eps, steps=steps, alpha=alpha)
+        transfer = None if surrogate is None else partial(pgd_attack, surrogate, eps=eps, steps=steps, alpha=alpha)
         auto = partial(auto_attack, target, eps=eps, num_classes=num_classes, version=autoattack_version) \
-            if autoattack else None
+            if autoattack and full else None
         row = {
             "eps": eps,
             "clean": clean,
-            "whitebox": adv_acc(whitebox) if restarts == 1 else _worst_case_accuracy(
-                target, x, y, whitebox, seed=seed, batch_size=batch_size, restarts=restarts),
+            "whitebox": adv_acc(whitebox) if starts == 1 else _worst_case_accuracy(
+                target, x, y, whitebox, seed=seed, batch_size=batch_size, restarts=starts),
             "transfer": adv_acc(transfer),
             "autoattack": adv_acc(auto) if n_aa == x.shape[0] or auto is None else _adv_accuracy(
                 target, x[:n_aa], y[:n_aa], auto, seed=seed, batch_size=batch_size),
@@ -215,7 +224,7 @@ def robustness_curve(
             "n": int(x.shape[0]),
         }
         if restarts > 1 or autoattack_examples or autoattack_version != "standard":
-            row |= {"restarts": restarts, "autoattack_n": n_aa if autoattack else 0}
+            row |= {"restarts": starts, "autoattack_n": n_aa if auto is not None else 0}
         for name, sets in (transfer_from or {}).items():
             if eps not in sets:
                 raise ValueError(f"transfer_from[{name!r}] has no examples at eps {eps}")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,7 +50,6 @@ from fipray.eval.continual import (
     weight_pca,
 )
 from fipray.heads import Head
-from fipray.models import load_state_dict_file
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.ops.continual_setup import (
     ContinualConfig,
@@ -65,7 +63,7 @@ from fipray.ops.continual_setup import (
 )
 from fipray.path import Phase, PhaseState, flat_trainable, run_path
 from fipray.phases import fip_phase, supervised_phase
-from fipray.runtime import RunContext, clone, mean_std, path_summary, shard, write_outputs
+from fipray.runtime import RunContext, clone, load_weights, mean_std, path_summary, shard, write_outputs
 
 __all__ = ["Continual", "ContinualConfig", "LoraOptions", "build_tasks", "fip_continual_phases", "make_head",
            "method_config", "methods_of", "num_tasks", "stream_from_config"]
@@ -125,17 +123,6 @@ def memory_label(cfg: Config) -> str:
     return f"reservoir {cc.buffer_size}" if cc.memory == "reservoir" else f"{cc.memory_per_task} per task"
 
 
-def _load_weights(model: nn.Module, file: str) -> None:
-    path = Path(file).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config key 'continual.base_weights': {file!r} is not a file")
-    try:
-        model.load_state_dict(load_state_dict_file(path))
-    except (RuntimeError, OSError, ValueError) as e:
-        raise ConfigError(f"config key 'continual.base_weights': {file!r} does not fit the model: "
-                          f"{str(e).splitlines()[0]}") from None
-
-
 @register_operation
 class Continual(Operation):
     """FIP continual learning vs its baselines (naive, ER, EWC, LwF, DER++, LoRA, joint), over seeds."""
@@ -168,7 +155,7 @@ class Continual(Operation):
         """Task 0: the base network trained on it (from `base_weights` when given), or taken as it is."""
         cc = ctx.cfg.continual
         if cc.base_weights:
-            _load_weights(model, cc.base_weights)
+            load_weights(model, cc.base_weights, "continual.base_weights")
         if cc.base in ("train", "each"):
             head, tc = head_of(tasks), ctx.cfg.train
             steps = task_steps(ctx.cfg, len(tasks[0]), tc.batch_size) if cc.epochs else tc.steps

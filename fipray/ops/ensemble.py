@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fipray.baselines.ensemble import ENSEMBLE_BASELINES
+from fipray.baselines.ensemble import ENSEMBLE_BASELINES, train_w0
 from fipray.config import Config, ConfigError, knob
 from fipray.data.batches import mix_seed
 from fipray.deployment import Deployed, select
@@ -90,6 +90,10 @@ class EnsembleConfig:
     restarts: int = knob(1, ge=1)  # white-box PGD random starts; an example counts only if it survives all
     autoattack_examples: int = knob(0, ge=0)  # AutoAttack on the first this many evaluation examples (0: all)
     autoattack_version: str = knob("standard", choices=("standard", "apgd"))  # apgd: APGD-CE + APGD-T only
+    pgd_alpha: float = knob(0.0, ge=0)  # white-box PGD step size (0: 2.5 ε / pgd_steps)
+    # The ε at which the costly attacks run: `restarts` random starts and AutoAttack (empty: every ε of `eps`);
+    # at the others one PGD start and no AutoAttack.
+    strong_eps: tuple[float, ...] = knob((), ge=0)
     # The review tables: transfer from an independently trained ensemble of `members` networks (beside w0),
     # coherence against each surrogate, per-layer diversity, the member transfer matrix at `focus_eps`,
     # gradient evaluations per method and the robust-accuracy-vs-compute plot.
@@ -97,6 +101,9 @@ class EnsembleConfig:
     focus_eps: float = knob(0.1, gt=0)  # the ε of the transfer matrix, the compute plot and the goals
 
     def check(self, cfg: Config) -> None:
+        if any(e not in self.eps for e in self.strong_eps):
+            raise ConfigError(f"config key 'ensemble.strong_eps': {list(self.strong_eps)} must be among ensemble.eps "
+                              f"{list(self.eps)}")
         if self.review and self.focus_eps not in self.eps:
             raise ConfigError(f"config key 'ensemble.focus_eps': {self.focus_eps} is not one of ensemble.eps "
                               f"{list(self.eps)}")
@@ -193,7 +200,8 @@ def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, 
     curve = robustness_curve(d.target, x_eval, y_eval, list(ec.eps), surrogate=None if review else base,
                              steps=ec.pgd_steps, seed=seed, autoattack=ec.autoattack, restarts=ec.restarts,
                              autoattack_examples=ec.autoattack_examples, autoattack_version=ec.autoattack_version,
-                             transfer_from=review.transfer if review else None)
+                             transfer_from=review.transfer if review else None, alpha=ec.pgd_alpha or None,
+                             strong_eps=ec.strong_eps or None)
     if review is not None:
         for r in curve:
             r["transfer"] = r["transfer_w0"]
@@ -234,7 +242,7 @@ class Review:
 def independent_ensemble(ctx: RunContext, seed: int) -> Ensemble:
     """`ensemble.members` networks trained like w0 from initialisations and batch orders of their own (not
     the deep ensemble's): the surrogate of a transfer attack that knows the task but not the deployed model."""
-    return Ensemble(trained_like_w0(ctx, seed, 13, ctx.cfg.ensemble.members))
+    return Ensemble(trained_like_w0(ctx, seed, 13, ctx.cfg.ensemble.members, lambda m, s: train_w0(ctx, m, s)))
 
 
 def prepare_review(ctx: RunContext, base: nn.Module, seed: int) -> Review:
@@ -243,7 +251,8 @@ def prepare_review(ctx: RunContext, base: nn.Module, seed: int) -> Review:
     xte, yte = ctx.test_tensors()
     x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
     surrogates = {"w0": base.eval(), "independent": independent_ensemble(ctx, seed)}
-    transfer = {k: craft_transfer(s, x_eval, y_eval, list(ec.eps), steps=ec.pgd_steps, seed=seed)
+    transfer = {k: craft_transfer(s, x_eval, y_eval, list(ec.eps), steps=ec.pgd_steps, seed=seed,
+                                  alpha=ec.pgd_alpha or None)
                 for k, s in surrogates.items()}
     return Review(surrogates, transfer, [])
 
@@ -297,7 +306,7 @@ class RobustEnsemble(Operation):
         cfg = ctx.cfg
         base = ctx.model(seed)
         t0 = time.perf_counter()
-        train_base(base, ctx.train_data(), None, cfg, seed, progress=ctx.bar)
+        train_w0(ctx, base, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
         out: dict[str, list] = {"results": [], "robustness": [], "path": [], "geometry": [], "sanity": [],
                                 "review": []}

@@ -6,6 +6,7 @@ and the review's tables and goals (`ensemble.review`).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,8 @@ def goals(per_method: dict, e: str, clean_slack: float = 0.01) -> dict:
     a: white-box accuracy >= the deep ensemble's with at most half its gradient evaluations (and clean_ok).
     b: white-box accuracy >= PGD adversarial training of one network's, with at most its gradient
        evaluations (and clean_ok). None where the baseline did not run.
+    c: AutoAttack accuracy >= PGD-AT's + 1 point, with at most 1.2× its gradient evaluations (and clean_ok);
+       only where both ran AutoAttack at ε = `e`.
     """
     out = {}
     base, deep, at = per_method.get("base"), per_method.get("deep"), per_method.get("pgd_at")
@@ -141,6 +144,12 @@ def goals(per_method: dict, e: str, clean_slack: float = 0.01) -> dict:
             g["b_measured"] = {"pgd_at_whitebox": at["whitebox"][e],
                                "evals_ratio": v["gradient_evals"] / at["gradient_evals"],
                                "pgd_at_clean": at["clean_full_test_mean"]}
+        aa, at_aa = v.get("autoattack", {}).get(e, math.nan), (at or {}).get("autoattack", {}).get(e, math.nan)
+        if at is not None and not (math.isnan(aa) or math.isnan(at_aa)):
+            g["c"] = bool(aa >= at_aa + 0.01
+                          and v["gradient_evals"] <= 1.2 * at["gradient_evals"] and clean_ok is not False)
+            g["c_measured"] = {"autoattack": aa, "pgd_at_autoattack": at_aa,
+                               "evals_ratio": v["gradient_evals"] / at["gradient_evals"]}
         out[m] = g
     return out
 
@@ -198,7 +207,10 @@ def review_report(summary: dict) -> str:
             f"within 1 point of the base: {g['clean_ok']}. (a) vs deep ensemble {a.get('deep_whitebox', float('nan')):.3f} "
             f"at {a.get('evals_ratio', float('nan')):.2f}× its evaluations: {'met' if g.get('a') else 'NOT met'}. "
             f"(b) vs PGD-AT {b.get('pgd_at_whitebox', float('nan')):.3f} at {b.get('evals_ratio', float('nan')):.2f}× "
-            f"its evaluations: {'met' if g.get('b') else 'NOT met'}.")
+            f"its evaluations: {'met' if g.get('b') else 'NOT met'}."
+            + (f" (c) AutoAttack {g['c_measured']['autoattack']:.3f} vs PGD-AT "
+               f"{g['c_measured']['pgd_at_autoattack']:.3f} + 0.01 at {g['c_measured']['evals_ratio']:.2f}× its "
+               f"evaluations (≤ 1.2×): {'met' if g['c'] else 'NOT met'}." if "c" in g else ""))
     return "\n".join([
         "", "## Review: every attack, compute, diversity", "",
         f"White-box PGD-{summary['pgd_steps']} with {summary['restarts']} random start(s) (an example counts only if "

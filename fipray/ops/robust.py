@@ -42,13 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fipray.baselines.ensemble import train_w0
 from fipray.config import Config, ConfigError
+from fipray.core.distances import get_distance
 from fipray.data.batches import mix_seed
 from fipray.data.stream import as_examples
 from fipray.deployment import (
     Deployed,
     RobustConfig,
     attack_args,
+    base_evals,
     candidates_per_path,
     select,
     selection_evals,
@@ -63,7 +66,7 @@ from fipray.operation import Operation, Report, register_operation
 from fipray.ops.ensemble import FIP_ENSEMBLES, RobustEnsemble
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, phase_tag
-from fipray.runtime import RunContext, clone, path_summary, train_base
+from fipray.runtime import RunContext, clone, path_summary
 
 
 def path_lr(cfg: Config, t: int) -> float:
@@ -109,13 +112,15 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
     The phase state holds the step count, the gradient evaluations so far and the networks the diversity
     term pushes away from (w0, then each sample), so a resumed path continues exactly."""
     rc, every = cfg.robust, cfg.ensemble.sample_every
+    dist = get_distance(cfg.path.distance)
     x_mem = data[0] if isinstance(data, tuple) else data
     # clean_pass false: L's batches are drawn here (the stream fip_phase would use), never forwarded clean.
     own = None if rc.clean_pass else as_examples(data).batches(cfg.path.batch_size, mix_seed(seed, 1, phase_tag(name)))
 
     def prepare_extra(model: nn.Module) -> PhaseState:
         w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return {"t": 0, "evals": 0.0, "taken": [w0] if rc.diversity != "none" else []}
+        return {"t": 0, "evals": 0.0, "taken": [w0] if rc.diversity != "none" else [],
+                "w0": w0 if rc.adv_invariance else None}
 
     def secondary(model: nn.Module, logits: Tensor | None, x: Tensor | None, y: Tensor | None,
                   state: PhaseState) -> Tensor:
@@ -131,6 +136,10 @@ def robust_phase(data: Any, cfg: Config, seed: int, name: str = "robust") -> Pha
             loss = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(logits, dim=1), reduction="batchmean")
         else:
             loss = F.cross_entropy(adv_logits, y)
+        if rc.adv_invariance:  # w0's outputs on the same adversarial inputs: keep them too
+            with torch.no_grad():
+                ref = torch.func.functional_call(model, state["w0"], (x_adv,))
+            loss = loss + rc.adv_invariance * dist(adv_logits, ref)
         window = state["taken"][-rc.diversity_window:]
         state["evals"] += step_evals(cfg, len(window))
         if rc.diversity != "none":
@@ -214,7 +223,7 @@ def robust_fip_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_second
             "steps": [steps[i] for i in keep], "fgsm_shift": [h[i] for i in keep], "candidates": len(candidates)})
     assert len(candidates) == cfg.robust.paths * candidates_per_path(cfg)
     return Deployed(Ensemble(members), members, seconds, cfg.train.steps + cfg.robust.paths * cfg.path.steps,
-                    cfg.train.steps + evals + selection_evals(len(candidates), cfg.path.batch_size))
+                    base_evals(cfg) + evals + selection_evals(len(candidates), cfg.path.batch_size))
 
 
 @register_operation
@@ -270,7 +279,7 @@ class Robust(Operation):
                                        "base_clean": []}
         for seed in cfg.seeds:
             base = ctx.model(seed)
-            train_base(base, ctx.train_data(), None, cfg, seed)
+            train_w0(ctx, base, seed)
             _, candidates, _, _, _ = robust_paths(ctx, base, seed, out_dir=False, record_every=10**9,
                                                   checkpoint_every=10**9)
             keep, _h = select(ctx, candidates)
