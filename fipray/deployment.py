@@ -93,6 +93,11 @@ class RobustConfig:
         if self.base_weights and self.start != "adversarial":
             raise ConfigError("config key 'robust.base_weights' is set but robust.start is w0 (the network `train:` "
                               "trains): use start: adversarial to start from loaded weights")
+        copies = [b for b in ec.baselines if b in ("deep", "adv_deep")] + (["ensemble.review"] if ec.review else [])
+        if self.base_weights and copies:
+            raise ConfigError(f"config key 'robust.base_weights': {', '.join(copies)} train networks like w0 from "
+                              "their own initialisations, but w0 is loaded (every one would be the same network); "
+                              "drop them, or let robust.recipe train w0")
         if self.diversity != "none" and self.diversity_weight == 0:
             raise ConfigError(f"config key 'robust.diversity_weight' is 0: robust.diversity: {self.diversity} "
                               "would do nothing (set a weight, or diversity: none)")

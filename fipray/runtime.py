@@ -93,11 +93,16 @@ def trained_like_w0(ctx: RunContext, seed: int, tag: int, count: int,
 
 
 def load_weights(model: nn.Module, file: str, key: str) -> None:
-    """Load the state dict in `file` (.safetensors, or a torch file read with weights_only) into `model`; a
-    ConfigError naming config key `key` when the file is missing or does not fit."""
+    """Load the state dict in `file` (.safetensors, or a torch file read with weights_only; `cached:<set>/<file>`
+    names a verified file of the data cache) into `model`; a ConfigError naming config key `key` when the file is
+    missing or does not fit."""
+    from fipray.data.cache import resolve_cached_file
     from fipray.models.registry import load_state_dict_file
 
-    path = Path(file).expanduser()
+    try:
+        path = resolve_cached_file(file).expanduser()
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
     if not path.is_file():
         raise ConfigError(f"config key '{key}': {file!r} is not a file")
     try:

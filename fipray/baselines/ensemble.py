@@ -71,15 +71,18 @@ def recipe_lr(t: int, steps: int, lr: float, schedule: str) -> float:
 
 def fgsm_rs_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float,
                      generator: torch.Generator) -> torch.Tensor:
-    """FGSM from a random start (Wong et al. 2020): δ ~ U(−ε, ε), one step δ + α·sign ∇_δ CE, δ clipped to the
-    ε-ball, x + δ to [0, 1]. Crafted in the model's current mode (the recipe trains in train mode)."""
+    """FGSM from a random start as Wong et al.'s code crafts it: δ ~ U(−ε, ε) (x + δ clipped to [0, 1]); the
+    examples the model classifies correctly at that start take one step δ + α·sign ∇_δ CE, clipped to the ε-ball
+    and x + δ to [0, 1]; those it already gets wrong keep their random start. Crafted in the model's current mode
+    (the recipe trains in train mode)."""
     noise = (torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1).to(x.device)
     delta = ((x + eps * noise).clamp(0, 1) - x).requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x + delta), y)
-        (g,) = torch.autograd.grad(loss, delta)
-    delta = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
-    return (x + delta).clamp(0, 1).detach()
+        out = model(x + delta)
+        (g,) = torch.autograd.grad(F.cross_entropy(out, y), delta)
+    right = (out.argmax(1) == y).view(-1, *([1] * (x.ndim - 1)))
+    stepped = (delta.detach() + alpha * g.sign()).clamp(-eps, eps)
+    return (x + torch.where(right, stepped, delta.detach())).clamp(0, 1).detach()
 
 
 def recipe_phase(ctx: RunContext, seed: int, *, steps: int | None = None, recipe: str | None = None,
@@ -296,7 +299,7 @@ def _adversarial_fge_run(ctx: RunContext, base: nn.Module, seed: int) -> tuple[l
     def run() -> tuple[list[nn.Module], float, int, int]:
         cfg, k = ctx.cfg, ctx.cfg.ensemble.members
         per_step = cfg.robust.attack_steps + 1
-        cycle = max(2, -(-fip_budget(cfg) // per_step) // k)
+        cycle = max(2, -(-fip_budget(cfg) // (per_step * k)))  # rounded up: never less than the FIP's budget
         t0 = time.perf_counter()
         res = run_path(clone(base), [fge_phase(ctx, seed, "adv_fge", cycle=cycle, adversarial=True)],
                        record_every=k * cycle, checkpoint_every=10**9)

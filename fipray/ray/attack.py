@@ -209,15 +209,15 @@ def _build_surrogate(cfg: Any, bundle: Any, surrogate: str | Path | None, seed: 
     Without ``surrogate``, w0 is retrained from the config with the run's seed, which reproduces the
     network ``fipray ensemble`` crafted its transfer examples on, so the transfer numbers match.
     """
-    from fipray import runtime as common
+    from fipray.baselines.ensemble import train_w0
     from fipray.ensemble_folder import load_ensemble
+    from fipray.runtime import RunContext
 
     if surrogate is not None:
         return load_ensemble(surrogate), f"ensemble {surrogate}"
-    spec = common.model_spec(cfg, bundle)
-    xtr, ytr = common.tensors(bundle.train, dev)
-    sur = common.build_model(spec, seed, dev)
-    common.train_base(sur, xtr, ytr, cfg, seed)
+    ctx = RunContext.create(cfg, bundle=bundle, device=str(dev))
+    sur = ctx.model(seed)
+    train_w0(ctx, sur, seed)  # as `fipray ensemble` trained it (robust.start: adversarial included)
     sur.eval()
     return sur, "base network w0 (retrained from the run config)"
 
@@ -245,7 +245,8 @@ def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | N
         deploy_seconds = time.perf_counter() - t0
         target = RemoteEnsemble(handle)
         t0 = time.perf_counter()
-        rows = robustness_curve(target, x_eval, y_eval, s.eps, surrogate=surrogate, steps=s.steps, seed=s.seed)
+        rows = robustness_curve(target, x_eval, y_eval, s.eps, surrogate=surrogate, steps=s.steps, seed=s.seed,
+                                alpha=s.cfg.ensemble.pgd_alpha or None)
         curve_seconds = time.perf_counter() - t0
         fl = (sanity_flags(rows, target=target, x=x_eval, y=y_eval, eps=max(s.eps), seed=s.seed)
               if flags else {"flags": {}, "measured": {}})
@@ -294,13 +295,15 @@ def _write_outputs(out: Path, summary: dict, md: str, rows: list[dict], seed: in
 def _reference_rows(ens_dir: Path, seed: int, rows: list[dict]) -> list[dict] | None:
     """``fipray ensemble``'s own FIP rows for this seed, when its ``robustness.parquet`` is beside the ensemble."""
     path = ens_dir.resolve().parents[1] / "robustness.parquet"
-    if ens_dir.resolve().name != f"fip_seed{seed}" or not path.is_file():
+    method = ens_dir.resolve().name.removesuffix(f"_seed{seed}")
+    if method not in ("fip", "fip_robust") or not path.is_file():
         return None
     import pyarrow.parquet as pq
 
-    ref = [r for r in pq.read_table(path).to_pylist() if r.get("method") == "fip" and r.get("seed") == seed]
+    ref = [r for r in pq.read_table(path).to_pylist() if r.get("method") == method and r.get("seed") == seed]
     steps = {r["steps"] for r in rows}
-    ref = [r for r in ref if r.get("steps") in steps]
+    # One random start, as served: the run's rows with restarts are a stronger attack, not a reference.
+    ref = [r for r in ref if r.get("steps") in steps and r.get("restarts", 1) in (1, None)]
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in ref] or None
 
 

@@ -26,6 +26,8 @@ CASES = [
     ("small_cnn", (3, 32, 32), {"width": 0.25}),
     ("small_bn_cnn", (1, 8, 8), {}),
     ("small_bn_cnn", (3, 32, 32), {"width": 0.25, "fc": 16}),
+    ("mnist_fast_cnn", (1, 28, 28), {}),
+    ("lenet5_mnist", (1, 28, 28), {}),
     ("timm:resnet18", (3, 32, 32), {}),
     ("timm:vit_tiny_patch16_224", (3, 32, 32), {"patch_size": 8, "depth": 2}),
     ("hf_bert", (12,), {"config": TINY_BERT}),
