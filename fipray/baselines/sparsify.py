@@ -195,6 +195,17 @@ def lottery_phases(names: list[str], schedule: list[tuple[int, tuple[float, ...]
     return [dense, *(level_phase(level, keep) for level, (keep, _) in enumerate(schedule) if level > 0)]
 
 
+def rewind_point(init: nn.Module, x: Tensor, y: Tensor, lth: LotteryConfig, seed: int) -> dict[str, Tensor]:
+    """The state every level resets to: w_init, or with `rewind_steps` > 0 the weights after that many steps
+    of the dense training (`init` is trained in place to there; a pure function of the seed, so a resumed run
+    recomputes the same point). Returns a copy of the state dict."""
+    if lth.rewind_steps:
+        first = TrainConfig(steps=lth.rewind_steps, batch_size=lth.batch_size, lr=lth.lr, optimizer=lth.optimizer)
+        run_path(init, [supervised_phase("lth_rewind", x, y, first, seed)], record_every=10**9,
+                 checkpoint_every=10**9)
+    return {k: v.detach().clone() for k, v in init.state_dict().items()}
+
+
 def lottery_ticket(init: nn.Module, names: list[str], targets: Sequence[float], x: Tensor, y: Tensor,
                    lth: LotteryConfig, seed: int, *, evaluate: Callable[[nn.Module], dict],
                    out_dir: str | Path | None = None, progress: Any = None) -> list[dict]:
@@ -220,11 +231,7 @@ def lottery_ticket(init: nn.Module, names: list[str], targets: Sequence[float], 
     per_level = lth.epochs_per_level * max(1, len(x) // lth.batch_size)
     if lth.rewind_steps > per_level:
         raise ValueError(f"sparsify.lth.rewind_steps ({lth.rewind_steps}) exceeds a level's {per_level} steps")
-    if lth.rewind_steps:  # the rewind point: the dense training's first steps (a pure function of the seed)
-        first = TrainConfig(steps=lth.rewind_steps, batch_size=lth.batch_size, lr=lth.lr, optimizer=lth.optimizer)
-        run_path(init, [supervised_phase("lth_rewind", x, y, first, seed)], record_every=10**9,
-                 checkpoint_every=10**9)
-    reset = {k: v.detach().clone() for k, v in init.state_dict().items()}
+    reset = rewind_point(init, x, y, lth, seed)
 
     def finish(model: nn.Module, level: int) -> dict:
         return {"level": level, "keep": schedule[level][0], "sparsity": sparsity(model, names),

@@ -18,11 +18,14 @@ over the counted tensors and over every Linear/Conv weight (`sparsity_all`).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from fipray import report
@@ -59,6 +62,11 @@ class SparsifyConfig:
     include: tuple[str, ...] = knob(())
     calibration: int = knob(128, gt=0)  # training examples whose activations wanda's scores use
     lth: LotteryConfig = field(default_factory=LotteryConfig)  # the `lth` baseline (open_lth's protocol)
+    # Flush denormal floats to zero on the CPU during a seed's run: the pruned weights FIP drives towards zero
+    # with Adam, and their Adam moments, reach denormal range after ~1000 steps at p ≥ 0.98, where each CPU
+    # operation on them is tens of times slower (a 1500-step path on MNIST ran 5-25x slower). Off by default:
+    # flushing changes the last bits of runs that shipped without it.
+    flush_denormal: bool = False
 
     def check(self, cfg: Config) -> None:
         if "lth" in self.baselines and not self.lth.prune_head and not self.exclude_head:
@@ -163,6 +171,10 @@ class Sparsify(Operation):
 
     def run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         """Base network, then every method to every target from it."""
+        with _flush_denormal(ctx.cfg.sparsify.flush_denormal):
+            return self._run_seed(ctx, seed, methods)
+
+    def _run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
         data, (xte, yte) = ctx.train_data(), ctx.test_tensors()
         # In memory: tensors (the fast path); streamed: the Examples, w0's logits kept for every item.
@@ -322,6 +334,19 @@ class Sparsify(Operation):
             accs.append(accuracy(model, xte, yte))
             sps.append(sparsity(model, names))
             report({"accuracy": float(np.mean(accs)), "sparsity": float(np.mean(sps)), "seed": seed})
+
+
+@contextlib.contextmanager
+def _flush_denormal(on: bool) -> Iterator[None]:
+    """torch's (process-wide) flush-denormal mode on while inside, back to torch's default (off) after."""
+    if not on:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def _compute(cfg: Config, method: str, p: float, n: int) -> tuple[int, int]:
