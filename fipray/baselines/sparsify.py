@@ -132,6 +132,13 @@ class LotteryConfig:
     optimizer: str = knob("plain_sgd", choices=OPTIMIZERS.names)
     rewind_steps: int = knob(0, ge=0)  # 0: reset to the initial weights
     prune_head: bool = False  # open_lth never prunes the output layer
+    steps_per_level: int = knob(0, ge=0)  # > 0: this many steps a level instead of the epochs (smoke tests)
+
+
+def level_steps(lth: LotteryConfig, n: int) -> int:
+    """Optimizer steps of one level over n training examples: `epochs_per_level` epochs of ⌊n/batch_size⌋
+    steps, or `steps_per_level` when set."""
+    return lth.steps_per_level or lth.epochs_per_level * max(1, n // lth.batch_size)
 
 
 def lottery_schedule(n: int, targets: Sequence[float], rate: float) -> list[tuple[int, tuple[float, ...]]]:
@@ -174,7 +181,7 @@ def lottery_phases(names: list[str], schedule: list[tuple[int, tuple[float, ...]
     Args:
         finish: (model, level) -> results of that level (kept in the path's `phase_results`).
     """
-    per_level = lth.epochs_per_level * max(1, len(x) // lth.batch_size)
+    per_level = level_steps(lth, len(x))
     train = TrainConfig(steps=per_level, batch_size=lth.batch_size, lr=lth.lr, optimizer=lth.optimizer)
 
     def level_phase(level: int, keep: int) -> Phase:
@@ -228,7 +235,7 @@ def lottery_ticket(init: nn.Module, names: list[str], targets: Sequence[float], 
     t0 = time.perf_counter()
     n = sum(t.numel() for t in counted_tensors(init, names))
     schedule = lottery_schedule(n, targets, lth.rate)
-    per_level = lth.epochs_per_level * max(1, len(x) // lth.batch_size)
+    per_level = level_steps(lth, len(x))
     if lth.rewind_steps > per_level:
         raise ValueError(f"sparsify.lth.rewind_steps ({lth.rewind_steps}) exceeds a level's {per_level} steps")
     reset = rewind_point(init, x, y, lth, seed)

@@ -154,7 +154,7 @@ class Sparsify(Operation):
     section = SparsifyConfig
     metrics = ("accuracy", "sparsity")
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=30", "sparsify.invariance_steps=10",
-             "path.record_every=10", "path.checkpoint_every=20")
+             "path.record_every=10", "path.checkpoint_every=20", "sparsify.lth.steps_per_level=5")
     supports_paths = True
 
     # The experiment -------------------------------------------------------------------------------
