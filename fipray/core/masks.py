@@ -2,7 +2,7 @@
 
 The vocabulary the sparsify operation (`fipray.ops.sparsify`), its baselines (`fipray.baselines.sparsify`)
 and the compose operation share: the counted tensors of a network by name, the exact number of weights
-kept at sparsity p, global magnitude keep-masks, and the distance ‖w − project_p(w)‖² to the p-sparse
+kept at sparsity p, global magnitude keep-masks (by sparsity or by count), and the distance ‖w − project_p(w)‖² to the p-sparse
 set. Which tensors count is decided above (`fipray.eval.sparsity.counted_parameters`); here they are
 only names and tensors.
 """
@@ -27,8 +27,15 @@ def keep_count(total: int, p: float) -> int:
 @torch.no_grad()
 def magnitude_masks(tensors: list[Tensor], p: float) -> list[Tensor]:
     """Boolean keep-masks with exactly keep_count(N, p) True entries: the largest |w| globally."""
+    return largest_masks(tensors, keep_count(sum(t.numel() for t in tensors), p))
+
+
+@torch.no_grad()
+def largest_masks(tensors: list[Tensor], k: int) -> list[Tensor]:
+    """Boolean keep-masks with exactly k True entries (0 <= k <= N): the k largest |w| over all tensors."""
     flat = torch.cat([t.detach().abs().reshape(-1) for t in tensors])
-    k = keep_count(flat.numel(), p)
+    if not 0 <= k <= flat.numel():
+        raise ValueError(f"cannot keep {k} of {flat.numel()} weights")
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
     if k > 0:
         keep[torch.topk(flat, k, sorted=False).indices] = True

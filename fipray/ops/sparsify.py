@@ -10,20 +10,33 @@ Protocol (shared/PROTOCOLS.md): counted tensors are the Linear/Conv weights (hea
 Linears), every final network is exactly p-sparse over them (masks applied),
 accuracy vs sparsity over a sweep of p, against the baselines of `fipray.baselines.sparsify`
 (fine-tuning ones take as many steps as the FIP path takes in all; wanda is one-shot on
-`sparsify.calibration` training examples).
+`sparsify.calibration` training examples; `lth` runs open_lth's lottery-ticket levels once per seed from the
+untrained network, `sparsify.lth`). Every result row carries its compute: optimizer steps and the examples
+they took gradients on (`steps`, `examples`; the shared dense training is reported apart), and its sparsity
+over the counted tensors and over every Linear/Conv weight (`sparsity_all`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from fipray import report
-from fipray.baselines.sparsify import SPARSIFY_BASELINES, finetune_steps
+from fipray.baselines.sparsify import (
+    SEQUENTIAL_BASELINES,
+    SPARSIFY_BASELINES,
+    LotteryConfig,
+    baseline_names,
+    finetune_steps,
+    imp_schedule,
+)
 from fipray.config import Config, ConfigError, knob
 from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks, projection_loss
 from fipray.core.step import Anchor
@@ -43,11 +56,26 @@ class SparsifyConfig:
     targets: tuple[float, ...] = knob((0.5, 0.8, 0.9), gt=0, lt=1, nonempty=True)
     exclude_head: bool = False  # the classifier head counts unless this is set (PROTOCOLS.md)
     invariance_steps: int = knob(200, ge=0)
-    baselines: tuple[str, ...] = knob(("magnitude", "magnitude_ft"), choices=SPARSIFY_BASELINES.names)
+    baselines: tuple[str, ...] = knob(("magnitude", "magnitude_ft"), choices=baseline_names)
     # Glob patterns over parameter names selecting which Linear/Conv weights count, e.g.
     # ["model.bert.encoder.*"] (a HF BERT's encoder Linears, not pooler/head); empty = all of them.
     include: tuple[str, ...] = knob(())
     calibration: int = knob(128, gt=0)  # training examples whose activations wanda's scores use
+    lth: LotteryConfig = field(default_factory=LotteryConfig)  # the `lth` baseline (open_lth's protocol)
+    # Flush denormal floats to zero on the CPU during a seed's run: the pruned weights FIP drives towards zero
+    # with Adam, and their Adam moments, reach denormal range after ~1000 steps at p ≥ 0.98, where each CPU
+    # operation on them is tens of times slower (a 1500-step path on MNIST ran 5-25x slower). Off by default:
+    # flushing changes the last bits of runs that shipped without it.
+    flush_denormal: bool = False
+
+    def check(self, cfg: Config) -> None:
+        if "lth" in self.baselines and not self.lth.prune_head and not self.exclude_head:
+            raise ConfigError("config key 'sparsify.lth.prune_head': lth leaves the output layer unpruned "
+                              "(open_lth); set sparsify.exclude_head: true so that every method counts the same "
+                              "tensors, or sparsify.lth.prune_head: true to prune it")
+        if "lth" in self.baselines and self.lth.prune_head and self.exclude_head:
+            raise ConfigError("config key 'sparsify.lth.prune_head': true, but sparsify.exclude_head leaves the "
+                              "head out of the counted tensors that every method prunes")
 
 
 def counted(model: nn.Module, exclude_head: bool = False, include: tuple[str, ...] = ()) -> list[str]:
@@ -126,7 +154,7 @@ class Sparsify(Operation):
     section = SparsifyConfig
     metrics = ("accuracy", "sparsity")
     smoke = ("seeds=[0]", "train.steps=40", "path.steps=30", "sparsify.invariance_steps=10",
-             "path.record_every=10", "path.checkpoint_every=20")
+             "path.record_every=10", "path.checkpoint_every=20", "sparsify.lth.steps_per_level=5")
     supports_paths = True
 
     # The experiment -------------------------------------------------------------------------------
@@ -143,20 +171,43 @@ class Sparsify(Operation):
 
     def run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         """Base network, then every method to every target from it."""
+        with _flush_denormal(ctx.cfg.sparsify.flush_denormal):
+            return self._run_seed(ctx, seed, methods)
+
+    def _run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
         data, (xte, yte) = ctx.train_data(), ctx.test_tensors()
         # In memory: tensors (the fast path); streamed: the Examples, w0's logits kept for every item.
         xtr, ytr = (data.x, data.y) if isinstance(data, TensorExamples) else (data, None)
         base = ctx.model(seed)
         names = counted(base, sc.exclude_head, sc.include)  # before training: a bad include fails at once
+        every = counted_parameters(base)  # every Linear/Conv weight: the sparsity over all of them is reported too
+        init = clone(base)  # w_init, where the sequential baselines (lth) start
         t0 = time.perf_counter()
         train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
         base_seconds = time.perf_counter() - t0
         dense = accuracy(base, xte, yte)
         anchor = Anchor.from_model(base, xtr) if ytr is not None else streamed_logits(base, data)
         out: dict[str, list] = {"results": [], "path": [], "dense": [dense], "geometry": [], "names": [names]}
+        evaluate = _evaluator(xte, yte, names)
+        sequential = {}  # method -> {target: row}: one run per seed passes every target
+        for method in methods:
+            if method in SEQUENTIAL_BASELINES:
+                rows = SEQUENTIAL_BASELINES.get(method)(
+                    clone(init), names, sc.targets, xtr, ytr, cfg, seed,
+                    evaluate=lambda m: {**evaluate(m), "sparsity_all": sparsity(m, every)},
+                    out_dir=ctx.checkpoint_dir(f"seed{seed}", method), progress=ctx.bar)
+                sequential[method] = {r["target"]: r for r in rows}
         for p in sc.targets:
             for method in methods:
+                if method in sequential:
+                    r = sequential[method][p]
+                    out["results"].append({"method": method, "seed": seed, "target": p, "sparsity": r["sparsity"],
+                                           "accuracy": r["accuracy"], "dense_accuracy": sequential[method][0.0][
+                                               "accuracy"], "seconds": r["seconds"], "steps": r["steps"],
+                                           "examples": r["examples"], "sparsity_all": r["sparsity_all"],
+                                           "level": r["level"]})
+                    continue
                 model = clone(base)
                 t0 = time.perf_counter()
                 if method == "fip":
@@ -167,9 +218,12 @@ class Sparsify(Operation):
                     out["geometry"].append((f"{p:g}", path_summary(res.records)))
                 else:
                     SPARSIFY_BASELINES.get(method)(model, names, p, xtr, ytr, cfg, seed, progress=ctx.bar)
+                steps, examples = _compute(cfg, method, p, len(xtr))
                 out["results"].append({"method": method, "seed": seed, "target": p,
                                        "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
-                                       "dense_accuracy": dense, "seconds": time.perf_counter() - t0 + base_seconds})
+                                       "dense_accuracy": dense, "seconds": time.perf_counter() - t0 + base_seconds,
+                                       "steps": steps, "examples": examples, "sparsity_all": sparsity(model, every),
+                                       "level": None})
         return out
 
     @staticmethod
@@ -184,13 +238,18 @@ class Sparsify(Operation):
                 per_method[m][f"{p:g}"] = {
                     "accuracy_mean": acc[0], "accuracy_std": acc[1],
                     "sparsity": min(r["sparsity"] for r in sel), "sparsity_max": max(r["sparsity"] for r in sel),
-                    "seconds": sum(r["seconds"] for r in sel) / len(sel)}
+                    "sparsity_all": min(r["sparsity_all"] for r in sel),
+                    "seconds": sum(r["seconds"] for r in sel) / len(sel),
+                    "steps": max(r["steps"] for r in sel), "examples": max(r["examples"] for r in sel)}
+                if sel[0]["level"] is not None:
+                    per_method[m][f"{p:g}"]["level"] = sel[0]["level"]
         geometry: dict[str, list[dict]] = {}
         for p, g in rows["geometry"]:
             geometry.setdefault(p, []).append(g)
         dense = mean_std(rows["dense"])
         return {"operation": "sparsify", "dense_accuracy": dense[0], "dense_accuracy_std": dense[1],
                 "seeds": list(cfg.seeds), "counted": rows["names"][-1], "exclude_head": sc.exclude_head,
+                "dense_steps": cfg.train.steps, "dense_examples": cfg.train.steps * cfg.train.batch_size,
                 "include": list(sc.include),
                 "targets": [f"{p:g}" for p in sc.targets], "methods": per_method,
                 "fip_path": {p: {k: float(sum(g[k] for g in v) / len(v)) for k in v[0]} for p, v in geometry.items()}}
@@ -202,12 +261,23 @@ class Sparsify(Operation):
         per_method = summary["methods"]
         wanda_note = (f" wanda is one-shot (no fine-tuning): |w|·‖x‖ per output row, input norms over "
                       f"{sc.calibration} training examples." if "wanda" in methods else "")
-        series = {m: ([v["sparsity"] for v in per_method[m].values()],
+        # Remaining weights on a log axis: 0.9 and 0.99 sparse are as far apart as 0 and 0.9.
+        series = {m: ([1 - v["sparsity"] for v in per_method[m].values()],
                       [v["accuracy_mean"] for v in per_method[m].values()]) for m in methods}
-        report.plot_lines(series, "sparsity (fraction of counted weights = 0)", "test accuracy",
-                          f"Accuracy vs sparsity ({cfg.model.name} on {cfg.data.name})", out / "accuracy_vs_sparsity.png")
-        table = [[m, p, v["sparsity"], f"{v['accuracy_mean']:.4f} ± {v['accuracy_std']:.4f}"]
-                 for m in methods for p, v in per_method[m].items()]
+        report.plot_lines(series, "counted weights remaining (1 − sparsity, log scale)", "test accuracy",
+                          f"Accuracy vs sparsity ({cfg.model.name} on {cfg.data.name})", out / "accuracy_vs_sparsity.png",
+                          xscale="log")
+        table = [[m, p, v.get("level", ""), f"{v['sparsity']:.6f}", f"{v['sparsity_all']:.6f}",
+                  f"{v['accuracy_mean']:.4f} ± {v['accuracy_std']:.4f}", v["steps"], v["examples"],
+                  f"{v['seconds']:.1f}"] for m in methods for p, v in per_method[m].items()]
+        lth = sc.lth
+        lth_note = (f" lth: open_lth's lottery tickets, one run per seed from the untrained network: levels of "
+                    f"{lth.epochs_per_level} epoch(s) ({lth.optimizer} lr {lth.lr:g}, batch {lth.batch_size}), "
+                    f"{lth.rate:g} of the remaining counted weights pruned a level by global magnitude (a level "
+                    f"that would pass a target lands on it), survivors reset to "
+                    f"{'the weights after ' + str(lth.rewind_steps) + ' steps' if lth.rewind_steps else 'init'}; "
+                    f"its steps, examples and seconds are those from w_init to the level of each target, its own "
+                    f"dense training included." if "lth" in methods else "")
         md = "\n".join([
             f"# Sparsification: {cfg.model.name} on {cfg.data.name}", "",
             f"Dense accuracy {summary['dense_accuracy']:.4f}; seeds {list(cfg.seeds)} (mean ± std). Counted tensors "
@@ -215,8 +285,14 @@ class Sparsify(Operation):
             f"{'; include ' + ', '.join(sc.include) if sc.include else ''}): {', '.join(summary['counted'])}. "
             f"magnitude_ft and imp fine-tune {finetune_steps(cfg)} steps in all (= FIP path + invariance phase); "
             f"imp prunes 20% of the remaining weights per round."
-            f"{wanda_note}", "",
-            report.md_table(["method", "target", "sparsity", "accuracy"], table), "",
+            f"{wanda_note}{lth_note}", "",
+            f"Compute: `steps` are optimizer steps, `examples` the examples they took gradients on, `seconds` the "
+            f"mean wall time per seed; for the per-target methods these start at the trained dense network, whose "
+            f"training ({summary['dense_steps']} steps of {cfg.train.batch_size}) every one of them shares and "
+            f"whose seconds are included. `sparsity` is over the counted tensors, `all` over every Linear/Conv "
+            f"weight.", "",
+            report.md_table(["method", "target", "level", "sparsity", "all", "accuracy", "steps", "examples",
+                             "seconds"], table), "",
             "Plot: `accuracy_vs_sparsity.png`. Tables: `results.parquet`, `path.parquet`.", ""])
         write_outputs(out, cfg, summary, {"results": rows["results"], "path": rows["path"]}, md)
 
@@ -258,6 +334,35 @@ class Sparsify(Operation):
             accs.append(accuracy(model, xte, yte))
             sps.append(sparsity(model, names))
             report({"accuracy": float(np.mean(accs)), "sparsity": float(np.mean(sps)), "seed": seed})
+
+
+@contextlib.contextmanager
+def _flush_denormal(on: bool) -> Iterator[None]:
+    """torch's (process-wide) flush-denormal mode on while inside, back to torch's default (off) after."""
+    if not on:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _compute(cfg: Config, method: str, p: float, n: int) -> tuple[int, int]:
+    """(optimizer steps, examples they took gradients on) of a per-target method from the trained dense
+    network w0 (w0's own training is reported apart): FIP's steps each take the gradient on a memory batch
+    (the projection term needs no data), the fine-tuning baselines' on a training batch."""
+    if method == "fip":
+        steps = cfg.path.steps + cfg.sparsify.invariance_steps
+        return steps, steps * min(cfg.path.memory_batch_size or n, n)
+    if method == "imp":
+        rounds = len(imp_schedule(p))
+        steps = max(1, finetune_steps(cfg) // rounds) * rounds
+        return steps, steps * min(cfg.train.batch_size, n)
+    if method == "magnitude_ft":
+        return finetune_steps(cfg), finetune_steps(cfg) * min(cfg.train.batch_size, n)
+    return 0, 0  # one-shot: magnitude, wanda (wanda's calibration is forward passes only)
 
 
 def _evaluator(xte: Tensor, yte: Tensor, names: list[str]) -> Any:
