@@ -34,6 +34,13 @@ def pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def _evals(v: dict) -> str:
+    """Gradient evaluations when the run counted them (`ensemble.review`), else the optimizer steps, labelled."""
+    if v.get("gradient_evals") is not None:
+        return f"{v['gradient_evals']:,}"
+    return f"— ({v['gradient_steps']:,} steps)"
+
+
 def table(run: Path) -> str:
     s = json.loads((run / "summary.json").read_text())
     eps = s["eps"]
@@ -48,7 +55,7 @@ def table(run: Path) -> str:
                      pct(v["autoattack"][strong])] + [pct(v["whitebox"][e]) for e in others]
                     + [pct(v["transfer"][strong]) if m != "base" else "(white-box)",
                        pct(v.get("transfer_independent", {}).get(strong)), pct(v["member_whitebox"][strong]),
-                       f"{v['disagreement']:.4f}", f"{v.get('gradient_evals', v['gradient_steps']):,}",
+                       f"{v['disagreement']:.4f}", _evals(v),
                        f"{v['seconds']:.0f}"])
     lines = [f"### {run.name}: {s.get('members')} members, seeds {s['seeds']}, {s['eval_examples']} test examples "
              f"(PGD-{s['pgd_steps']}, {s.get('restarts', 1)} restarts at ε = {strong}; AutoAttack on the first "
