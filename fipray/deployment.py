@@ -152,9 +152,16 @@ def path_evals(cfg: Config) -> int:
     return int(math.ceil(total))
 
 
-def recipe_step_evals(rc: RobustConfig) -> int:
-    """Gradient evaluations of one step of the adversarial recipe: the attack's steps and the update."""
-    return (1 if rc.recipe == "fast_fgsm" else rc.recipe_steps) + 1
+def recipe_step_evals(rc: RobustConfig, recipe: str | None = None) -> int:
+    """Gradient evaluations of one step of the adversarial recipe (`robust.recipe`, or `recipe`): the attack's
+    steps and the update."""
+    return (1 if (recipe or rc.recipe) == "fast_fgsm" else rc.recipe_steps) + 1
+
+
+def attack_step_evals(rc: RobustConfig) -> int:
+    """Gradient evaluations of one adversarial-training update with the robust FIP's training attack: its
+    `robust.attack_steps` steps and the update."""
+    return rc.attack_steps + 1
 
 
 def base_evals(cfg: Config) -> int:

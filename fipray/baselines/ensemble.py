@@ -22,7 +22,14 @@ from torch import nn
 
 from fipray.core.step import StepOutput
 from fipray.data.batches import mix_seed
-from fipray.deployment import Deployed, attack_args, base_evals, fip_budget, recipe_step_evals
+from fipray.deployment import (
+    Deployed,
+    attack_args,
+    attack_step_evals,
+    base_evals,
+    fip_budget,
+    recipe_step_evals,
+)
 from fipray.ensemble import Ensemble
 from fipray.eval.attacks import pgd_examples
 from fipray.optim import make_optimizer
@@ -140,7 +147,7 @@ def _from_scratch(ctx: RunContext, seed: int, recipe: str, tag: int) -> Deployed
     m = ctx.model(mix_seed(seed, tag))
     run_path(m, [recipe_phase(ctx, mix_seed(seed, tag), recipe=recipe)], record_every=cfg.train.steps,
              checkpoint_every=10**9)
-    per_step = 2 if recipe == "fast_fgsm" else cfg.robust.recipe_steps + 1
+    per_step = recipe_step_evals(cfg.robust, recipe)
     m.eval()
     return Deployed(m, [m], time.perf_counter() - t0, cfg.train.steps, cfg.train.steps * per_step)
 
@@ -214,7 +221,7 @@ def pgd_at(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float) -> 
     evaluations, each update costing `robust.attack_steps` + 1 of them: the same compute as the robust FIP
     (rounded up to whole updates)."""
     cfg = ctx.cfg
-    per_step = cfg.robust.attack_steps + 1
+    per_step = attack_step_evals(cfg.robust)
     steps = -(-fip_budget(cfg) // per_step)  # rounded up: PGD-AT never gets less than the FIP
     t0 = time.perf_counter()
     m = adversarial_training(ctx, clone(base), seed, steps)
@@ -228,7 +235,7 @@ def adversarial_deep_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_
     share of the robust FIP's adversarial budget (`fip_budget`); charged the deep ensemble's cost too."""
     cfg = ctx.cfg
     k = cfg.ensemble.members
-    per_step = cfg.robust.attack_steps + 1
+    per_step = attack_step_evals(cfg.robust)
     steps = fip_budget(cfg) // k // per_step
     clean, clean_seconds = _deep_members(ctx, seed)
     t0 = time.perf_counter()
@@ -277,6 +284,16 @@ def fge_phase(ctx: RunContext, seed: int, name: str = "fge", *, cycle: int = 0, 
                  finish=lambda m, state: {"members": state["members"]})
 
 
+def _snapshots(base: nn.Module, states: list[dict]) -> list[nn.Module]:
+    """Copies of `base` holding the state dicts an FGE run kept, in eval mode."""
+    members = []
+    for state in states:
+        m = clone(base)
+        m.load_state_dict(state)
+        members.append(m.eval())
+    return members
+
+
 @ENSEMBLE_BASELINES.register("fge")
 def fast_geometric_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_seconds: float) -> Deployed:
     """Fast geometric ensembling from w0 (`fge_phase`): one network taken at the lowest rate of each of
@@ -285,11 +302,7 @@ def fast_geometric_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_se
     t0 = time.perf_counter()
     steps = cfg.ensemble.members * cfg.robust.fge_cycle
     res = run_path(clone(base), [fge_phase(ctx, seed)], record_every=steps, checkpoint_every=10**9)
-    members = []
-    for state in res.phase_results["fge"]["members"]:
-        m = clone(base)
-        m.load_state_dict(state)
-        members.append(m.eval())
+    members = _snapshots(base, res.phase_results["fge"]["members"])
     return Deployed(Ensemble(members), members, base_seconds + time.perf_counter() - t0, cfg.train.steps + steps)
 
 
@@ -298,16 +311,12 @@ def _adversarial_fge_run(ctx: RunContext, base: nn.Module, seed: int) -> tuple[l
     per member): (members in eval mode, seconds, steps, gradient evaluations after w0); run once per seed."""
     def run() -> tuple[list[nn.Module], float, int, int]:
         cfg, k = ctx.cfg, ctx.cfg.ensemble.members
-        per_step = cfg.robust.attack_steps + 1
+        per_step = attack_step_evals(cfg.robust)
         cycle = max(2, -(-fip_budget(cfg) // (per_step * k)))  # rounded up: never less than the FIP's budget
         t0 = time.perf_counter()
         res = run_path(clone(base), [fge_phase(ctx, seed, "adv_fge", cycle=cycle, adversarial=True)],
                        record_every=k * cycle, checkpoint_every=10**9)
-        members = []
-        for state in res.phase_results["adv_fge"]["members"]:
-            m = clone(base)
-            m.load_state_dict(state)
-            members.append(m.eval())
+        members = _snapshots(base, res.phase_results["adv_fge"]["members"])
         return members, time.perf_counter() - t0, k * cycle, k * cycle * per_step
 
     return ctx.memo(f"adv_fge/{seed}", run)
