@@ -26,7 +26,7 @@ from fipray.config import (
     parse_override,
     read_yaml_mapping,
 )
-from fipray.operation import get_operation
+from fipray.operation import check_trial_method, get_operation
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "file")  # what fipray.ray.storage opens (pyarrow.fs)
@@ -87,10 +87,37 @@ class SweepConfig:
     eps: float = knob(0.0, ge=0)  # ensemble metrics: the ε of the white-box accuracy (0: the largest of ensemble.eps)
     target: float = knob(0.0, ge=0, lt=1)  # sparsify metrics: the sparsity target (0: the largest target)
     name: str = "sweep"
+    # What each trial runs: "fip", or a baseline of the operation (`Operation.trial_methods`, e.g. derpp, er,
+    # ewc, lora_r8), tuned through the same search, budget and scheduler.
+    method: str = "fip"
+    # The held-out part of the training split every trial trains without and scores on (a fraction < 1, or a
+    # count of examples), stratified and fixed by validation_seed: the same for every trial and method. The
+    # test split is never read by a sweep (`--compare` reads it only to report the chosen configs).
+    validation: float = knob(0.2, gt=0)
+    validation_seed: int = 0
+    # asha: Tune's ASHA stops weak trials at rungs of iterations; pbt: population-based training along FIP
+    # paths (`fipray.ray.pbt`): every `perturbation_interval` path steps the bottom `pbt_quantile` of trials
+    # take a top trial's path checkpoint and continue it with perturbed `mutations` (continual, ensemble).
+    scheduler: str = knob("asha", choices=("asha", "pbt"))
+    perturbation_interval: int = knob(50, ge=1)
+    # {"path.lam": [low, high], ...}: the knobs PBT perturbs (x0.8 / x1.2, or resampled) within [low, high];
+    # {} : every searched float knob within its search range.
+    mutations: dict = knob({})
+    pbt_quantile: float = knob(0.25, gt=0, lt=0.51)
+    resample_probability: float = knob(0.25, ge=0, lt=1.01)
+    # `fipray sweep --compare` (or compare: true): sweep each of `compare_methods` with the same search budget
+    # (num_samples, scheduler, seeds), then rerun each method's best config on the test split over
+    # `test_seeds` (fipray.ray.compare). `spaces`: {method: {key: distribution}} search per method
+    # (default: `search` for every method).
+    compare: bool = False
+    compare_methods: tuple[str, ...] = ()
+    spaces: dict = knob({})
+    test_seeds: tuple[int, ...] = knob((0, 1, 2), nonempty=True)
 
     def options(self) -> dict:
-        """What a trial passes on to the operation (`Operation.trial(**options)`)."""
-        return {"eps": self.eps, "target": self.target}
+        """What a trial passes on (`fipray.units.run_trial(**options)`)."""
+        return {"eps": self.eps, "target": self.target, "method": self.method, "validation": self.validation,
+                "validation_seed": self.validation_seed}
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,10 @@ def _validate_sweep(sc: SweepConfig, cfg: Config) -> None:
         raise ConfigError(f"config key 'sweep.metric': {cfg.operation} trials never report {sc.metric!r}; "
                           f"they report {', '.join(metrics) or 'nothing (no sweep trial)'}")
     _check_search(sc, cfg)
+    check_trial_method(get_operation(cfg.operation), cfg, sc.method)
+    if sc.validation >= 1 and sc.validation != int(sc.validation):
+        raise ConfigError(f"config key 'sweep.validation' = {sc.validation}: a fraction below 1, or a whole "
+                          f"number of examples")
 
 
 def _check_search(sc: SweepConfig, cfg: Config) -> None:

@@ -13,7 +13,8 @@ An operation (continual, sparsify, ensemble, spectrum, compose, and every later 
 - optionally FIP paths (`fipray paths`, the per-path unit in `fipray.units`): `base_data`, `path`,
   `path_steps`;
 - optionally sweep trials (`fipray sweep`): `metrics` (the first is the default), `trial`,
-  `trial_iterations`, `check_sweep`.
+  `trial_iterations`, `check_sweep`, `trial_methods` (the baselines a trial can run, `sweep.method`) and
+  `validation_context` (the held-out training data a trial scores on, `sweep.validation`).
 
 Everything that dispatches on the operation (the experiment runner, the per-path unit, sweep trials,
 config validation, the CLI) looks it up here; no other module lists operation names.
@@ -95,6 +96,21 @@ class Operation:
         """How many reports a full trial makes (ASHA's max_t)."""
         return len(cfg.seeds)
 
+    def trial_methods(self, cfg: Config) -> tuple[str, ...]:
+        """What `sweep.method` may name: FIP, and the baselines this operation's `trial(method=...)` runs (a
+        name with `<...>` is a pattern, e.g. `lora_r<rank>`)."""
+        return ("fip",)
+
+    def validation_context(self, ctx: RunContext, validation: float, seed: int) -> RunContext:
+        """`ctx` with `validation` (a fraction, or a count) of its training split held out as its test split and
+        the rest as its training split (stratified, fixed by `seed`): what a sweep trial trains and scores on,
+        so selection never reads the test split. ValueError when the split cannot be made."""
+        import dataclasses
+
+        from fipray.data.holdout import holdout_bundle
+
+        return dataclasses.replace(ctx, bundle=holdout_bundle(ctx.bundle, validation, seed), memos={})
+
     def check_sweep(self, cfg: Config) -> None:
         """Checks of a config before any trial starts (raise ConfigError)."""
 
@@ -108,6 +124,20 @@ def collect_seeds(ctx: RunContext, total: int, desc: str, keys: tuple[str, ...],
             for k, v in run_seed(seed).items():
                 rows[k] += v
     return rows
+
+
+def check_trial_method(op: Operation, cfg: Config, method: str, where: str = "sweep.method") -> None:
+    """ConfigError unless `op`'s sweep trial can run `method` (its `trial_methods`, patterns like `lora_r<rank>`
+    matched with a whole number in place of `<rank>`)."""
+    import re
+
+    names = op.trial_methods(cfg)
+    for name in names:
+        pattern = re.sub(r"<[^>]+>", r"\\d+", re.escape(name))
+        if re.fullmatch(pattern, method):
+            return
+    raise ConfigError(f"config key {where!r}: {op.name} sweep trials cannot run {method!r}; they run "
+                      f"{', '.join(names)}")
 
 
 def register_operation(cls: type[Operation]) -> type[Operation]:

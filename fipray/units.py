@@ -17,8 +17,9 @@ is started again resumes from its checkpoint, and the Ray driver merges folders,
 With `world > 1` (DDP ranks of a Train path) rank r trains on its own shard of the data and the
 gradients are averaged, so the effective batch is `world` times larger.
 
-Sweep trials: `run_trial(cfg, report)` runs exactly the FIP method of the operation's experiment
-(same data, base network, phases and seeds; baselines skipped), calling `report(metrics)` once per
+Sweep trials: `run_trial(cfg, report)` runs exactly one method of the operation's experiment (FIP, or a
+baseline with `method=`; same base network, phases and seeds) on the training split less a held-out
+validation part, which it scores on (the test split is never read), calling `report(metrics)` once per
 iteration (Tune's training iteration; ASHA stops trials at iterations), each metric a running mean
 over the work done so far; `trial_iterations(cfg)` says how many reports a full trial makes.
 """
@@ -37,7 +38,7 @@ from torch import nn
 from fipray.atomic import atomic_write, atomic_write_json, write_parquet
 from fipray.config import Config, ConfigError
 from fipray.models import load_state_dict_file
-from fipray.operation import Operation, Report, get_operation, operation_classes
+from fipray.operation import Operation, Report, check_trial_method, get_operation, operation_classes
 from fipray.path import PathResult, Phase, run_path
 
 BASE_DIR = "base"
@@ -176,14 +177,38 @@ def trial_iterations(cfg: Config) -> int:
     return get_operation(cfg.operation).trial_iterations(cfg)
 
 
-def run_trial(cfg: Config, report: Report, **options: Any) -> None:
-    """One sweep trial: the operation's FIP over `cfg.seeds`, reporting once per iteration.
+def trial_context(cfg: Config, *, validation: float = 0.2, validation_seed: int = 0, bundle: Any = None,
+                  **kwargs: Any) -> Any:
+    """The run context a sweep trial works in: the operation's own, with `validation` of the training split
+    held out as its test split (`Operation.validation_context`). The test split is never read."""
+    op = get_operation(cfg.operation)
+    ctx = op.context(cfg, bundle=bundle, **kwargs)
+    try:
+        return op.validation_context(ctx, validation, validation_seed)
+    except ValueError as e:
+        raise ConfigError(f"config key 'sweep.validation': {e}") from None
+
+
+def run_trial(cfg: Config, report: Report, *, method: str = "fip", validation: float = 0.2,
+              validation_seed: int = 0, bundle: Any = None, **options: Any) -> None:
+    """One sweep trial: the operation's `method` (FIP or a baseline) over `cfg.seeds`, trained on the training
+    split less its held-out part and scored on that part (`trial_context`), reporting once per iteration.
+    Every report carries the compute spent so far: `grad_evals` (optimizer steps of any phase, base
+    network included) and `trial_seconds`.
 
     Args:
+        method: `sweep.method` (one of the operation's `trial_methods`).
+        validation, validation_seed: `sweep.validation` and `sweep.validation_seed`.
+        bundle: the data (None: `cfg.data`), e.g. a user's DataBundle.
         options: the sweep's operation options (`sweep.eps`, `sweep.target`); each operation reads
             the ones it knows.
     """
+    from fipray.eval.compute import StepCounter
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     op = get_operation(cfg.operation)
-    op.trial(op.context(cfg), report, **options)
+    check_trial_method(op, cfg, method)
+    ctx = trial_context(cfg, validation=validation, validation_seed=validation_seed, bundle=bundle)
+    with StepCounter() as counter:
+        op.trial(ctx, lambda m: report({**m, **counter.metrics()}), method=method, **options)

@@ -321,24 +321,44 @@ class Continual(Operation):
     def trial_iterations(self, cfg: Config) -> int:
         return len(cfg.seeds) * (num_tasks(cfg) - 1)
 
-    def trial(self, ctx: RunContext, report: Report, **options: Any) -> None:
+    def validation_context(self, ctx: RunContext, validation: float, seed: int) -> RunContext:
+        """Every task's training split cut in two (`fipray.data.holdout.holdout_stream`): the held-out part is
+        the task's test split (the rows of R a trial scores), the rest its training data and replay memory."""
+        from fipray.data.holdout import holdout_stream
+
+        stream, head, columns = _stream(ctx)
+        held = holdout_stream(stream, validation, seed)
+        first = held.tasks[0]
+        bundle = DataBundle(first.train, first.test, ctx.bundle.num_classes, ctx.bundle.input_shape, ctx.bundle.name)
+        return dataclasses.replace(ctx, bundle=bundle, memos={"stream": (held, head, columns)})
+
+    def trial_methods(self, cfg: Config) -> tuple[str, ...]:
+        return ("fip", *(n for n in CONTINUAL_BASELINES.names() if n != "lora"), "lora_r<rank>")
+
+    def trial(self, ctx: RunContext, report: Report, *, method: str = "fip", **options: Any) -> None:
         """An iteration per task phase per seed; `acc_mean` is the running mean over seeds of the
-        class-incremental accuracy on the tasks seen so far, so the last report is the ACC mean."""
+        class-incremental accuracy on the tasks seen so far, so the last report is the ACC mean. `method`:
+        FIP or any baseline `continual.baselines` may name (`lora_r<rank>` for LoRA), each under its own
+        config (`continual.overrides`), from the same base network (or from scratch under `base: each`)."""
         cfg = ctx.cfg
         done: dict[str, list[float]] = {"class": [], "task": [], "bwt": []}
         for seed in cfg.seeds:
             tasks = _tasks(ctx, seed)
             base = ctx.model(seed)
             rand = random_rows(base, tasks)["class"]
-            self.prepare_base(ctx, base, tasks, seed)
+            own = first_task(cfg) == 0 and method != "fip"
+            if not own:
+                self.prepare_base(ctx, base, tasks, seed)
             rows = {0: evaluate_row(base, tasks, 0)}
 
             def on_event(event: str, payload: dict, rows: dict = rows, rand: list = rand, seed: int = seed,
                          last: int = len(tasks) - 1) -> None:
-                if event != "phase_end":
+                if event != "phase_end" or not payload["phase"].startswith("task"):
                     return
                 i = int(payload["phase"][len("task"):])
                 rows[i] = payload
+                if i == 0:
+                    return
                 cur = metrics_so_far(rows, rand, i)
                 m = {k: float(np.mean(done[k] + [v])) for k, v in cur.items()}
                 report({"acc_mean": m["class"], "task_acc_mean": m["task"], "bwt_mean": m["bwt"],
@@ -347,6 +367,7 @@ class Continual(Operation):
                     for k, v in cur.items():
                         done[k].append(v)
 
+            phases, extra = method_phases(method, tasks, method_config(cfg, method), seed)
             kw = ctx.path_kwargs()
-            run_path(clone(base), fip_continual_phases(tasks, method_config(cfg, "fip"), seed), record_every=10**9,
-                     checkpoint_every=10**9, distance=kw["distance"], callback=on_event)
+            run_path(clone(base), phases, record_every=10**9, checkpoint_every=10**9,
+                     **{"distance": kw["distance"], **extra, "callback": on_event})

@@ -259,6 +259,11 @@ class Robust(Operation):
                         "evaluate": lambda m: {"accuracy": accuracy(m, xte, yte)}}
 
     # Sweep trials: an iteration per seed --------------------------------------------------------------------
+    def validation_context(self, ctx: RunContext, validation: float, seed: int) -> RunContext:
+        """With `robust.validation` set, the trial holds out its own examples (`validation_context` below);
+        else the sweep's held-out part of the training split."""
+        return ctx if ctx.cfg.robust.validation else super().validation_context(ctx, validation, seed)
+
     def check_sweep(self, cfg: Config) -> None:
         RobustConfig.check(cfg.robust, cfg.replace(**{"ensemble.fip": "robust"}))
 

@@ -45,7 +45,7 @@ from fipray.ray.cluster import check_storage_on_nodes, joined_cluster, quiet_ray
 from fipray.ray.local import init_local
 from fipray.ray.storage import Storage, check_storage, open_storage
 from fipray.runtime import prepare_out
-from fipray.units import run_trial, trial_iterations
+from fipray.units import run_trial, trial_context, trial_iterations
 
 TRAIN_DRIVER_CPU = 0.01  # a TorchTrainer trial's driver only waits; its workers hold the CPUs
 
@@ -182,6 +182,7 @@ def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address
         raise ConfigError("sweep.trainable: train runs one worker per trial; ray.workers_per_path > 1 "
                           "(DDP) is for `fipray paths` with ray.backend: train")
     get_operation(cfg.operation).check_sweep(cfg)
+    trial_context(cfg, validation=sc.validation, validation_seed=sc.validation_seed)  # the held-out split can be made
     out = Path(out).resolve()
     storage = open_storage(rc.storage_path or out, "ray.storage_path")  # a bad URI fails here
     prepare_out(cfg, out)
@@ -208,6 +209,10 @@ def _sweep(job: JobConfig, out: Path, st: Storage, metric: str, concurrent: int,
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     cfg, rc, sc = job.cfg, job.ray, job.sweep
+    if sc.scheduler == "pbt":
+        from fipray.ray.pbt import run_pbt
+
+        return run_pbt(job, out, st, metric, concurrent, progress=progress, t0=t0, ray_start=ray_start)
     cfg_dict = cfg.to_dict()
     options = sc.options()
     max_t = trial_iterations(cfg)
@@ -275,10 +280,12 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
         rows.append({"trial_id": m.get("trial_id", ""), **{k: _plain(r.config.get(k)) for k in keys},
                      "metric": float(m[metric]) if metric in m else float("nan"), "iterations": its,
                      "seconds": float(m.get("time_total_s", float("nan"))), "status": status,
+                     "grad_evals": float(m.get("grad_evals", float("nan"))),
                      **{f"last_{k}": float(v) for k, v in m.items()
                         if k in reported and k != metric}})
     rows.sort(key=lambda r: r["trial_id"])
     write_parquet(out / "trials.parquet", rows)
+    write_parquet(out / "reports.parquet", report_rows(grid, metric))
     done = [r for r in rows if r["status"] == "completed" and r["metric"] == r["metric"]]
     if not done:
         raise RuntimeError(f"no trial of the sweep in {out} completed all {max_t} iterations; see trials.parquet")
@@ -294,9 +301,37 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
                "best_trial_id": best["trial_id"], "max_iterations": max_t, "max_concurrent_trials": concurrent,
                "trainable": sc.trainable, "resumed": resumed, "ray_start_seconds": ray_start,
                "operation": cfg.operation, "best_config_file": str(out / "best_config.yaml"),
-               "seeds": list(cfg.seeds), "config_hash": cfg.run_id()}
+               "seeds": list(cfg.seeds), "config_hash": cfg.run_id(), "method": sc.method,
+               "grad_evals": float(sum(r["grad_evals"] for r in rows if r["grad_evals"] == r["grad_evals"])),
+               "selected_on": selected_on(sc)}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def report_rows(grid: Any, metric: str) -> list[dict]:
+    """Every report of every trial (trial_id, iteration, metric, grad_evals, trial_seconds, timestamp), in time
+    order: what a sweep's best-so-far curve against compute is drawn from (`benchmarks/bench_sweep.py`)."""
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or metric not in df:
+            continue
+        for rec in df.to_dict("records"):
+            rows.append({"trial_id": str(rec.get("trial_id", "")), "iteration": int(rec.get("training_iteration", 0)),
+                         "metric": float(rec[metric]),
+                         "grad_evals": float(rec.get("grad_evals", float("nan"))),
+                         "trial_seconds": float(rec.get("trial_seconds", float("nan"))),
+                         "timestamp": float(rec.get("timestamp", float("nan")))})
+    rows.sort(key=lambda r: (r["timestamp"], r["trial_id"], r["iteration"]))
+    return rows
+
+
+def selected_on(sc: Any) -> str:
+    """The data a sweep's trials were scored on, as its reports say it."""
+    v = sc.validation
+    part = f"{v:.0%}" if v < 1 else f"{int(v)} examples"
+    return (f"validation: {part} of the training split held out (stratified, seed {sc.validation_seed}), the same "
+            f"for every trial and method; trials train on the rest; the test split is not read")
 
 
 def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
