@@ -113,15 +113,29 @@ def _run_paths(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--compare", action="store_true",
+                   help="sweep every method of sweep.compare_methods with the same budget, then test each one's "
+                        "best config over sweep.test_seeds (= sweep.compare=true)")
+
+
 def _run_sweep(args: argparse.Namespace) -> int:
     from fipray.ray.sweep import run_sweep
 
-    job = _load_job(args, True, [])
+    job = _load_job(args, True, ["sweep.compare=true"] if args.compare else [])
     out = Path(args.out or Path("runs") / f"sweep-{job.cfg.operation}-{job.cfg.run_id()}")
+    if job.sweep.compare:
+        from fipray.ray.compare import run_compare
+
+        run_compare(job, out, progress=not args.no_progress, address=args.address)
+        print((out / "compare.md").read_text())
+        print(f"results in {out}/ (compare.md, compare.parquet, tests.parquet, summary.json, <method>/)")
+        return 0
     summary = run_sweep(job, out, progress=not args.no_progress, address=args.address)
     print(json.dumps({k: summary[k] for k in ("metric", "mode", "best_config", "best_metric", "num_trials",
-                                              "num_stopped_early", "seconds")}, indent=2))
-    print(f"results in {out}/ (summary.json, trials.parquet, best_config.yaml, metric_vs_*.png)")
+                                              "num_stopped_early", "seconds", "selected_on")}, indent=2))
+    plots = "schedule.png" if job.sweep.scheduler == "pbt" else "metric_vs_*.png"
+    print(f"results in {out}/ (summary.json, trials.parquet, reports.parquet, best_config.yaml, {plots})")
     return 0
 
 
@@ -270,8 +284,8 @@ def commands() -> dict[str, Command]:
     table = {name: _operation_command(name) for name in operation_classes()}
     table["paths"] = Command("paths", "run P FIP paths in parallel on Ray, merge their tables and ensembles",
                              _add_paths_args, _run_paths)
-    table["sweep"] = Command("sweep", "search config fields with Ray Tune + ASHA (the YAML's sweep: section)",
-                             _no_args, _run_sweep)
+    table["sweep"] = Command("sweep", "search config fields with Ray Tune (ASHA or PBT; the YAML's sweep: section), "
+                                      "or --compare every method at an equal budget", _add_sweep_args, _run_sweep)
     table["query"] = Command("query", "score every network of a stored set on a dataset; rank them, best first",
                              _add_query_args, _run_query, config=False, user_errors=(ValueError,))
     table["serve"] = Command("serve", "serve an ensemble folder over HTTP with Ray Serve (members sharded)",

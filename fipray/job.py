@@ -138,37 +138,53 @@ def _validate_sweep(sc: SweepConfig, cfg: Config) -> None:
     if sc.metric and sc.metric not in metrics:
         raise ConfigError(f"config key 'sweep.metric': {cfg.operation} trials never report {sc.metric!r}; "
                           f"they report {', '.join(metrics) or 'nothing (no sweep trial)'}")
-    _check_search(sc, cfg)
-    check_trial_method(get_operation(cfg.operation), cfg, sc.method)
+    _check_search(sc.search, cfg, "sweep.search")
+    op = get_operation(cfg.operation)
+    check_trial_method(op, cfg, sc.method)
+    if sc.compare and not sc.compare_methods:
+        raise ConfigError("config key 'sweep.compare_methods' is empty: `--compare` sweeps each method listed "
+                          "there, e.g. [fip, er, derpp]")
+    for i, m in enumerate(sc.compare_methods):
+        check_trial_method(op, cfg, m, f"sweep.compare_methods[{i}]")
+    if len(set(sc.compare_methods)) != len(sc.compare_methods):
+        raise ConfigError(f"config key 'sweep.compare_methods' names a method twice: {list(sc.compare_methods)}")
+    for m, space in sc.spaces.items():
+        if m not in sc.compare_methods:
+            raise ConfigError(f"config key 'sweep.spaces.{m}': {m!r} is not one of sweep.compare_methods "
+                              f"({', '.join(sc.compare_methods) or 'none'})")
+        if not isinstance(space, dict) or not space:
+            raise ConfigError(f"config key 'sweep.spaces.{m}': expected a non-empty mapping of config keys to "
+                              f"distributions, got {space!r}")
+        _check_search(space, cfg, f"sweep.spaces.{m}")
     if sc.validation >= 1 and sc.validation != int(sc.validation):
         raise ConfigError(f"config key 'sweep.validation' = {sc.validation}: a fraction below 1, or a whole "
                           f"number of examples")
 
 
-def _check_search(sc: SweepConfig, cfg: Config) -> None:
+def _check_search(search: dict, cfg: Config, where: str) -> None:
     plain = cfg.to_dict()
-    for key, spec in sc.search.items():
+    for key, spec in search.items():
         node: Any = plain
         for part in key.split("."):
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"config key 'sweep.search': {key!r} is not a config field")
+                raise ConfigError(f"config key '{where}': {key!r} is not a config field")
             node = node[part]
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ConfigError(f"config key 'sweep.search.{key}': expected one of "
+            raise ConfigError(f"config key '{where}.{key}': expected one of "
                               f"{{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
         dist, args = next(iter(spec.items()))
         if not isinstance(args, list) or not args:
-            raise ConfigError(f"config key 'sweep.search.{key}.{dist}': expected a list, got {args!r}")
+            raise ConfigError(f"config key '{where}.{key}.{dist}': expected a list, got {args!r}")
         if dist in ("uniform", "loguniform", "randint") and len(args) != 2:
-            raise ConfigError(f"config key 'sweep.search.{key}.{dist}': expected [low, high], got {args!r}")
+            raise ConfigError(f"config key '{where}.{key}.{dist}': expected [low, high], got {args!r}")
         if dist == "loguniform" and not (0 < float(args[0]) < float(args[1])):
-            raise ConfigError(f"config key 'sweep.search.{key}.loguniform': need 0 < low < high, got {args!r}")
+            raise ConfigError(f"config key '{where}.{key}.loguniform': need 0 < low < high, got {args!r}")
         # Every value the search may draw must make a valid config (fails here, not in trial 7).
         for probe in (args if dist in ("choice", "grid") else [args[0], args[1]]):
             try:
                 cfg.replace(**{key: float(probe) if dist in ("uniform", "loguniform") else probe})
             except ConfigError as e:
-                raise ConfigError(f"config key 'sweep.search.{key}': value {probe!r} is invalid: {e}") from None
+                raise ConfigError(f"config key '{where}.{key}': value {probe!r} is invalid: {e}") from None
 
 
 

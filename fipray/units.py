@@ -212,3 +212,23 @@ def run_trial(cfg: Config, report: Report, *, method: str = "fip", validation: f
     ctx = trial_context(cfg, validation=validation, validation_seed=validation_seed, bundle=bundle)
     with StepCounter() as counter:
         op.trial(ctx, lambda m: report({**m, **counter.metrics()}), method=method, **options)
+
+
+def run_test(cfg: Config, *, method: str = "fip", bundle: Any = None, **options: Any) -> dict:
+    """A chosen config measured on the test split: the operation's `method` trained on the whole training split
+    (no held-out part) over `cfg.seeds` and scored on the test split, as the trial scores on validation.
+    Returns the last report (the means over the seeds, with `grad_evals` and `trial_seconds`). Only
+    `fipray sweep --compare` calls this, after selection."""
+    from fipray.eval.compute import StepCounter
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    op = get_operation(cfg.operation)
+    check_trial_method(op, cfg, method)
+    reports: list[dict] = []
+    with StepCounter() as counter:
+        op.trial(op.context(cfg, bundle=bundle), lambda m: reports.append({**m, **counter.metrics()}),
+                 method=method, **{k: v for k, v in options.items() if k not in ("validation", "validation_seed")})
+    if not reports:
+        raise RuntimeError(f"the {cfg.operation} trial of {method!r} reported nothing")
+    return reports[-1]

@@ -47,12 +47,20 @@ def test_sweep_writes_trials_best_config_plots_and_resumes(ray_2cpus, tmp_path):
     done = [r["metric"] for r in rows if r["status"] == "completed"]
     assert s["best_metric"] == max(done)
     assert {p.name for p in out.glob("metric_vs_*.png")} == {"metric_vs_path.lam.png", "metric_vs_path.lr.png"}
-    # The best config is a plain config the experiment commands accept, and re-running it gives the
-    # trial's metric: a trial is exactly the core experiment's FIP.
+    # The best config is a plain config the experiment commands accept, and re-running it on the sweep's
+    # split (trained on the training split less the held-out 20 %, tested on that 20 %) gives the trial's
+    # metric: a trial is exactly the core experiment's FIP, scored on held-out training data.
+    from fipray.data.holdout import holdout_stream
+    from fipray.ops.continual import stream_from_config
+
     best = load_config(out / "best_config.yaml", ["continual.baselines=[]"])
     assert best.path.lam == pytest.approx(s["best_config"]["path.lam"])
-    summary = run_experiment(best, tmp_path / "rerun", progress=False)
+    assert s["method"] == "fip" and "20% of the training split held out" in s["selected_on"]
+    held = holdout_stream(stream_from_config(best), 0.2, 0)
+    summary = run_experiment(best, tmp_path / "rerun", progress=False, tasks=held)
     assert summary["methods"]["fip"]["acc_mean"] == pytest.approx(s["best_metric"], abs=1e-9)
+    reports = pq.read_table(out / "reports.parquet").to_pylist()
+    assert len(reports) == sum(r["iterations"] for r in rows) and all(r["grad_evals"] > 0 for r in reports)
     # Running the same command again restores the finished experiment instead of starting over.
     again = run_sweep(_job(), out, progress=False)
     assert again["resumed"] and again["num_trials"] == 4 and again["best_metric"] == s["best_metric"]
