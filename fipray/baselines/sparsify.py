@@ -4,7 +4,7 @@ and lottery tickets (LTH) by open_lth's protocol.
 The magnitude ones prune globally by |w|; wanda (Sun et al. 2023) prunes each output row by |w|·‖x‖ on
 calibration inputs. All act on the same counted tensors as FIP and end exactly as sparse as FIP:
 N − keep_count(N, p) zeros over the N counted weights. Fine-tuning baselines get as many optimizer
-steps as the FIP path uses in all; wanda is one-shot (no weight update besides the mask).
+steps as the FIP path uses in all (at `sparsify.finetune_lr`); wanda is one-shot (no update besides the mask).
 
 `lth` is sequential: one run per seed from the untrained network passes every target in turn (levels of
 train, prune, reset), so it is registered apart (`SEQUENTIAL_BASELINES`) and called once per seed with the
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,11 @@ def baseline_names() -> list[str]:
 def finetune_steps(cfg: Config) -> int:
     """Steps a fine-tuning baseline gets: as many as the FIP path takes in all."""
     return cfg.path.steps + cfg.sparsify.invariance_steps
+
+
+def finetune_train(cfg: Config) -> TrainConfig:
+    """How the fine-tuning baselines train: `train:`, at `sparsify.finetune_lr` when set (0: train.lr)."""
+    return replace(cfg.train, lr=cfg.sparsify.finetune_lr or cfg.train.lr)
 
 
 def one_shot(model: nn.Module, names: list[str], p: float) -> list[Tensor]:
@@ -100,13 +105,13 @@ def _magnitude(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tenso
 @SPARSIFY_BASELINES.register("magnitude_ft")
 def _magnitude_ft(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
                   progress: Any = None) -> None:
-    magnitude_finetune(model, names, p, x, y, cfg.train, seed, finetune_steps(cfg), progress=progress)
+    magnitude_finetune(model, names, p, x, y, finetune_train(cfg), seed, finetune_steps(cfg), progress=progress)
 
 
 @SPARSIFY_BASELINES.register("imp")
 def _imp(model: nn.Module, names: list[str], p: float, x: Tensor, y: Tensor, cfg: Config, seed: int,
          progress: Any = None) -> None:
-    iterative_magnitude(model, names, p, x, y, cfg.train, seed, finetune_steps(cfg), progress=progress)
+    iterative_magnitude(model, names, p, x, y, finetune_train(cfg), seed, finetune_steps(cfg), progress=progress)
 
 
 # Lottery tickets (open_lth) ---------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ from fipray.baselines.sparsify import (
     LotteryConfig,
     baseline_names,
     finetune_steps,
+    finetune_train,
     imp_schedule,
 )
 from fipray.config import Config, ConfigError, knob
@@ -61,6 +62,7 @@ class SparsifyConfig:
     # ["model.bert.encoder.*"] (a HF BERT's encoder Linears, not pooler/head); empty = all of them.
     include: tuple[str, ...] = knob(())
     calibration: int = knob(128, gt=0)  # training examples whose activations wanda's scores use
+    finetune_lr: float = knob(0.0, ge=0)  # magnitude_ft / imp fine-tuning learning rate (0: train.lr)
     lth: LotteryConfig = field(default_factory=LotteryConfig)  # the `lth` baseline (open_lth's protocol)
     # Flush denormal floats to zero on the CPU during a seed's run: the pruned weights FIP drives towards zero
     # with Adam, and their Adam moments, reach denormal range after ~1000 steps at p ≥ 0.98, where each CPU
@@ -283,7 +285,8 @@ class Sparsify(Operation):
             f"Dense accuracy {summary['dense_accuracy']:.4f}; seeds {list(cfg.seeds)} (mean ± std). Counted tensors "
             f"({'head excluded' if sc.exclude_head else 'head included'}"
             f"{'; include ' + ', '.join(sc.include) if sc.include else ''}): {', '.join(summary['counted'])}. "
-            f"magnitude_ft and imp fine-tune {finetune_steps(cfg)} steps in all (= FIP path + invariance phase); "
+            f"magnitude_ft and imp fine-tune {finetune_steps(cfg)} steps in all (= FIP path + invariance phase) at "
+            f"learning rate {finetune_train(cfg).lr:g}; "
             f"imp prunes 20% of the remaining weights per round."
             f"{wanda_note}{lth_note}", "",
             f"Compute: `steps` are optimizer steps, `examples` the examples they took gradients on, `seconds` the "
@@ -319,20 +322,43 @@ class Sparsify(Operation):
         return cfg.path.steps + cfg.sparsify.invariance_steps
 
     # Sweep trials: an iteration per seed, metrics at `target` (default the largest target) --------------
-    def trial(self, ctx: RunContext, report: Report, *, target: float = 0.0, **options: Any) -> None:
-        cfg = ctx.cfg
+    def trial_methods(self, cfg: Config) -> tuple[str, ...]:
+        """FIP and the baselines with a knob to tune: the fine-tuning ones (`sparsify.finetune_lr`) and lth
+        (`sparsify.lth`); magnitude and wanda have no rate (wanda's `calibration` is a count of examples)."""
+        return ("fip", "magnitude_ft", "imp", "lth")
+
+    def trial(self, ctx: RunContext, report: Report, *, target: float = 0.0, method: str = "fip",
+              **options: Any) -> None:
+        """`method` to `target` for each seed, exactly as the experiment runs it (`_run_seed`): FIP and the
+        per-target baselines from the trained dense network, lth's levels from the untrained one (the targets
+        up to `target`: the same levels as the experiment's run). Reports the running means of the accuracy
+        and sparsity (over the counted tensors) of the network at `target`."""
+        cfg, sc = ctx.cfg, ctx.cfg.sparsify
+        if method == "lth":
+            SparsifyConfig.check(replace(sc, baselines=("lth",)), cfg)
         (xtr, ytr), (xte, yte) = ctx.train_tensors(), ctx.test_tensors()
-        p = target or max(cfg.sparsify.targets)
+        p = target or max(sc.targets)
         accs, sps = [], []
         for seed in cfg.seeds:
             base = ctx.model(seed)
-            names = counted(base, cfg.sparsify.exclude_head, cfg.sparsify.include)
-            train_base(base, xtr, ytr, cfg, seed)
-            model = clone(base)
-            run_path(model, fip_sparsify_phases(xtr, Anchor.from_model(base, xtr), p, cfg, seed, names),
-                     record_every=10**9, checkpoint_every=10**9)
-            accs.append(accuracy(model, xte, yte))
-            sps.append(sparsity(model, names))
+            names = counted(base, sc.exclude_head, sc.include)
+            with _flush_denormal(sc.flush_denormal):
+                if method in SEQUENTIAL_BASELINES:
+                    targets = sorted({*(t for t in sc.targets if t < p), p})
+                    rows = SEQUENTIAL_BASELINES.get(method)(base, names, targets, xtr, ytr, cfg, seed,
+                                                            evaluate=_evaluator(xte, yte, names))
+                    acc, sp = next((r["accuracy"], r["sparsity"]) for r in rows if r["target"] == p)
+                else:
+                    train_base(base, xtr, ytr, cfg, seed)
+                    model = clone(base)
+                    if method == "fip":
+                        run_path(model, fip_sparsify_phases(xtr, Anchor.from_model(base, xtr), p, cfg, seed, names),
+                                 record_every=10**9, checkpoint_every=10**9)
+                    else:
+                        SPARSIFY_BASELINES.get(method)(model, names, p, xtr, ytr, cfg, seed)
+                    acc, sp = accuracy(model, xte, yte), sparsity(model, names)
+            accs.append(acc)
+            sps.append(sp)
             report({"accuracy": float(np.mean(accs)), "sparsity": float(np.mean(sps)), "seed": seed})
 
 
