@@ -54,7 +54,7 @@ from fipray.ops.ensemble_report import aggregate, write_report
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase
 from fipray.registry import Registry
-from fipray.runtime import RunContext, clone, path_summary, train_base, trained_like_w0
+from fipray.runtime import RunContext, clone, path_summary, trained_like_w0
 
 
 def _baselines() -> list[str]:
@@ -373,7 +373,13 @@ class RobustEnsemble(Operation):
                               f"the {cfg.ensemble.fip!r} FIP with operation: {cfg.ensemble.fip}")
         check_samples(cfg)
 
-    def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, **options: Any) -> None:
+    def trial_methods(self, cfg: Config) -> tuple[str, ...]:
+        return ("fip", *trial_baselines())
+
+    def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, method: str = "fip",
+              **options: Any) -> None:
+        """White-box, transfer-from-w0 and clean accuracy at `eps` (default the largest of ensemble.eps) of the
+        undirected FIP ensemble, or of what baseline `method` deploys from the same w0 (`trial_target`)."""
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         e = eps or max(ec.eps)
         xte, yte = ctx.test_tensors()
@@ -381,14 +387,30 @@ class RobustEnsemble(Operation):
         got: dict[str, list[float]] = {"whitebox": [], "transfer": [], "clean": []}
         for seed in cfg.seeds:
             base = ctx.model(seed)
-            train_base(base, ctx.train_data(), None, cfg, seed)
-            _, candidates = walk(ctx, base, seed, record_every=10**9, checkpoint_every=10**9)
-            keep, _h = select(ctx, candidates)
-            curve = robustness_curve(Ensemble([candidates[i] for i in keep]), x_eval, y_eval, [e],
-                                     surrogate=base.eval(), steps=ec.pgd_steps, seed=seed)
+            train_w0(ctx, base, seed)
+            if method == "fip":
+                _, candidates = walk(ctx, base, seed, record_every=10**9, checkpoint_every=10**9)
+                keep, _h = select(ctx, candidates)
+                target: nn.Module = Ensemble([candidates[i] for i in keep])
+            else:
+                target = trial_target(ctx, method, base, seed)
+            curve = robustness_curve(target, x_eval, y_eval, [e], surrogate=base.eval(), steps=ec.pgd_steps, seed=seed)
             for k in got:
                 got[k].append(float(curve[0][k]))
             report({k: float(np.mean(v)) for k, v in got.items()} | {"seed": seed, "eps": e})
+
+
+def trial_baselines() -> tuple[str, ...]:
+    """The baselines an ensemble or robust sweep trial can run (`sweep.method`), tuned with the FIP's budget:
+    every registered ensemble baseline but `base` (w0 itself, no knob of its own), e.g. pgd_at and adv_deep
+    (`robust.at_lr`), fge and adv_fge (`robust.fge_lr`, `robust.fge_cycle`), the recipes (`robust.recipe_*`)."""
+    return tuple(n for n in ENSEMBLE_BASELINES.names() if n != "base")
+
+
+def trial_target(ctx: RunContext, method: str, base: nn.Module, seed: int) -> nn.Module:
+    """The model a sweep trial of baseline `method` attacks: what the experiment deploys for it from the trained
+    w0 `base` (`run_seed`'s call): an ensemble or one network."""
+    return ENSEMBLE_BASELINES.get(method)(ctx, base, seed, 0.0).target
 
 
 def fip_method_name(fip: str) -> str:

@@ -63,7 +63,7 @@ from fipray.eval.attacks import input_gradient, pgd_examples
 from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
-from fipray.ops.ensemble import FIP_ENSEMBLES, RobustEnsemble
+from fipray.ops.ensemble import FIP_ENSEMBLES, RobustEnsemble, trial_baselines, trial_target
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, phase_tag
 from fipray.runtime import RunContext, clone, path_summary
@@ -267,9 +267,16 @@ class Robust(Operation):
     def check_sweep(self, cfg: Config) -> None:
         RobustConfig.check(cfg.robust, cfg.replace(**{"ensemble.fip": "robust"}))
 
-    def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, **options: Any) -> None:
-        """White-box PGD accuracy of the robust FIP ensemble at `eps` (default ensemble.focus_eps), clean and
-        transfer-from-w0 accuracy, and `whitebox_floor`: the white-box accuracy when the ensemble's clean
+    def trial_methods(self, cfg: Config) -> tuple[str, ...]:
+        """FIP and the ensemble baselines with a knob of their own (`trial_baselines`), e.g. pgd_at: w0's PGD
+        adversarial training continued with the robust FIP's budget at `robust.at_lr`."""
+        return ("fip", *trial_baselines())
+
+    def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, method: str = "fip",
+              **options: Any) -> None:
+        """White-box PGD accuracy at `eps` (default ensemble.focus_eps) of the robust FIP ensemble, or with
+        `method` of what that baseline deploys from the same w0 (`trial_target`, e.g. pgd_at's one network), clean
+        and transfer-from-w0 accuracy, and `whitebox_floor`: the white-box accuracy when the model's clean
         accuracy (full test split) is at least the base network's minus `robust.clean_floor`, else that
         accuracy minus 1 and the shortfall (negative: trials below the floor rank below every trial above it,
         and among themselves by how far below they are). With `robust.validation` > 0 every accuracy here is
@@ -285,10 +292,13 @@ class Robust(Operation):
         for seed in cfg.seeds:
             base = ctx.model(seed)
             train_w0(ctx, base, seed)
-            _, candidates, _, _, _ = robust_paths(ctx, base, seed, out_dir=False, record_every=10**9,
-                                                  checkpoint_every=10**9)
-            keep, _h = select(ctx, candidates)
-            ens = Ensemble([candidates[i] for i in keep])
+            if method == "fip":
+                _, candidates, _, _, _ = robust_paths(ctx, base, seed, out_dir=False, record_every=10**9,
+                                                      checkpoint_every=10**9)
+                keep, _h = select(ctx, candidates)
+                ens: nn.Module = Ensemble([candidates[i] for i in keep])
+            else:
+                ens = trial_target(ctx, method, base, seed)
             curve = robustness_curve(ens, x_eval, y_eval, [e], surrogate=base.eval(), steps=ec.pgd_steps, seed=seed,
                                      restarts=ec.restarts)
             clean, base_clean = accuracy(ens, xte, yte), accuracy(base, xte, yte)
