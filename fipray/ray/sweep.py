@@ -340,11 +340,19 @@ def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
     plt = pyplot()
     for k in keys:
         fig, ax = plt.subplots(figsize=(5, 3.5))
+        numeric = all(isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for r in rows)
+        cats = sorted({str(r[k]) for r in rows})  # a choice of strings: one x position per value
+
+        def x(r: dict, numeric: bool = numeric, cats: list = cats, k: str = k) -> float:
+            return float(r[k]) if numeric else float(cats.index(str(r[k])))
+
         for status, marker in (("completed", "o"), ("stopped_early", "x"), ("error", "s")):
-            sel = [r for r in rows if r["status"] == status and isinstance(r[k], (int, float))]
+            sel = [r for r in rows if r["status"] == status]
             if sel:
-                ax.scatter([r[k] for r in sel], [r["metric"] for r in sel], marker=marker, label=status)
-        vals = [r[k] for r in rows if isinstance(r[k], (int, float)) and r[k] > 0]
+                ax.scatter([x(r) for r in sel], [r["metric"] for r in sel], marker=marker, label=status)
+        if not numeric:
+            ax.set_xticks(range(len(cats)), cats)
+        vals = [r[k] for r in rows if numeric and r[k] > 0]
         if vals and max(vals) / min(vals) > 20:
             ax.set_xscale("log")
         ax.set_xlabel(k)
