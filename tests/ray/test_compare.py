@@ -69,3 +69,13 @@ def test_bad_compare_config_fails_before_work(over, match):
 
     with pytest.raises(ConfigError, match=match):
         _job(**over)
+
+
+def test_the_compare_flag_sets_the_config_key(tmp_path, capsys):
+    """`fipray sweep --compare` on a sweep config without compare_methods: the one-line error, before any work."""
+    from fipray.cli import main
+
+    code = main(["sweep", "--compare", "--no-progress", "--config", "jobs/configs/sweep_continual_digits.yaml",
+                 "--out", str(tmp_path / "x")])
+    assert code == 2 and "'sweep.compare_methods' is empty" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
