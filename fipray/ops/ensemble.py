@@ -374,7 +374,7 @@ class RobustEnsemble(Operation):
         check_samples(cfg)
 
     def trial_methods(self, cfg: Config) -> tuple[str, ...]:
-        return ("fip", *trial_baselines())
+        return ("fip", *trial_baselines(cfg))
 
     def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, method: str = "fip",
               **options: Any) -> None:
@@ -400,11 +400,14 @@ class RobustEnsemble(Operation):
             report({k: float(np.mean(v)) for k, v in got.items()} | {"seed": seed, "eps": e})
 
 
-def trial_baselines() -> tuple[str, ...]:
+def trial_baselines(cfg: Config) -> tuple[str, ...]:
     """The baselines an ensemble or robust sweep trial can run (`sweep.method`), tuned with the FIP's budget:
     every registered ensemble baseline but `base` (w0 itself, no knob of its own), e.g. pgd_at and adv_deep
-    (`robust.at_lr`), fge and adv_fge (`robust.fge_lr`, `robust.fge_cycle`), the recipes (`robust.recipe_*`)."""
-    return tuple(n for n in ENSEMBLE_BASELINES.names() if n != "base")
+    (`robust.at_lr`), fge and adv_fge (`robust.fge_lr`, `robust.fge_cycle`), the recipes (`robust.recipe_*`);
+    with w0 loaded from `robust.base_weights`, not deep or adv_deep (each member would be that same network,
+    as the experiment refuses too)."""
+    copies = ("deep", "adv_deep") if cfg.robust.base_weights else ()
+    return tuple(n for n in ENSEMBLE_BASELINES.names() if n != "base" and n not in copies)
 
 
 def trial_target(ctx: RunContext, method: str, base: nn.Module, seed: int) -> nn.Module:

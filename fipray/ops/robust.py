@@ -270,7 +270,7 @@ class Robust(Operation):
     def trial_methods(self, cfg: Config) -> tuple[str, ...]:
         """FIP and the ensemble baselines with a knob of their own (`trial_baselines`), e.g. pgd_at: w0's PGD
         adversarial training continued with the robust FIP's budget at `robust.at_lr`."""
-        return ("fip", *trial_baselines())
+        return ("fip", *trial_baselines(cfg))
 
     def trial(self, ctx: RunContext, report: Report, *, eps: float = 0.0, method: str = "fip",
               **options: Any) -> None:

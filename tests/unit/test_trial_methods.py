@@ -131,3 +131,18 @@ def test_a_robust_baseline_trial_is_the_experiment_s_baseline():
     rows = RobustEnsemble().run_seed(trial_context(cfg), 0, ["fip_robust", "pgd_at"])["results"]
     row = next(r for r in rows if r["method"] == "pgd_at")
     assert _trial(ROBUST, method="pgd_at", eps=0.1)[-1]["clean"] == row["clean_full_test"]
+
+
+def test_copies_of_a_loaded_w0_are_not_trial_methods():
+    """With w0 loaded from robust.base_weights, deep and adv_deep would train copies of one network: refused."""
+    from fipray.config import from_dict
+
+    cfg = from_dict({"operation": "robust", "ensemble": {"fip": "robust", "baselines": ["pgd_at"]},
+                     "path": {"memory_batch_size": 32},
+                     "robust": {"start": "adversarial", "base_weights": "w0.safetensors"}})
+    names = get_operation("robust").trial_methods(cfg)
+    assert "pgd_at" in names and "deep" not in names and "adv_deep" not in names
+    with pytest.raises(ConfigError, match="cannot run 'adv_deep'"):
+        from fipray.operation import check_trial_method
+
+        check_trial_method(get_operation("robust"), cfg, "adv_deep")
