@@ -382,6 +382,16 @@ class PathTrial:
         return {s: {k: v.detach().clone() for k, v in self._model(s).state_dict().items()} for s in self.seeds}
 
 
+def lineage_summary(lineage: list[dict]) -> dict:
+    """`parent`: the trial whose path the last exploit along this path copied ("" if none); `forked_at`: that
+    exploit's path step (-1 if none); `forks`: the exploits along the path (segments starting on another
+    trial's path, the copied trials' own exploits included)."""
+    forks = [s for s in lineage if s["parent"] is not None and s["parent"] != s["trial_id"]]
+    last = forks[-1] if forks else None
+    return {"parent": str(last["parent"]) if last else "", "forked_at": int(last["forked_at_step"]) if last else -1,
+            "forks": len(forks)}
+
+
 def run_schedule(cfg: Config, schedule: list[dict], work_dir: str | Path, *, every: int = 0,
                  **options: Any) -> tuple[list[dict], PathTrial]:
     """One path trial from scratch through a schedule of params: `schedule` is a lineage (or any list of
