@@ -15,7 +15,7 @@ from fipray.core.distances import get_distance
 from fipray.job import job_from_dict
 from fipray.operation import get_operation
 from fipray.path import run_path
-from fipray.path_trial import PathTrial, run_schedule
+from fipray.path_trial import PathTrial, lineage_summary, run_schedule
 from fipray.units import run_trial, trial_context
 
 CONTINUAL = {"operation": "continual", "seeds": [0], "threads": 1,
@@ -119,6 +119,8 @@ def test_the_lineage_travels_with_the_checkpoint(tmp_path):
     assert c.params == {"path.lam": 12.0} and c.step == 20
     assert [(s["trial_id"], s["parent"], s["forked_at_step"]) for s in c.lineage] == [
         ("a", None, 0), ("b", "a", 10), ("c", "b", 20)]
+    assert lineage_summary(c.lineage) == {"parent": "b", "forked_at": 20, "forks": 2}
+    assert lineage_summary(a.lineage) == {"parent": "", "forked_at": -1, "forks": 0}
     c.set_params({"path.lam": 12.0})  # unchanged values: nothing to record
     c.set_params({"path.lam": 8.0})
     assert c.lineage[-1] == {"trial_id": "c", "parent": "b", "forked_at_step": 20, "params": {"path.lam": 8.0}}
