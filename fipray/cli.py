@@ -75,6 +75,8 @@ def _operation_command(name: str) -> Command:
 
         extra = [f"{key}={json.dumps(str(v))}" for _, key, _ in op.cli_options
                  if (v := getattr(args, key.replace(".", "__"), None)) is not None]
+        if not any(o.startswith("operation=") for o in args.overrides):  # an explicit override is the user's word
+            _check_file_operation(args.config, name)
         cfg = load_config(args.config, _overrides(args, op.smoke, [*extra, f"operation={name}"]))
         out = args.out or Path("runs") / f"{name}-{cfg.run_id()}"
         summary = run_experiment(cfg, out, progress=not args.no_progress)
@@ -82,6 +84,26 @@ def _operation_command(name: str) -> Command:
         return 0
 
     return Command(name, op.help or f"run the {name} operation", add_args, run)
+
+
+def _check_file_operation(config: Path | None, name: str) -> None:
+    """A config file whose `operation:` names another operation than the subcommand is refused, naming both
+    (the file would otherwise run as `name` and its written config.yaml claim what the file did not say)."""
+    from fipray.config import read_yaml_mapping
+    from fipray.operation import get_operation
+
+    said = read_yaml_mapping(config).get("operation") if config is not None else None
+    if not said or said == name:
+        return
+    try:
+        other, op = get_operation(str(said)).name, get_operation(name)
+        same = other == op.name or other in op.runs_configs_of  # an alias, or a file this command runs as it is
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {config}; this is `fipray {name}`: add operation={name} to run it as "
+                          f"{name})") from None
+    if not same:
+        raise ConfigError(f"config key 'operation' in {config} is {said!r}, but this is `fipray {name}`: run "
+                          f"`fipray {said} --config {config}`, or add operation={name} to run it as {name}")
 
 
 # Ray: paths and sweeps ----------------------------------------------------------------------------

@@ -256,14 +256,19 @@ def _check_type(where: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"config key {where!r}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"config key {where!r}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"config key {where!r}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # inf / nan would turn a path to NaN silently, steps later
+            raise ConfigError(f"config key {where!r}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

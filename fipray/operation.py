@@ -45,6 +45,9 @@ class Operation:
     metrics: ClassVar[tuple[str, ...]] = ()  # what a sweep trial reports; metrics[0] is the default
     smoke: ClassVar[tuple[str, ...]] = ()
     cli_options: ClassVar[tuple[tuple[str, str, str], ...]] = ()  # (flag, config key, help): `--flag V` = key=V
+    # Other operations whose config files this command runs as they are (robust: an ensemble config with
+    # ensemble.fip: robust); any other file naming another operation is refused by `fipray <name>`.
+    runs_configs_of: ClassVar[tuple[str, ...]] = ()
 
     # The experiment --------------------------------------------------------------------------------
     def context(self, cfg: Config, *, bundle: Any = None, tasks: Any = None, **kwargs: Any) -> RunContext:

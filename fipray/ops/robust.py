@@ -231,6 +231,7 @@ class Robust(Operation):
     """Robust FIP ensembles: the ensemble comparison with a robustness-directed FIP, its paths and sweeps."""
 
     name = "robust"
+    runs_configs_of = ("ensemble",)
     help = "robust FIP ensembles (L = adversarial loss, optional diversity) vs deep / adversarial baselines"
     section = RobustConfig
     metrics = ("whitebox_floor", "whitebox", "clean", "transfer")

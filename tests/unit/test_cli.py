@@ -39,6 +39,27 @@ def test_bad_value_exits_2_naming_it(capsys, tmp_path):
     assert "cosine" in err and "bhattacharyya" in err
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", ".inf"])
+def test_non_finite_numbers_exit_2_naming_the_key(capsys, tmp_path, value):
+    err = _fail(capsys, ["continual", "--no-progress", "--out", str(tmp_path / "o"), f"path.lam={value}"])
+    assert "'path.lam': expected a finite number" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_config_of_another_operation_is_refused_naming_both(capsys, tmp_path):
+    err = _fail(capsys, ["sparsify", "--config", str(CONFIGS / "continual_digits.yaml"), "--no-progress",
+                         "--out", str(tmp_path / "o")])
+    assert "is 'continual', but this is `fipray sparsify`" in err and "fipray continual --config" in err
+    bad = tmp_path / "frob.yaml"
+    bad.write_text("operation: frobnicate\n")
+    err = _fail(capsys, ["continual", "--config", str(bad), "--no-progress", "--out", str(tmp_path / "o")])
+    assert "'frobnicate'" in err and "`fipray continual`" in err and "continual, ensemble" in err
+    assert not (tmp_path / "o").exists()
+    # An explicit operation= override is the user's word: the file runs as the subcommand.
+    assert main(["continual", "--smoke-test", "--config", str(bad), "--no-progress", "--out", str(tmp_path / "o"),
+                 "operation=continual", "path.steps=4", "train.steps=4"]) == 0
+
+
 def test_bad_override_syntax_exits_2(capsys, tmp_path):
     err = _fail(capsys, ["continual", "--no-progress", "--out", str(tmp_path / "o"), "path.lam"])
     assert "key=value" in err
