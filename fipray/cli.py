@@ -325,6 +325,7 @@ def _parser(table: dict[str, Command]) -> argparse.ArgumentParser:
     for name, cmd in table.items():
         s = sub.add_parser(name, help=cmd.help)
         s.add_argument("--smoke-test", action="store_true", help="the same code path in seconds (tiny steps, one seed)")
+        s.add_argument("--debug", action="store_true", help="show the traceback of a user error too (= FIPRAY_DEBUG=1)")
         if cmd.config:
             s.add_argument("--config", type=Path, help="YAML config (e.g. jobs/configs/*.yaml)")
             s.add_argument("--out", type=Path, help=f"output folder (default runs/{name}-<run id>)")
@@ -338,16 +339,33 @@ def _parser(table: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str = "fipray") -> int:
-    """Parse `argv`, run the command; a user error prints `<prog>: error: <message>` and returns 2."""
+    """Parse `argv`, run the command; a user error (bad key, value, file, combination; a damaged file) prints
+    `<prog>: error: <message>` and returns 2, Ctrl-C one line and 130. With `--debug` or FIPRAY_DEBUG=1 user
+    errors show their traceback too (a bug always does)."""
+    import os
+
+    from fipray.errors import DamagedFile
+
     table = commands()
     args = _parser(table).parse_args(argv)
     cmd = table[args.command]
-    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, *cmd.user_errors)
+    debug = getattr(args, "debug", False) or os.environ.get("FIPRAY_DEBUG", "") not in ("", "0")
+    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError, DamagedFile, *cmd.user_errors)
     try:
         return cmd.run(args)
     except errors as e:
+        if debug:
+            raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        out = getattr(args, "out", None)
+        where = f" (output folder {out})" if out else ""
+        print(f"{prog}: interrupted{where}; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

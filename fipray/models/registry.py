@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fipray.errors import DamagedFile
 from fipray.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -136,6 +137,18 @@ def _check_kwargs(name: str, factory: Callable[..., Any], kwargs: dict[str, Any]
         )
 
 
+def _load_reason(e: BaseException) -> str:
+    """What went wrong reading a torch file, in a few words (never torch's weights_only=False advice)."""
+    import pickle
+
+    text = str(e)
+    if isinstance(e, (pickle.UnpicklingError, KeyError)) or "weights_only" in text or "pickle" in text.lower():
+        return "not a torch file of tensors"
+    if "zip" in text.lower() or "central directory" in text or isinstance(e, EOFError):
+        return "truncated or not a torch file"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a local state dict: safetensors (``.safetensors``) or a torch pickle loaded with ``weights_only``.
 
@@ -147,15 +160,25 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        DamagedFile: (a ValueError) the file is empty, truncated, or not a state dict (naming the file and why).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DamagedFile(f"{path} is empty (0 bytes): not a state dict")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as e:
+            raise DamagedFile(f"{path} is not a readable safetensors file (truncated or not safetensors: {e})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
+        raise DamagedFile(f"{path} is not a readable torch state dict ({_load_reason(e)})") from None
     # Training scripts often wrap the weights; accept the two common wrappers.
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
