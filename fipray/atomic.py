@@ -25,13 +25,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """`data` to `path`, written, flushed to disk and renamed over the target."""
+def atomic_write_bytes(path: str | Path, data: bytes, *, sync: bool = True) -> None:
+    """`data` to `path`, written, flushed to disk (`sync`; off for files rewritten often, as checkpoints are: a
+    killed process never leaves half a file either way) and renamed over the target."""
     def w(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
 
     atomic_write(path, w)
 

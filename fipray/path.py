@@ -9,13 +9,20 @@ the accuracy matrix). The loop reads top to bottom:
 
 The path length (`fip_length` in the records) adds ‖w_k − w_{k−1}‖ after every step, so it does not
 depend on how often the path records. A checkpoint (weights, optimizer, phase state, RNG, step,
-records, sample list, the length so far) is written atomically, so a killed run resumes where it
-stopped and finishes with the same weights and the same length: batches are a pure function of
-(seed, step) (`BatchStream`), so nothing else needs saving.
+records, sample list, the length so far) is written atomically with a checksum, the last few kept
+(`fipray.checkpoints`), so a killed run resumes where it stopped and finishes with the same weights and the
+same length: batches are a pure function of (seed, step) (`BatchStream`), so nothing else needs saving. A
+damaged checkpoint or sample is moved aside and the path resumes from the one before (or starts over).
+
+A path whose loss, invariance term or weights turn non-finite stops at once with `PathDiverged`, naming
+the phase, seed, step and λ/β/η; what it wrote so far stays. The check costs nothing the loop does not
+already compute: the step's outputs, and the path length, which turns non-finite with any weight.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fipray.atomic import atomic_torch_save, atomic_write
+from fipray import checkpoints
+from fipray.checkpoints import CHECKPOINT, SAMPLES, load_checkpoint
+from fipray.config import ConfigError
 from fipray.core.modes import eval_mode
 from fipray.core.step import StepOutput
+
+__all__ = ["CHECKPOINT", "SAMPLES", "PathDiverged", "PathResult", "Phase", "load_checkpoint", "run_path"]
 
 PhaseState = dict[str, Any]
 StepFn = Callable[[nn.Module, torch.optim.Optimizer, int, PhaseState], StepOutput]
@@ -85,6 +96,20 @@ class PathResult:
 
         assert self.out_dir is not None
         return load_file(str(self.out_dir / s["file"]), device=str(device))
+
+
+class PathDiverged(ConfigError):
+    """A path's loss, invariance term or weights became non-finite (NaN/inf): usually too large a learning rate
+    η or strength λ. A user error (the CLI prints `fipray: error: <message>`); the message names the phase,
+    seed, step and λ/β/η.
+
+    Attributes:
+        result: the partial `PathResult` (records and samples so far); the checkpoints on disk are kept.
+    """
+
+    def __init__(self, message: str, result: PathResult | None = None):
+        super().__init__(message)
+        self.result = result
 
 
 def trainable_params(model: nn.Module) -> list[Tensor]:
@@ -168,45 +193,6 @@ class _Tracker:
         self.length = torch.as_tensor(length, dtype=torch.float64, device=self.w0.device)
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    """Move the tensors of a (nested) checkpointed structure to `device`."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(v, device) for v in obj)
-    return obj
-
-
-def _rng_state() -> dict:
-    s: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["cpu"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-CHECKPOINT = "checkpoint.pt"
-SAMPLES = "samples"  # folder of the sampled networks, beside the checkpoint
-
-
-def load_checkpoint(out_dir: str | Path) -> dict | None:
-    """The last checkpoint in `out_dir`, or None. Loaded with weights_only=True (no pickle code)."""
-    p = Path(out_dir) / CHECKPOINT
-    if not p.is_file():
-        return None
-    try:
-        return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file cannot happen (atomic writes), a foreign one can
-        raise RuntimeError(f"checkpoint {p} cannot be read ({e}); delete it to start over") from e
-
-
 @dataclass
 class _Run:
     """The state of one `run_path` call: the loop's pieces as methods, the loop itself in `run_path`."""
@@ -221,13 +207,28 @@ class _Run:
     callback: Callable[[str, dict], None] | None
     progress: Any
     train_mode: bool
+    keep: int = 2
     result: PathResult = field(init=False)
     global_step: int = 0
 
     def __post_init__(self) -> None:
         self.result = PathResult(model=self.model, out_dir=self.out)
         self.names = [p.name for p in self.phases]
+        self.total = sum(p.steps for p in self.phases)
         self.mode = self.train_mode  # the module mode of the phase running now
+        self.sample_sha: dict[str, str] = {}  # sample file -> SHA-256, listed by every checkpoint
+        # On the CPU reading a scalar is free: every step is checked. Elsewhere it waits for the device, so the
+        # check runs where the loop reads values anyway (records, checkpoints, phase ends).
+        self.check_each_step = self.tracker.length.device.type == "cpu"
+        self.checked_step = 0  # the last global step known finite
+
+    def say(self, line: str) -> None:
+        """One line to stderr (through the progress bar's `write` when there is one, so the bar stays whole)."""
+        write = getattr(self.progress, "write", None)
+        if callable(write):
+            write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def enter(self, phase: Phase) -> None:
         """Put the model in `phase`'s mode (its own, else run_path's)."""
@@ -235,8 +236,11 @@ class _Run:
         self.model.train(self.mode)
 
     def resume(self) -> tuple[int, int, PhaseState | None, dict | None]:
-        """Load `out`'s checkpoint if there is one: (phase, phase step, phase state, optimizer state)."""
-        ckpt = load_checkpoint(self.out) if self.out is not None else None
+        """Load `out`'s newest good checkpoint if there is one: (phase, phase step, phase state, optimizer state).
+        Damaged checkpoints and samples are moved aside (`resume_checkpoint`), each told in one line."""
+        if self.out is None or not self.out.is_dir():
+            return 0, 0, None, None
+        ckpt, damaged = checkpoints.resume_checkpoint(self.out, self.say)
         if ckpt is None:
             return 0, 0, None, None
         if ckpt["phase_names"] != self.names:
@@ -250,25 +254,31 @@ class _Run:
         r = self.result
         r.records, r.samples = list(ckpt["records"]), list(ckpt["samples"])
         r.phase_results = dict(ckpt["phase_results"])
-        r.resumed_from = self.global_step
-        self.tracker.load_state_dict(_to(ckpt["tracker"], dev))
-        _set_rng_state(ckpt["rng"])
+        r.resumed_from = self.checked_step = self.global_step
+        self.sample_sha = dict(ckpt.get("sample_sha256", {}))
+        self.tracker.load_state_dict(checkpoints.to_device(ckpt["tracker"], dev))
+        checkpoints.set_rng_state(ckpt["rng"])
         if self.progress is not None:
             self.progress.update(self.global_step)
-        return ckpt["phase"], ckpt["phase_step"], _to(ckpt["phase_state"], dev), ckpt["optimizer"]
+        if damaged or (self.progress is not None and not getattr(self.progress, "disable", False)):
+            done = self.global_step >= self.total and ckpt["phase"] >= len(self.phases)
+            self.say(f"{'fipray: warning: ' if damaged else ''}"
+                     + (f"path {self.out} already finished ({self.total} steps): loaded" if done else
+                        f"resuming path {self.out} from step {self.global_step} of {self.total}"))
+        return ckpt["phase"], ckpt["phase_step"], checkpoints.to_device(ckpt["phase_state"], dev), ckpt["optimizer"]
 
     def checkpoint(self, pi: int, step: int, state: PhaseState | None, optim: torch.optim.Optimizer | None) -> None:
         if self.out is None:
             return
         r = self.result
-        atomic_torch_save(self.out / CHECKPOINT, {
-            "version": 1, "phase_names": self.names, "phase": pi, "phase_step": step,
+        checkpoints.save_checkpoint(self.out, {
+            "phase_names": self.names, "phase": pi, "phase_step": step,
             "global_step": self.global_step, "model": self.model.state_dict(),
             "optimizer": optim.state_dict() if optim is not None else None,
-            "phase_state": state, "rng": _rng_state(), "records": r.records,
+            "phase_state": state, "rng": checkpoints.rng_state(), "records": r.records,
             "samples": r.samples, "phase_results": r.phase_results,
-            "tracker": self.tracker.state_dict(),
-        })
+            "tracker": self.tracker.state_dict(), "sample_sha256": dict(self.sample_sha),
+        }, self.keep)
         if self.callback is not None:
             self.callback("checkpoint", {"path": str(self.out / CHECKPOINT), "global_step": self.global_step})
 
@@ -297,12 +307,33 @@ class _Run:
         if self.out is None:
             rec["state"] = state
         else:
-            from safetensors.torch import save_file
-
             rec["file"] = f"{SAMPLES}/{phase.name}-{done}.safetensors"
-            cpu = {k: v.cpu().contiguous() for k, v in state.items()}
-            atomic_write(self.out / rec["file"], lambda tmp: save_file(cpu, tmp))
+            self.sample_sha[rec["file"]] = checkpoints.save_sample(self.out / rec["file"], state)
         self.result.samples.append(rec)
+
+    def guard(self, phase: Phase, done: int, so: StepOutput | None, optim: torch.optim.Optimizer) -> None:
+        """PathDiverged if this step's loss, invariance term or secondary loss, or any weight, is not finite."""
+        values = (("the loss S", so.objective), ("the invariance term d", so.distance),
+                  ("the secondary loss L", so.secondary)) if so is not None else ()
+        bad = next((f"{what} is {float(v)}" for what, v in values if not math.isfinite(float(v))), None)
+        if bad is None and not math.isfinite(float(self.tracker.length)):  # any non-finite weight makes it so
+            bad = "a weight is not finite"
+        if bad is None:
+            self.checked_step = self.global_step
+            return
+        step = getattr(phase.step, "__self__", phase.step)  # a FIP step knows its λ, β and seed
+        knobs = [f"{k}={getattr(step, a):g}" for k, a in (("λ", "lam"), ("β", "beta")) if isinstance(
+            getattr(step, a, None), (int, float))]
+        knobs += [f"η={g['lr']:g}" for g in optim.param_groups[:1] if isinstance(g.get("lr"), (int, float))]
+        seed = getattr(step, "seed", None)
+        when = (f"step {self.global_step}" if self.checked_step + 1 >= self.global_step else
+                f"between steps {self.checked_step + 1} and {self.global_step}")
+        kept = f"; checkpoints in {self.out} kept" if self.out is not None else ""
+        raise PathDiverged(
+            f"path{' ' + str(self.out) if self.out is not None else ''} diverged at {when} (phase {phase.name!r} "
+            f"step {done} of {phase.steps}{'' if seed is None else f', seed {seed}'}): {bad} "
+            f"with {', '.join(knobs) or 'its settings'}{kept}; lower the learning rate η (path.lr / train.lr) or λ",
+            self.result)
 
     def steps(self, pi: int, first: int, state: PhaseState, optim: torch.optim.Optimizer) -> StepOutput | None:
         """Steps first..steps−1 of phase pi, with samples, records and checkpoints on the way."""
@@ -316,6 +347,9 @@ class _Run:
             done = step + 1
             if self.progress is not None:
                 self.progress.update(1)
+            reads = self.global_step % self.record_every == 0 or self.global_step % self.checkpoint_every == 0
+            if self.check_each_step or reads or done == phase.steps:
+                self.guard(phase, done, so, optim)
             if phase.sample_every and done % phase.sample_every == 0:
                 self.sample(phase, done)
             if self.global_step % self.record_every == 0 and done < phase.steps:
@@ -351,6 +385,7 @@ def run_path(
     progress: Any = None,
     train_mode: bool = False,
     weights: Callable[[nn.Module], Tensor] | None = None,
+    keep_checkpoints: int = 2,
 ) -> PathResult:
     """Run `phases` in order on `model` (updated in place), resuming from `out_dir` if it holds a checkpoint.
 
@@ -374,14 +409,22 @@ def run_path(
             changes the module structure (LoRA adapters) passes the effective weights of the network it
             trains. It is called after every step, since the path length sums every step: keep it cheap
             (LoRA's view, a merged deep copy, costs about a third of a LoRA step on MiniLM on the CPU).
+        keep_checkpoints: how many checkpoints `out_dir` keeps (`checkpoint.pt` the newest): a damaged one is
+            moved aside as `*.corrupt` and the path resumes from the one before.
+
+    Raises:
+        PathDiverged: the loss, invariance term or weights became non-finite (the checkpoints so far stay).
     """
     names = [p.name for p in phases]
+    if keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
     if len(set(names)) != len(names):
         raise ValueError(f"phase names must be unique, got {names}")
     t0 = time.perf_counter()
     model.train(train_mode)
     run = _Run(model, phases, Path(out_dir) if out_dir is not None else None, record_every, checkpoint_every,
-               _Tracker(model, heldout, distance, weights), evaluate, callback, progress, train_mode)
+               _Tracker(model, heldout, distance, weights), evaluate, callback, progress, train_mode,
+               keep_checkpoints)
     start_phase, start_step, resume_state, resume_optim = run.resume()
     for pi in range(start_phase, len(phases)):
         phase = phases[pi]

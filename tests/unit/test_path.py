@@ -199,10 +199,16 @@ def test_without_out_dir_nothing_is_written_and_result_is_same(setting, referenc
     _assert_same_state(res.model, ref.model)
 
 
-def test_corrupt_checkpoint_raises_runtime_error(setting, tmp_path):
+def test_foreign_checkpoint_is_moved_aside_and_the_path_starts_over(setting, reference, tmp_path, capsys):
+    # The only checkpoint is not one (tests/unit/test_checkpoints.py: damage to one of several).
     (tmp_path / CHECKPOINT).write_bytes(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="cannot be read"):
-        _run(setting, tmp_path)
+    res = _run(setting, tmp_path)
+    err = capsys.readouterr().err
+    assert "not a fipray checkpoint" in err and "starting the path over" in err
+    assert "weights_only" not in err
+    assert (tmp_path / (CHECKPOINT + ".corrupt")).read_bytes() == b"not a checkpoint"
+    assert res.resumed_from is None
+    _assert_same_state(res.model, reference[0].model, atol=0)
 
 
 def _interrupted_then_resumed(build_model_copy, build_phases, out_dir, threshold, **kw):
