@@ -66,6 +66,8 @@ def _operation_command(name: str) -> Command:
     op = get_operation(name)
 
     def add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--force", action="store_true", help="--out holds another run: move it aside "
+                                                            "(to OUT.replaced-<time>) and start afresh")
         for flag, key, helptext in op.cli_options:
             p.add_argument(flag, dest=key.replace(".", "__"), type=Path, metavar="PATH", help=f"{helptext} (= {key})")
 
@@ -79,11 +81,38 @@ def _operation_command(name: str) -> Command:
             _check_file_operation(args.config, name)
         cfg = load_config(args.config, _overrides(args, op.smoke, [*extra, f"operation={name}"]))
         out = args.out or Path("runs") / f"{name}-{cfg.run_id()}"
+        _check_out(Path(out), cfg, args.force)
         summary = run_experiment(cfg, out, progress=not args.no_progress)
         _print_run(Path(out), op.brief(summary), "summary.json, report.md, *.parquet, *.png")
         return 0
 
     return Command(name, op.help or f"run the {name} operation", add_args, run)
+
+
+def _check_out(out: Path, cfg: Any, force: bool) -> None:
+    """An output folder holding another operation's or another config's run is refused (its tables and plots would
+    mix with the new run's), unless `--force`, which moves the old folder aside; the same config resumes."""
+    from fipray.config import ConfigError as Bad
+    from fipray.config import from_dict, read_yaml_mapping
+
+    old = out / "config.yaml"
+    if not old.is_file():
+        return
+    try:
+        prev = from_dict(read_yaml_mapping(old))
+        same, what = prev.run_id() == cfg.run_id(), f"a {prev.operation} run of run id {prev.run_id()}"
+    except Bad as e:
+        same, what = False, f"a run whose config.yaml does not load ({e})"
+    if same:
+        return
+    if not force:
+        raise Bad(f"--out {out} holds {what}, not this {cfg.operation} config (run id {cfg.run_id()}): choose "
+                  f"another --out, or add --force to move the old run aside")
+    import time
+
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.rename(aside)
+    print(f"fipray: moved the old run in {out} aside to {aside}", file=sys.stderr)
 
 
 def _check_file_operation(config: Path | None, name: str) -> None:
@@ -220,7 +249,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if (args.ensemble is None) == (args.serve_config is None):
         raise ConfigError("give --ensemble DIR or --config SERVE_YAML (one of them)")
     if args.serve_config is not None:
-        from fipray.ray.serve import args_from_serve_config
+        from fipray.ray.serve_main import args_from_serve_config
 
         from_file, http = args_from_serve_config(args.serve_config)
         return main_serve(from_file, host=http.get("host", args.host), port=int(http.get("port", args.port)),

@@ -266,6 +266,8 @@ def weight_pca(paths: dict[str, list[np.ndarray]], start: np.ndarray) -> dict[st
     mean = X.mean(0)
     _, _, vt = np.linalg.svd(X - mean, full_matrices=False)
     comps = vt[:2]
+    if len(comps) < 2:  # one snapshot besides the start (a path of a record or two): the second axis is 0
+        comps = np.vstack([comps, np.zeros((2 - len(comps), X.shape[1]))])
     out, k = {}, 1
     s = (start - mean) @ comps.T
     for m in names:

@@ -101,3 +101,21 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert f"interrupted (output folder {out})" in err and "run the same command again to resume" in err
+
+
+def test_an_out_folder_of_another_run_is_refused_unless_forced(capsys, tmp_path):
+    out = tmp_path / "o"
+    small = ["continual.baselines=[]", "continual.num_tasks=2", "model.kwargs={hidden: [16]}"]
+    assert main(["continual", "--no-progress", "--out", str(out), *TINY, *small]) == 0
+    capsys.readouterr()
+    assert main(["sparsify", "--no-progress", "--out", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "holds a continual run" in err and "not this sparsify config" in err and "--force" in err
+    assert main(["continual", "--no-progress", "--out", str(out), *TINY, *small, "path.lam=3"]) == 2  # another
+    assert "holds a continual run" in capsys.readouterr().err
+    assert main(["continual", "--no-progress", "--out", str(out), *TINY, *small]) == 0  # the same config: resumes
+    assert main(["sparsify", "--no-progress", "--force", "--out", str(out), *TINY]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("o.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "config.yaml").is_file()  # nothing lost
+    assert "operation: sparsify" in (out / "config.yaml").read_text()
+    assert not list(out.glob("accuracy_matrix*"))  # no continual table left beside the sparsify run
