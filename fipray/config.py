@@ -135,6 +135,9 @@ class PathConfig:
     step: str = knob("penalty", choices=("penalty", "metric"))
     record_every: int = knob(25, gt=0)
     checkpoint_every: int = knob(100, gt=0)
+    # checkpoints a path folder keeps (checkpoint.pt the newest): a damaged one is moved aside as *.corrupt and
+    # the path resumes from the one before
+    keep_checkpoints: int = knob(2, ge=1, lt=101)
     heldout: int = knob(256, ge=0)  # held-out inputs on which output drift to w0 is recorded
     trust_radius: float = knob(0.01, gt=0)  # step: metric — the weight distance ‖dw‖ of every step
     cg_iters: int = knob(10, gt=0)  # step: metric — Krylov dimension (g·v products) of the trust-region solve
@@ -145,6 +148,24 @@ class PathConfig:
     train_mode: bool = False
     precision: str = knob("fp32", choices=("fp32", "bf16", "fp16"))  # penalty step; the metric step stays fp32
     accumulate: int = knob(1, ge=1)  # penalty step: micro-batches of the new batch and memory batch per step
+
+    def check(self, cfg: Config) -> None:
+        """`steps: 0` is refused where the operation's paths would take no step (and report their starting
+        network as if it had moved). An operation class may say when its paths do not count in path.steps
+        (`uses_path_steps(cfg) -> bool`); otherwise a section knob `epochs` > 0 (task lengths in passes over
+        the data) does."""
+        if self.steps or not cfg.operation or cfg.operation not in OPERATIONS:
+            return
+        op = OPERATIONS.get(cfg.operation)
+        uses = getattr(op(), "uses_path_steps", None)
+        if callable(uses):
+            needed = bool(uses(cfg))
+        else:
+            section = cfg.sections.get(getattr(op, "section_name", "") or getattr(op, "name", cfg.operation))
+            needed = not getattr(section, "epochs", 0)
+        if needed:
+            raise ConfigError(f"config key 'path.steps' is 0: every {cfg.operation} path would stop where it "
+                              f"starts and report that network as its result; give path.steps > 0")
 
 
 # The two plugin registries the config validates against, filled by `fipray.operation.register_operation`:
@@ -352,6 +373,7 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     if cfg.operation and cfg.operation not in OPERATIONS:
         raise ConfigError(f"config key 'operation': {cfg.operation!r} is not one of {', '.join(OPERATIONS.names())}")
     cfg.data.check()
+    cfg.path.check(cfg)
     for sec in sections.values():
         check = getattr(sec, "check", None)
         if check is not None:  # cross-field checks a section declares (they may read other sections)

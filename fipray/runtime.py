@@ -67,13 +67,24 @@ def tensors(ds: Any, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def train_base(model: nn.Module, x: Any, y: Tensor | None, cfg: Config, seed: int, name: str = "base",
-               progress: Any = None) -> PathResult:
+               progress: Any = None, out_dir: Path | None = None) -> PathResult:
     """Plain supervised training (the network w0 every path starts from).
 
     `x, y` are tensors, or `x` is `fipray.data.stream.Examples` (e.g. `RunContext.train_data()`) and y None.
+    With `out_dir` (`RunContext.base_dir(seed)`) the training checkpoints there like a path
+    (`base_checkpoints`): an interrupted run resumes it, a finished one is loaded, not trained again.
     """
-    return run_path(model, [supervised_phase(name, x, y, cfg.train, seed)],
-                    record_every=max(cfg.train.steps, 1), checkpoint_every=10**9, progress=progress)
+    return run_path(model, [supervised_phase(name, x, y, cfg.train, seed)], out_dir=out_dir,
+                    record_every=max(cfg.train.steps, 1), progress=progress, **base_checkpoints(cfg, out_dir))
+
+
+def base_checkpoints(cfg: Config, out_dir: Path | None) -> dict:
+    """`run_path` checkpoint arguments of a base network's training into `out_dir`: every
+    `path.checkpoint_every` steps there (and at its end), none without a folder. The weights are the same
+    either way (checkpoints only read the state)."""
+    if out_dir is None:
+        return {"checkpoint_every": 10**9}
+    return {"checkpoint_every": cfg.path.checkpoint_every, "keep_checkpoints": cfg.path.keep_checkpoints}
 
 
 def trained_like_w0(ctx: RunContext, seed: int, tag: int, count: int,
@@ -282,11 +293,22 @@ class RunContext:
             return None
         return self.out.joinpath("paths", self.cfg.run_id(), *parts)
 
+    def base_dir(self, seed: int, name: str = "base") -> Path | None:
+        """Where the base network of `seed` checkpoints its training (`train_base(..., out_dir=...)`), so a rerun
+        loads it instead of training it again; None without an output folder."""
+        return self.checkpoint_dir(name, f"seed{seed}")
+
+    def base_kwargs(self, seed: int, name: str = "base") -> dict:
+        """`run_path` keyword arguments of a base network's own training loop: its checkpoint folder
+        (`base_dir`) and how it checkpoints there (`base_checkpoints`)."""
+        out_dir = self.base_dir(seed, name)
+        return {"out_dir": out_dir, **base_checkpoints(self.cfg, out_dir)}
+
     def path_kwargs(self, heldout: Tensor | None = None, evaluate: Any = None) -> dict:
         """`run_path` keyword arguments every FIP path of this config shares."""
         from fipray.core.distances import get_distance
 
         cfg = self.cfg
         return dict(record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
-                    heldout=heldout, distance=get_distance(cfg.path.distance), evaluate=evaluate,
+                    keep_checkpoints=cfg.path.keep_checkpoints, heldout=heldout, distance=get_distance(cfg.path.distance), evaluate=evaluate,
                     progress=self.bar)

@@ -161,7 +161,7 @@ class Continual(Operation):
             steps = task_steps(ctx.cfg, len(tasks[0]), tc.batch_size) if cc.epochs else tc.steps
             run_path(model, [supervised_phase("base", tasks[0].train_data, None, tc, seed, steps=steps,
                                               loss=head.loss(0))],
-                     record_every=max(steps, 1), checkpoint_every=10**9, progress=ctx.bar)
+                     record_every=max(steps, 1), progress=ctx.bar, **ctx.base_kwargs(seed))
 
     # The experiment -------------------------------------------------------------------------------
     def run(self, ctx: RunContext) -> dict:
