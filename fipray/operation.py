@@ -55,7 +55,10 @@ class Operation:
         caller gives its own `bundle` (or, for operations that take one, a task stream `tasks`)."""
         if tasks is not None:
             raise ConfigError(f"operation {self.name!r} does not take a task stream (tasks=...)")
-        return RunContext.create(cfg, bundle=bundle, **kwargs)
+        ctx = RunContext.create(cfg, bundle=bundle, **kwargs)
+        if bundle is not None:  # the caller's own data: checked against the model before any training
+            check_user_data(ctx)
+        return ctx
 
     def train_base(self, ctx: RunContext, model: nn.Module, seed: int) -> None:
         """Train the shared base network w0 of `fipray paths` (default: `base_data` with `train_base`)."""
@@ -116,6 +119,14 @@ class Operation:
 
     def check_sweep(self, cfg: Config) -> None:
         """Checks of a config before any trial starts (raise ConfigError)."""
+
+
+def check_user_data(ctx: RunContext) -> None:
+    """A user's DataBundle against the config's model (`fipray.models.inputs.check_inputs`), on a throwaway network
+    (the global RNG untouched)."""
+    from fipray.models.inputs import check_inputs
+
+    check_inputs(ctx.bundle, ctx.spec, ctx.model(0))
 
 
 def collect_seeds(ctx: RunContext, total: int, desc: str, keys: tuple[str, ...],

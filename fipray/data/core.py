@@ -45,6 +45,8 @@ class DataBundle:
     class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        self.train = _as_dataset(self.train, "train")
+        self.test = _as_dataset(self.test, "test")
         self.input_shape = tuple(int(s) for s in self.input_shape)
         self.num_classes = int(self.num_classes)
 
@@ -67,6 +69,29 @@ class DataBundle:
         if input_shape is None:
             input_shape = tuple(torch.as_tensor(train[0][0]).shape)
         return cls(train, test, num_classes, tuple(input_shape), name)
+
+
+def _as_dataset(split: Any, field: str) -> Dataset:
+    """A Dataset as it is; an `(x, y)` pair of numpy arrays or tensors converted to a TensorDataset (x float32, or
+    int64 token ids when integer; y int64), with a warning saying so; anything else a TypeError naming the field."""
+    import warnings
+
+    import numpy as np
+
+    if isinstance(split, Dataset):
+        return split
+    if isinstance(split, (tuple, list)) and len(split) == 2 and all(isinstance(a, (np.ndarray, torch.Tensor))
+                                                                   for a in split):
+        x, y = (torch.as_tensor(a) for a in split)
+        if len(x) != len(y):
+            raise ValueError(f"DataBundle.{field}: {len(x)} inputs but {len(y)} labels")
+        x = x.long() if not x.is_floating_point() and x.dtype != torch.bool else x.float()
+        warnings.warn(f"DataBundle.{field}: converted the (x, y) arrays to a TensorDataset (x {x.dtype}, y int64)",
+                      stacklevel=3)
+        return TensorDataset(x, y.long())
+    kind = type(split).__name__
+    raise TypeError(f"DataBundle.{field} must be a torch Dataset (e.g. TensorDataset(x, y)) or an (x, y) pair of "
+                    f"arrays, got {kind}" + (": a bare array has no labels" if isinstance(split, np.ndarray) else ""))
 
 
 DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")

@@ -50,7 +50,7 @@ from fipray.eval.continual import (
     weight_pca,
 )
 from fipray.heads import Head
-from fipray.operation import Operation, Report, collect_seeds, register_operation
+from fipray.operation import Operation, Report, check_user_data, collect_seeds, register_operation
 from fipray.ops.continual_setup import (
     ContinualConfig,
     LoraOptions,
@@ -141,6 +141,7 @@ class Continual(Operation):
         if tasks is not None and not isinstance(tasks, TaskStream):
             raise ConfigError(f"tasks= must be a fipray.data.streams.TaskStream (class_split, datasets_stream, "
                               f"domain_stream), got {type(tasks).__name__}")
+        user = bundle is not None or tasks is not None
         stream = tasks if tasks is not None else stream_from_config(cfg, bundle)
         head, columns = make_head(cfg.continual.head, stream)
         first = stream.tasks[0]
@@ -149,6 +150,8 @@ class Continual(Operation):
         ctx = RunContext.create(cfg, bundle=bundle, **kwargs)
         ctx.spec["num_classes"] = head.num_outputs
         ctx.memos["stream"] = (stream, head, columns)
+        if user:  # the caller's own data: checked against the model first
+            check_user_data(ctx)
         return ctx
 
     def prepare_base(self, ctx: RunContext, model: nn.Module, tasks: list[TaskTensors], seed: int) -> None:
