@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -250,54 +250,102 @@ def load_ensemble(
         ValueError: a file is corrupt or the two files do not match (the message names the file), or
             ``members`` names a member the file does not hold.
     """
-    from safetensors import SafetensorError, safe_open
-
     directory = Path(directory)
     meta = read_ensemble_meta(directory)
-    spec, num_members = meta["model_spec"], meta["num_members"]
-    weights_path = directory / MEMBERS_FILE
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"ensemble weights file not found: {weights_path}")
+    num_members = meta["num_members"]
     wanted = list(range(num_members)) if members is None else [int(k) for k in members]
     bad = [k for k in wanted if not 0 <= k < num_members]
     if bad or not wanted or len(set(wanted)) != len(wanted):
         raise ValueError(f"members must be distinct indices in [0, {num_members}), got {list(wanted)}")
+    weights_path = _checked_weights(directory, meta)
+    return Ensemble([_build_member(meta, k, state, weights_path, create_fn).to(device)
+                     for k, state in _member_states(weights_path, wanted, num_members)], fused=fused)
+
+
+def verify_ensemble(directory: str | Path, *, create_fn: Callable[..., nn.Module] | None = None) -> dict[str, Any]:
+    """Check that a saved ensemble loads whole, without keeping it: what a server does before serving it.
+
+    Reads ``ensemble.json``, checks the recorded tokenizer (text ensembles: it must load), the weights'
+    SHA-256, and builds every member in turn from its tensors (strict ``load_state_dict``), holding one
+    member at a time. Every failure is one line naming the file and the cause, so a command can print it.
+
+    Returns:
+        The validated ``ensemble.json`` (:func:`read_ensemble_meta`).
+
+    Raises:
+        FileNotFoundError: the folder, a file or the recorded tokenizer folder is missing.
+        ValueError: a corrupt or truncated file (SHA-256 mismatch), a member that does not fit the model
+            spec, a malformed ``ensemble.json`` or a tokenizer that does not load.
+    """
+    directory = Path(directory)
+    meta = read_ensemble_meta(directory)
+    tok = tokenizer_dir(directory, meta)
+    if tok is not None:
+        from fipray.data.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(tok)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # transformers raises many kinds (OSError, ValueError, JSON errors) on a bad folder
+            raise ValueError(f"the ensemble tokenizer in {tok} does not load: {_one_line(e)}") from None
+    weights_path = _checked_weights(directory, meta)
+    for k, state in _member_states(weights_path, range(meta["num_members"]), meta["num_members"]):
+        _build_member(meta, k, state, weights_path, create_fn)
+    return meta
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _checked_weights(directory: Path, meta: Mapping[str, Any]) -> Path:
+    """``members.safetensors`` of the folder after its SHA-256 matched the one ``ensemble.json`` records."""
+    weights_path = directory / MEMBERS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"ensemble weights file not found: {weights_path}")
     if _sha256(weights_path) != meta["members_sha256"]:
         raise ValueError(
             f"{weights_path} is corrupt or does not belong to {directory / META_FILE} (SHA-256 mismatch)"
         )
-    slot = {k: i for i, k in enumerate(wanted)}
-    per_member: list[dict[str, Tensor]] = [{} for _ in wanted]
+    return weights_path
+
+
+def _member_states(weights_path: Path, wanted: Iterable[int], num_members: int) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """``(k, tensors of member k)`` for each wanted member in order, one member read at a time.
+
+    Raises:
+        ValueError: the file is unreadable or holds a tensor of no member.
+    """
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            keys: dict[int, list[str]] = {}
             for key in f.keys():
-                head, _, name = key.partition(".")
+                head = key.partition(".")[0]
                 k = int(head[1:]) if head[:1] == "m" and head[1:].isdigit() else -1
                 if not 0 <= k < num_members:
                     raise ValueError(f"{weights_path} holds unexpected tensor {key!r} for {num_members} members")
-                if k in slot:
-                    per_member[slot[k]][name] = f.get_tensor(key)
+                keys.setdefault(k, []).append(key)
+            for k in wanted:
+                yield k, {key.partition(".")[2]: f.get_tensor(key) for key in keys.get(k, [])}
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"cannot read {weights_path}: {e}") from None
+        raise ValueError(f"cannot read {weights_path}: {_one_line(e)}") from None
 
+
+def _build_member(meta: Mapping[str, Any], k: int, state: dict[str, Tensor], weights_path: Path,
+                  create_fn: Callable[..., nn.Module] | None) -> nn.Module:
+    """Member ``k`` built from the model spec with ``state`` loaded strictly (on the CPU)."""
     if create_fn is None:
         from fipray.models import create_model
 
         create_fn = create_model
-
-    loaded = []
-    for k, state in zip(wanted, per_member):
-        model = create_fn(
-            spec["name"],
-            num_classes=spec["num_classes"],
-            input_shape=tuple(spec["input_shape"]),
-            **spec["kwargs"],
-        )
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(
-                f"member {k} in {weights_path} does not fit model {spec['name']!r}: {e}"
-            ) from None
-        loaded.append(model.to(device))
-    return Ensemble(loaded, fused=fused)
+    spec = meta["model_spec"]
+    model = create_fn(spec["name"], num_classes=spec["num_classes"], input_shape=tuple(spec["input_shape"]),
+                      **spec["kwargs"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"member {k} in {weights_path} does not fit model {spec['name']!r}: {_one_line(e)}") from None
+    return model

@@ -17,43 +17,24 @@ Deployments (built by :func:`build_app` from validated :class:`~fipray.serving_a
   RAY_NOTES.md). ``GET /healthz``, ``GET /metadata`` (which folder and checksum answer). Attack
   clients call ``log_probs_parts`` / ``vjp`` through a Ray handle (``fipray.ray.attack``).
 
-Which ensemble answers is the ingress's ``user_config`` (``{"ensemble": folder}``): Serve calls
-``reconfigure`` with it, which loads the new version (warming the shards) beside the old one and
-then switches atomically; requests admitted before the switch finish on the old version.
-:func:`update_ensemble` redeploys the app with a new folder; a Serve config whose ``args.ensemble``
-changes does the same through ``serve deploy``. The deployments carry a code version made of the
-serving code and every arg but the folder (:mod:`fipray.ray.serve_version`), so a switch changes only
-``user_config`` and Serve reconfigures the running replicas in place: no replica is replaced
-(shards included), a switch takes about a second instead of a rolling restart's 6-12 s.
+Which ensemble answers is the ingress's ``user_config`` (``{"ensemble": folder, "members_sha256": ...}``):
+Serve calls ``reconfigure``, which loads the new version (warming the shards) beside the old one and
+swaps atomically; requests admitted before finish on the old one. A version that fails to load leaves
+the old one answering. :func:`update_ensemble` first verifies the folder whole in the caller and touches
+nothing when it is bad; the checksum in ``user_config`` makes a folder rewritten in place reload too.
+The deployments' code version (:mod:`fipray.ray.serve_version`) leaves the folder out, so a switch only
+reconfigures the running replicas (~1 s, none replaced). ``docs/serving.md``: switches, error bodies.
 
-Backpressure: each deployment queues at most ``max_queued_requests`` per caller; beyond that the
-proxy answers 503 with ``Retry-After`` (Serve's ``backpressure_config``), and a shard's refusal
-reaches the client as the same 503. No request waits past ``request_timeout_s`` (504). A shard
-that dies mid-request gives 503 at once; Serve restarts it (``health_check_period_s``).
+Backpressure: the ingress runs at most ``max_ongoing_requests`` predictions, lets at most
+``max_queued_requests`` more wait, and answers the rest 503 with ``Retry-After`` and a JSON body
+(Serve's own backpressure answer is plain text from its proxy, which ``backpressure_config`` cannot
+change: it stays a backstop above the ingress's limit). A shard's refusal is the same JSON 503; no
+request waits past ``request_timeout_s`` (504); a shard that dies mid-request gives 503 at once and
+Serve restarts it (``health_check_period_s``). Direct ingress: :func:`direct_ingress_env`, :mod:`fipray.ray.serve_main`.
 
-Direct ingress (``fipray serve --direct-port PORT``): the ingress replica answers HTTP itself on
-``PORT`` (Ray Serve's ``RAY_SERVE_ENABLE_DIRECT_INGRESS`` with its throughput-optimised settings,
-:func:`direct_ingress_env`), skipping the proxy actor. Profiled with one input per request (py-spy
-and per-process CPU): the proxy costs ~6 ms of CPU per request and the replica ~4 ms more fetching
-each request's body back from the proxy (ASGI receive calls); a direct request costs ~4 ms in all.
-``benchmarks/bench_serve.py``: 2x the throughput of 1-input ``.npy`` requests (0.64 vs 0.32 of the
-in-process ensemble's). The proxy keeps serving ``--port`` beside it. Limits (Ray's feature is
-marked limited): exactly one ingress replica (no ingress autoscaling), ``PORT`` must be free, and it
-needs Ray started by ``fipray serve`` (the settings are environment variables of Ray's processes; on
-a cluster set them on every node). A live switch keeps the replica (see below), so ``PORT`` stays up.
-
-Started by ``fipray serve --ensemble DIR [--shards S] [--port PORT]`` (HTTP on 127.0.0.1 unless
-``--host`` says otherwise; the process, its signals and its smoke test are :mod:`fipray.ray.serve_main`),
-from Python with :func:`start`, or from a Serve config file::
-
-    # serve run serve.yaml   (RAY_USAGE_STATS_ENABLED=0 offline)
-    http_options: {host: 127.0.0.1, port: 8011, request_timeout_s: 30}
-    applications:
-      - name: fipray
-        route_prefix: /
-        import_path: fipray.ray.serve:build_app
-        args: {ensemble: runs/ensemble/ensembles/fip_seed0, shards: 2,
-               shard_autoscaling: {min_replicas: 1, max_replicas: 3, target_ongoing_requests: 4}}
+Started by ``fipray serve --ensemble DIR [--shards S] [--port PORT]`` (:mod:`fipray.ray.serve_main`: the
+process, its signals, its smoke test), from Python with :func:`start`, or by ``serve run serve.yaml`` from a
+Serve config file whose application has ``import_path: fipray.ray.serve:build_app`` (``docs/serving.md``).
 """
 
 from __future__ import annotations
@@ -64,7 +45,6 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -76,13 +56,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from fipray.config import ConfigError
-from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir
-from fipray.ray.serve_version import code_version
+from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir, verify_ensemble
+from fipray.ray.serve_version import code_version, versioned
 from fipray.serving import EngineCache, ShardEngine, combine_log_parts, shard_upstreams, split_members
 from fipray.serving_args import ServeArgs
 from fipray.serving_requests import BadRequest, InputSpec, metadata_doc, parse_request
 
 Version = tuple[str, str, tuple[int, ...]]  # (folder, members_sha256, member ids)
+REFUSAL_ROOM = 1024  # requests the ingress may hold beyond its own limits, only to refuse them (JSON 503)
 
 
 @serve.deployment(max_ongoing_requests=16)
@@ -147,21 +128,43 @@ class EnsembleIngress:
         self.args = ServeArgs(**args)
         self.shards = list(shards)
         self.active: _Active | None = None
+        self.switch_error: str | None = None  # why the last switch kept the old version (None: it did not)
         self._switching = asyncio.Lock()
+        self._slots = asyncio.Semaphore(self.args.max_ongoing_requests)
+        self._waiting = 0  # predictions waiting for a slot (at most max_queued_requests)
         self._predict.set_max_batch_size(self.args.max_batch_requests)  # type: ignore[attr-defined]
         self._predict.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Switch to ``user_config["ensemble"]``: load it beside the current one, then swap atomically."""
-        await self.switch(str(user_config["ensemble"]))
+        """Switch to ``user_config["ensemble"]``; on failure keep the current version (if any: else fail)."""
+        try:
+            await self.switch(str(user_config["ensemble"]), user_config.get("members_sha256"))
+            self.switch_error = None
+        except Exception as e:
+            if self.active is None:
+                raise
+            self.switch_error = failure_cause(e)
 
-    async def switch(self, directory: str) -> dict[str, Any]:
-        """Load ``directory`` (shards warmed first), then serve it; returns the new ``/metadata``."""
+    def state(self) -> dict[str, Any]:
+        """The version answering (folder, checksum) and why the last switch failed (None if it did not)."""
+        a = self.active
+        return {"ensemble": a and a.directory, "members_sha256": a and a.meta["members_sha256"],
+                "switch_error": self.switch_error}
+
+    async def switch(self, directory: str, sha256: str | None = None) -> dict[str, Any]:
+        """Load ``directory`` (shards warmed first), then serve it; returns the new ``/metadata``.
+
+        ``sha256``: the checksum the caller verified; the folder must still hold it (None: whatever it holds).
+        """
         async with self._switching:
-            if self.active is not None and self.active.directory == directory and \
-                    read_ensemble_meta(directory)["members_sha256"] == self.active.meta["members_sha256"]:
-                return self.active.metadata
+            current = self.active
+            if current is not None and current.directory == directory and current.meta["members_sha256"] == (
+                    sha256 or read_ensemble_meta(directory)["members_sha256"]):
+                return current.metadata
             meta = read_ensemble_meta(directory)
+            if sha256 is not None and meta["members_sha256"] != sha256:
+                raise ValueError(f"{directory} changed after it was verified: ensemble.json records checksum "
+                                 f"{meta['members_sha256'][:12]}..., the switch asked for {sha256[:12]}...")
             blocks = [tuple(b) for b in split_members(meta["num_members"], max(1, len(self.shards)))]
             tok = tokenizer_dir(directory, meta)
             local = None
@@ -265,6 +268,21 @@ class EnsembleIngress:
             return JSONResponse({"status": "ok", "members": active.num_members})
         if path == "/metadata":
             return JSONResponse(active.metadata)
+        if self._slots.locked() and self._waiting >= self.args.max_queued_requests:
+            return _error(503, f"the server is at capacity ({self.args.max_ongoing_requests} requests running, "
+                               f"{self._waiting} waiting); retry later", self.args.retry_after_s)
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            return await self._answer(request, active)
+        finally:
+            self._slots.release()
+
+    async def _answer(self, request: Request, active: _Active) -> JSONResponse:
+        """The ``/predict`` answer of ``request`` by ``active`` (a slot is held)."""
         try:
             body = await self._read_body(request)
             x = parse_request(body, request.headers.get("content-type"), active.spec)
@@ -301,17 +319,6 @@ def _autoscaling(where: str, value: Mapping[str, Any]) -> dict[str, Any]:
     return {"num_replicas": "auto", "autoscaling_config": dict(value)}
 
 
-def _versioned(deployment: Any, version: str) -> Any:
-    """``deployment`` carrying Serve code version ``version`` (:func:`~fipray.ray.serve_version.code_version`).
-
-    Ray 2.60 removed ``version`` from ``Deployment.options``; the deployment's ``_version`` (which
-    ``serve.run`` reads, else a random string) carries it (a test checks the replicas survive a
-    switch, so a Ray that stops honouring it fails loudly).
-    """
-    deployment._version = version
-    return deployment
-
-
 def build_app(args: Mapping[str, Any]):
     """Serve application builder: ``import_path: fipray.ray.serve:build_app`` with ``args`` (ServeArgs keys).
 
@@ -320,6 +327,11 @@ def build_app(args: Mapping[str, Any]):
             or an invalid autoscaling mapping.
     """
     a = ServeArgs.from_dict(args)
+    return _app(a, {"ensemble": a.ensemble, "members_sha256": read_ensemble_meta(a.ensemble)["members_sha256"]})
+
+
+def _app(a: ServeArgs, user_config: dict[str, Any]):
+    """The app of validated ``a`` whose ingress serves the version ``user_config`` names."""
     common = {"max_queued_requests": a.max_queued_requests, "health_check_period_s": a.health_check_period_s,
               "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=a.retry_after_s)}
     if not a.access_log:
@@ -331,17 +343,19 @@ def build_app(args: Mapping[str, Any]):
         device = "cuda" if a.gpus_per_shard > 0 else "cpu"
         scaling = _autoscaling("shard_autoscaling", a.shard_autoscaling)
         for i in range(a.shards):
-            shards.append(_versioned(
+            shards.append(versioned(
                 EnsembleShard.options(  # type: ignore[attr-defined]
                     name=f"EnsembleShard{i}", **common, **scaling,
                     ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": a.gpus_per_shard},
                 ), version).bind(a.threads, device))
     ingress_gpus = a.gpus_per_shard if a.shards == 1 else 0.0
-    return _versioned(EnsembleIngress.options(  # type: ignore[attr-defined]
-        max_ongoing_requests=a.max_ongoing_requests, **common, **_autoscaling("ingress_autoscaling",
-                                                                              a.ingress_autoscaling),
-        user_config={"ensemble": a.ensemble},
-        ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": ingress_gpus},
+    # The ingress queues and refuses requests itself (JSON 503, EnsembleIngress.__call__). Serve's limits sit above
+    # its running + waiting ones with room for a burst of refusals (answered at once, body unread), so Serve's own
+    # plain-text 503 (its proxy's router queue full, which a burst fills while replicas are probed) is a backstop.
+    cap = a.max_ongoing_requests + a.max_queued_requests + REFUSAL_ROOM
+    return versioned(EnsembleIngress.options(  # type: ignore[attr-defined]
+        max_ongoing_requests=cap, **{**common, "max_queued_requests": cap}, **_autoscaling("ingress_autoscaling", a.ingress_autoscaling),
+        user_config=user_config, ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": ingress_gpus},
     ), version).bind({**_asdict(a), "ensemble": ""}, shards)  # the folder comes from user_config (reconfigure) only
 
 
@@ -370,14 +384,8 @@ def direct_ingress_env(port: int) -> dict[str, str]:
     }
 
 
-def start(
-    args: Mapping[str, Any],
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    http: bool = True,
-    route_prefix: str = "/",
-):
+def start(args: Mapping[str, Any], *, host: str = "127.0.0.1", port: int = 8000, http: bool = True,
+          route_prefix: str = "/"):
     """Deploy the app on the running Ray instance and return a handle to its ingress.
 
     Args:
@@ -392,47 +400,51 @@ def start(
     """
     a = ServeArgs.from_dict(args)
     if http:
-        # The proxy's logging: Serve applies it when this call starts Serve (a running Serve keeps its own).
-        serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s},
+        # The proxy's logging: Serve applies it when this call starts Serve (a running Serve keeps its own). The
+        # proxy waits a little longer than the ingress: a slow request gets the JSON 504, not the proxy's text 408.
+        serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s + 2},
                     logging_config=None if a.access_log else {"enable_access_log": False})
     return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
+
+
+class SwitchFailed(ValueError):
+    """A live switch that did not happen: the version that answered before still answers."""
 
 
 def update_ensemble(args: Mapping[str, Any], *, http: bool = True, route_prefix: str = "/"):
     """Point the running app ``args["name"]`` at ``args["ensemble"]`` without dropping requests.
 
-    Redeploys the app with the new ServeArgs: Serve starts the new replicas, which load and warm the
-    new version, before it drains the old ones; shards answer both versions meanwhile (every call
-    names its version). Same arguments as :func:`start`'s ``args``; the shard count must not exceed
-    the new ensemble's members.
+    The folder is verified whole here first (:func:`~fipray.ensemble_folder.verify_ensemble`); a bad one
+    raises before any deployment is touched. Then the app is redeployed with the new ``user_config``
+    (folder and checksum: a folder rewritten in place reloads too) and the ingress swaps to it (module
+    docstring). Same arguments as :func:`start`'s ``args``.
 
     Returns:
         A ``DeploymentHandle`` of the ingress.
-    """
-    a = ServeArgs.from_dict(args)
-    return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
-
-
-def args_from_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The fipray app's ``args`` (with its ``name``) and the ``http_options`` of a Serve config file.
 
     Raises:
-        ConfigError: not a mapping with one application whose import_path is this module's build_app.
+        FileNotFoundError, ValueError: the folder is missing or cannot be served (the message names the
+            file and the cause); nothing changed.
+        SwitchFailed: the ingress could not load it (it changed after the check, a shard failed); the
+            old version still answers, and Serve's target is set back to it.
     """
-    from fipray.config import read_yaml_mapping
+    a = ServeArgs.from_dict(args)
+    sha = verify_ensemble(a.ensemble)["members_sha256"]
+    prefix = route_prefix if http else None
+    before = serve.get_app_handle(a.name).state.remote().result()
+    handle = serve.run(_app(a, {"ensemble": a.ensemble, "members_sha256": sha}), name=a.name, route_prefix=prefix,
+                       blocking=False)
+    after = handle.state.remote().result()
+    if (after["ensemble"], after["members_sha256"]) != (a.ensemble, sha):
+        old = {"ensemble": before["ensemble"], "members_sha256": before["members_sha256"]}
+        serve.run(_app(dataclasses.replace(a, ensemble=old["ensemble"]), old), name=a.name, route_prefix=prefix,
+                  blocking=False)  # only user_config differs: the replicas keep what they serve
+        raise SwitchFailed(after["switch_error"] or f"the ingress still serves {after['ensemble']}")
+    return handle
 
-    doc = read_yaml_mapping(path)
-    apps = [a for a in doc.get("applications") or [] if isinstance(a, dict)
-            and a.get("import_path") == "fipray.ray.serve:build_app"]
-    if len(apps) != 1:
-        raise ConfigError(f"{path}: expected exactly one application with import_path "
-                          f"fipray.ray.serve:build_app under 'applications', found {len(apps)}")
-    args = dict(apps[0].get("args") or {})
-    if "name" in apps[0]:
-        args.setdefault("name", apps[0]["name"])
-    http = doc.get("http_options") or {}
-    if not isinstance(http, dict):
-        raise ConfigError(f"{path}: 'http_options' must be a mapping")
-    if "request_timeout_s" in http:
-        args.setdefault("request_timeout_s", http["request_timeout_s"])
-    return args, http
+
+def failure_cause(e: BaseException) -> str:
+    """One line saying why ``e`` happened: the remote error of a Ray task error, without its traceback."""
+    if isinstance(e, RayTaskError) and e.cause is not None:
+        e = e.cause
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,10 +1,19 @@
 """The ``fipray serve`` process: check its arguments, start (or join) Ray, deploy, serve until a signal.
 
-Each piece has one job: :func:`main_serve` strings them together; the argument checks that must fail
-before Ray starts (the metrics port, the direct-ingress port and its socket probe), the URLs printed
-at start-up, the signal handlers (:class:`ServeSignals`: SIGTERM and SIGINT stop, SIGHUP re-reads the
-ensemble folder), the serve loop, the smoke test and the shutdown. The deployments and the app they
-form are :mod:`fipray.ray.serve` (its docstring describes direct ingress and live switches).
+Each piece has one job: :func:`main_serve` strings them together; the checks that must fail before Ray
+starts (the ensemble folder verified whole, the metrics port, the HTTP and direct-ingress ports probed),
+the URLs printed at start-up, the signal handlers (:class:`ServeSignals`: SIGTERM and SIGINT stop, SIGHUP
+re-reads the ensemble folder: :func:`switch_to_current_folder`, which never takes the server down), the
+serve loop, the smoke test and the shutdown. The deployments and the app they form are
+:mod:`fipray.ray.serve` (its docstring describes live switches and backpressure).
+
+Direct ingress (``--direct-port PORT``): the ingress replica answers HTTP itself on ``PORT`` (Ray Serve's
+``RAY_SERVE_ENABLE_DIRECT_INGRESS`` in its throughput-optimised mode, ``direct_ingress_env``), skipping the
+proxy. Profiled with one input per request (py-spy, per-process CPU): the proxy costs ~6 ms of CPU per
+request and the replica ~4 ms more fetching the body back from it; a direct request ~4 ms in all
+(``benchmarks/bench_serve.py``: 2x the throughput of 1-input ``.npy`` requests). Limits (Ray marks the
+feature limited): one ingress replica, ``PORT`` free, Ray started by ``fipray serve`` (the settings are
+environment variables of Ray's processes). A live switch keeps the replica, so ``PORT`` stays up.
 """
 
 from __future__ import annotations
@@ -17,16 +26,17 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 from ray import serve
 
-from fipray.config import ConfigError
-from fipray.ensemble_folder import read_ensemble_meta
+from fipray.config import ConfigError, read_yaml_mapping
+from fipray.ensemble_folder import read_ensemble_meta, verify_ensemble
 from fipray.ray.local import init_local
-from fipray.ray.serve import direct_ingress_env, start, update_ensemble
+from fipray.ray.serve import direct_ingress_env, failure_cause, start, update_ensemble
 from fipray.serving_args import ServeArgs
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -46,8 +56,11 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
     ingress replica also answers on ``host:direct_port`` without the proxy (``fipray.ray.serve``'s
     module docstring).
     """
-    a = ServeArgs.from_dict(args)  # bad args fail before Ray starts
+    a = ServeArgs.from_dict(args)  # bad args, and a folder that cannot be served, fail before Ray starts
+    verify_ensemble(a.ensemble)
     check_metrics_port(metrics_port, address)
+    if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
+        probe_port(host, port, "--port")  # a Serve already running keeps its own proxy
     if direct_port is not None:
         os.environ.update(direct_port_env(a, host, direct_port, address))
     started = not ray.is_initialized()  # the Ray this call starts, it also stops
@@ -87,17 +100,21 @@ def direct_port_env(a: ServeArgs, host: str, direct_port: int, address: str | No
     if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         raise ConfigError("--direct-port configures the local Ray that fipray serve starts; on a running Ray or "
                           "cluster set the environment of fipray.ray.serve.direct_ingress_env on its nodes")
-    probe_port(host, direct_port)
+    probe_port(host, direct_port, "--direct-port")
     return direct_env
 
 
-def probe_port(host: str, direct_port: int) -> None:
-    """Refuse a ``--direct-port`` this machine cannot listen on (taken, or a foreign address)."""
+def probe_port(host: str, port: int, flag: str) -> None:
+    """Refuse a port (of option ``flag``) this machine cannot listen on (taken, or a foreign address).
+
+    Binds as Serve's proxy does (no ``SO_REUSEADDR``), so what the probe refuses the proxy would fail on
+    too, after Ray had started.
+    """
     with socket.socket() as probe:
         try:
-            probe.bind((host, int(direct_port)))
+            probe.bind((host, int(port)))
         except OSError as e:
-            raise ConfigError(f"--direct-port {direct_port}: cannot listen on {host}:{direct_port} ({e})") from None
+            raise ConfigError(f"{flag} {port}: cannot listen on {host}:{port} ({e})") from None
 
 
 def serve_urls(host: str, port: int, metrics_port: int | None, direct_port: int | None) -> dict[str, str]:
@@ -146,14 +163,28 @@ def serve_until_stopped(args: Mapping[str, Any], reload: threading.Event) -> Non
 
 
 def switch_to_current_folder(args: Mapping[str, Any]) -> None:
-    """Redeploy with ``args["ensemble"]`` as it resolves now; on failure keep serving the old one. Prints which."""
+    """Switch to ``args["ensemble"]`` as it resolves now; on any failure keep serving the old one. Prints which.
+
+    Prints ``{"switched_to": folder, "members_sha256": ...}`` once the ingress serves the verified folder, else
+    ``{"switch_failed": cause, "serving": folder}`` (:func:`~fipray.ray.serve.update_ensemble` touches nothing
+    for a folder that fails verification, and sets a switch the ingress could not load back).
+    """
     try:
         # The folder as of now (a symlink re-pointed since start-up), not the one resolved at start-up.
         target = ServeArgs.from_dict(args)
         update_ensemble(dataclasses.asdict(target))
-        print(json.dumps({"switched_to": target.ensemble}), flush=True)
-    except (ValueError, FileNotFoundError) as e:  # keep serving the old one
-        print(json.dumps({"switch_failed": str(e)}), flush=True)
+        state = serve.get_app_handle(target.name).state.remote().result()
+        print(json.dumps({"switched_to": state["ensemble"], "members_sha256": state["members_sha256"]}), flush=True)
+    except Exception as e:  # whatever failed, the server keeps answering with the ensemble it had
+        print(json.dumps({"switch_failed": failure_cause(e), "serving": serving_folder(args)}), flush=True)
+
+
+def serving_folder(args: Mapping[str, Any]) -> str | None:
+    """The folder the app answers from now (None if it cannot be asked)."""
+    try:
+        return serve.get_app_handle(str(args.get("name", "fipray"))).state.remote().result(timeout_s=30)["ensemble"]
+    except Exception:  # the report of a failed switch must not fail itself
+        return None
 
 
 def shut_down(signals: ServeSignals, started: bool) -> None:
@@ -187,3 +218,26 @@ def smoke_request(url: str, ensemble: str) -> dict[str, Any]:
         answer = json.loads(resp.read())
     return {"smoke_test": "ok", "status": 200, "labels": answer["labels"], "members": answer.get("members"),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def args_from_serve_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The fipray app's ``args`` (with its ``name``) and the ``http_options`` of a Serve config file.
+
+    Raises:
+        ConfigError: not a mapping with one application whose import_path is ``fipray.ray.serve:build_app``.
+    """
+    doc = read_yaml_mapping(path)
+    apps = [a for a in doc.get("applications") or [] if isinstance(a, dict)
+            and a.get("import_path") == "fipray.ray.serve:build_app"]
+    if len(apps) != 1:
+        raise ConfigError(f"{path}: expected exactly one application with import_path "
+                          f"fipray.ray.serve:build_app under 'applications', found {len(apps)}")
+    args = dict(apps[0].get("args") or {})
+    if "name" in apps[0]:
+        args.setdefault("name", apps[0]["name"])
+    http = doc.get("http_options") or {}
+    if not isinstance(http, dict):
+        raise ConfigError(f"{path}: 'http_options' must be a mapping")
+    if "request_timeout_s" in http:
+        args.setdefault("request_timeout_s", http["request_timeout_s"])
+    return args, http

@@ -72,3 +72,14 @@ def code_version(args: Mapping[str, Any]) -> str:
         assert path is not None, name
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
+
+
+def versioned(deployment: Any, version: str) -> Any:
+    """``deployment`` carrying Serve code version ``version`` (:func:`code_version`).
+
+    Ray 2.60 removed ``version`` from ``Deployment.options``; the deployment's ``_version`` (which
+    ``serve.run`` reads, else a random string) carries it (a test checks the replicas survive a
+    switch, so a Ray that stops honouring it fails loudly).
+    """
+    deployment._version = version
+    return deployment

@@ -304,6 +304,110 @@ def test_live_switch_under_load_drops_no_request(served, ens_dir, other_dir):
     assert json.loads(_request(port, "GET", "/metadata")[1])["ensemble"] == str(ens_dir.resolve())
 
 
+def _switch(args: dict, capsys) -> dict:
+    """What ``fipray serve`` does on SIGHUP (switch_to_current_folder), and the one line it printed."""
+    from fipray.ray.serve_main import switch_to_current_folder
+
+    capsys.readouterr()
+    switch_to_current_folder(args)
+    said = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith('{"switch')]
+    assert len(said) == 1, said
+    return said[0]
+
+
+def _answers_like(port: int, folder, x: torch.Tensor) -> None:
+    """The server answers ``x`` with ``folder``'s predictions and names it in /metadata."""
+    out = _predict(port, x)
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(out["probs"]), load_ensemble(folder)(x).exp(), atol=1e-5)
+    meta = json.loads(_request(port, "GET", "/metadata")[1])
+    assert meta["ensemble"] == str(folder.resolve()), meta
+
+
+def _corrupt_copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = (dst / "members.safetensors").read_bytes()
+    (dst / "members.safetensors").write_bytes(data[: len(data) // 2])  # truncated, as by a crashed copy
+    return dst
+
+
+def test_switch_to_a_corrupt_folder_keeps_the_old_ensemble_answering(served, ens_dir, tmp_path, capsys):
+    port, x = served["port"], torch.rand(4, *SHAPE)
+    bad = _corrupt_copy(ens_dir, tmp_path / "bad")
+    said = _switch({"ensemble": str(bad), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY}, capsys)
+    assert "members.safetensors" in said["switch_failed"] and "SHA-256 mismatch" in said["switch_failed"], said
+    assert said["serving"] == str(ens_dir.resolve())
+    _answers_like(port, ens_dir, x)
+
+
+def test_switch_to_the_same_folder_changed_in_place_reloads_or_fails(served, ens_dir, other_dir, tmp_path, capsys):
+    """Same path, new files: a truncated member file is refused (old members answer), a valid rewrite is
+    really loaded (the new members answer), never a claimed switch that did not happen."""
+    import shutil
+
+    port, x = served["port"], torch.rand(4, *SHAPE)
+    live = tmp_path / "live"
+    shutil.copytree(ens_dir, live)
+    args = {"ensemble": str(live), "shards": 2, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY}
+    try:
+        assert _switch(args, capsys)["switched_to"] == str(live.resolve())
+        data = (live / "members.safetensors").read_bytes()
+        (live / "members.safetensors").write_bytes(data[: len(data) // 2])
+        said = _switch(args, capsys)
+        assert "SHA-256 mismatch" in said.get("switch_failed", ""), said
+        out = _predict(port, x)  # the members loaded before answer, under the checksum they had
+        with torch.no_grad():
+            assert torch.allclose(torch.tensor(out["probs"]), load_ensemble(ens_dir)(x).exp(), atol=1e-5)
+        meta = json.loads(_request(port, "GET", "/metadata")[1])
+        assert meta["members_sha256"] == json.loads((ens_dir / "ensemble.json").read_text())["members_sha256"]
+        shutil.rmtree(live)
+        shutil.copytree(other_dir, live)  # rewritten in place: same path, other members
+        said = _switch(args, capsys)
+        assert said == {"switched_to": str(live.resolve()),
+                        "members_sha256": json.loads((live / "ensemble.json").read_text())["members_sha256"]}
+        _answers_like(port, live, x)
+        with torch.no_grad():
+            assert torch.allclose(torch.tensor(_predict(port, x)["probs"]), load_ensemble(other_dir)(x).exp(), atol=1e-5)
+    finally:
+        assert "switched_to" in _switch({**args, "ensemble": str(ens_dir)}, capsys)  # back, for the tests after
+
+
+def test_overload_gets_503_with_retry_after_and_a_json_body(served, ens_dir):
+    """Beyond max_ongoing_requests running and max_queued_requests waiting, the ingress refuses in JSON."""
+    from ray import serve
+
+    from fipray.ray.serve import start
+
+    port = served["port"]
+    start({"ensemble": str(ens_dir), "name": "tight", "max_ongoing_requests": 1, "max_queued_requests": 1,
+           "batch_wait_timeout_s": 0.5, "retry_after_s": 3}, port=port, route_prefix="/tight")
+    try:
+        body = json.dumps({"inputs": torch.rand(1, *SHAPE).tolist()}).encode()
+        got: list = []
+
+        def one():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("POST", "/tight/predict", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            got.append((resp.status, resp.getheader("Retry-After"), resp.getheader("Content-Type"), resp.read()))
+            conn.close()
+
+        threads = [threading.Thread(target=one) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        refused = [g for g in got if g[0] == 503]
+        assert len(got) == 10 and refused and any(g[0] == 200 for g in got), [g[:3] for g in got]
+        for _status, retry, ctype, data in refused:
+            assert retry == "3" and ctype == "application/json", (retry, ctype, data)
+            assert "at capacity" in json.loads(data)["error"]
+    finally:
+        serve.delete("tight")
+
+
 TEXT_LEN = 16
 
 

@@ -118,12 +118,33 @@ def _descendants(pid: int) -> list:
         return []
 
 
+def _metadata(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metadata")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def _sighup_and_wait(proc: subprocess.Popen, lines: list[bytes]) -> dict:
+    """SIGHUP ``fipray serve`` and return the switch report it prints next."""
+    before = len([ln for ln in lines if ln.startswith(b'{"switch')])
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 60
+    while time.time() < deadline and len([ln for ln in lines if ln.startswith(b'{"switch')]) == before:
+        assert proc.poll() is None, b"".join(lines[-20:]).decode()[-2000:]  # the server must not exit
+        time.sleep(0.2)
+    said = [json.loads(ln) for ln in lines if ln.startswith(b'{"switch')]
+    assert len(said) == before + 1, [ln[-300:] for ln in lines[-20:]]
+    return said[-1]
+
+
 def _switch_by_sighup(proc: subprocess.Popen, port: int, link: Path, tmp_path: Path) -> None:
-    """Re-point ``link`` at another ensemble, SIGHUP ``fipray serve``: it reports and serves the new folder."""
-    new = random_ensemble(tmp_path / "next", "small_cnn", {"width": 0.5, "fc": 32}, SHAPE, num_classes=10,
-                          members=4, seed=100, metadata={"operation": "ensemble"})
-    link.unlink()
-    link.symlink_to(new)
+    """SIGHUP with ``link`` re-pointed at a corrupt folder: ``fipray serve`` reports why, stays up and keeps the
+    old ensemble; then at another good ensemble: it reports and serves the new folder."""
+    import shutil
+
     lines: list[bytes] = []
 
     def read():  # until the server exits: its pipe never fills
@@ -131,19 +152,79 @@ def _switch_by_sighup(proc: subprocess.Popen, port: int, link: Path, tmp_path: P
             lines.append(ln)
 
     threading.Thread(target=read, daemon=True).start()
-    proc.send_signal(signal.SIGHUP)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(b"switched_to" in ln or b"switch_failed" in ln for ln in lines):
-        time.sleep(0.2)
-    said = [json.loads(ln) for ln in lines if ln.startswith(b'{"switch')]
-    assert said == [{"switched_to": str(new.resolve())}], [ln[-300:] for ln in lines[-20:]]
-    deadline, meta = time.time() + 10, {}
-    while time.time() < deadline and meta.get("ensemble") != str(new.resolve()):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", "/metadata")
-        meta = json.loads(conn.getresponse().read())
-        conn.close()
-    assert meta["ensemble"] == str(new.resolve()), meta
+    old = link.resolve()
+    bad = tmp_path / "bad"
+    shutil.copytree(old, bad)
+    data = (bad / "members.safetensors").read_bytes()
+    (bad / "members.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    link.unlink()
+    link.symlink_to(bad)
+    said = _sighup_and_wait(proc, lines)
+    assert "SHA-256 mismatch" in said.get("switch_failed", "") and said["serving"] == str(old), said
+    x = torch.rand(3, *SHAPE)
+    status, answer = _post(port, json.dumps({"inputs": x.tolist()}).encode())
+    assert status == 200 and _metadata(port)["ensemble"] == str(old)
+    with torch.no_grad():
+        assert torch.allclose(torch.tensor(json.loads(answer)["probs"]), load_ensemble(old)(x).exp(), atol=1e-5)
+
+    new = random_ensemble(tmp_path / "next", "small_cnn", {"width": 0.5, "fc": 32}, SHAPE, num_classes=10,
+                          members=4, seed=100, metadata={"operation": "ensemble"})
+    link.unlink()
+    link.symlink_to(new)
+    said = _sighup_and_wait(proc, lines)
+    assert said.get("switched_to") == str(new.resolve()), said
+    assert _metadata(port)["ensemble"] == str(new.resolve())
+
+
+def _cli(argv: list[str], tmp: str, timeout: float = 120) -> tuple[int, str, float]:
+    """``fipray ARGV`` in a subprocess with a private Ray folder: exit code, stderr, seconds."""
+    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "fipray.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err.decode(), time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("what", ["serve corrupt", "attack corrupt", "serve port taken"])
+def test_startup_refuses_a_corrupt_folder_or_taken_port_in_one_line_before_ray(ens_dir, what, tmp_path):
+    import shutil
+    import socket
+
+    folder = ens_dir
+    if "corrupt" in what:
+        folder = tmp_path / "corrupt"
+        shutil.copytree(ens_dir, folder)
+        data = (folder / "members.safetensors").read_bytes()
+        (folder / "members.safetensors").write_bytes(data[: len(data) // 2])
+    tmp = tempfile.mkdtemp(prefix="fst", dir="/tmp")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = (["attack", "--ensemble", str(folder), "--config", str(Path(__file__).parents[2] / "jobs/configs/"
+                                                                      "ensemble_digits.yaml")]
+                if what.startswith("attack") else
+                ["serve", "--ensemble", str(folder), "--port", str(port if "port" in what else free_port())])
+        try:
+            rc, err, seconds = _cli(argv, tmp)
+            ray_files = os.listdir(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err[-3000:]
+    assert err.startswith("fipray: error: ")
+    if "corrupt" in what:
+        assert str(folder / "members.safetensors") in err and "SHA-256 mismatch" in err, err
+    else:
+        assert f"--port {port}: cannot listen on 127.0.0.1:{port}" in err, err
+    assert ray_files == []  # Ray never started (it would have made its session folder here)
+    print(json.dumps({"startup_refusal": what, "seconds": round(seconds, 1)}))
+    assert seconds < 30  # seconds of Python imports; Ray and Serve starting took 25-35 s before the refusal
 
 
 def _alive(p) -> bool:

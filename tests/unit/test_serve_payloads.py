@@ -218,13 +218,17 @@ def test_serve_args_from_command_line_strings_and_bad_keys(text_ens, capsys):
 
 def test_autoscaling_and_backpressure_options_reach_the_deployments(text_ens):
     from fipray.config import ConfigError
-    from fipray.ray.serve import build_app
+    from fipray.ray.serve import REFUSAL_ROOM, build_app
 
     app = build_app({"ensemble": str(text_ens), "shards": 3, "max_queued_requests": 7, "retry_after_s": 2,
                      "shard_autoscaling": {"min_replicas": 1, "max_replicas": 2}})
     ingress = app._bound_deployment
     cfg = ingress._deployment_config
-    assert cfg.max_queued_requests == 7 and cfg.user_config == {"ensemble": str(text_ens.resolve())}
+    # The checksum is part of the version asked for: a folder rewritten in place is a new user_config.
+    assert cfg.user_config == {"ensemble": str(text_ens.resolve()),
+                               "members_sha256": read_ensemble_meta(text_ens)["members_sha256"]}
+    # The ingress queues (max_queued_requests) and refuses (JSON 503) itself; Serve's limits are a backstop above.
+    assert cfg.max_queued_requests == cfg.max_ongoing_requests == 32 + 7 + REFUSAL_ROOM
     assert cfg.backpressure_config.retry_after_s == 2 and cfg.num_replicas == 1
     shards = ingress.init_args[1]
     assert len(shards) == 3
