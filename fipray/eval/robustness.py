@@ -327,3 +327,39 @@ def sanity_flags(
             "near_zero": near_zero,
         },
     }
+
+
+#: The flags of :func:`sanity_flags`; all but the last judge accuracies, which a smoke-size run cannot.
+SANITY_FLAGS = ("acc_decreases_with_eps", "acc_near_zero_at_max_eps", "more_steps_not_better",
+                "whitebox_le_transfer", "nonzero_input_gradients")
+ACCURACY_FLAGS = SANITY_FLAGS[:4]
+NOT_EVALUATED = "not evaluated at smoke size"
+
+
+def smoke_size(examples: int, steps: int, *, tol: float = 0.01, steps_list: Sequence[int] = (10, 40)) -> str | None:
+    """Why flags on ``examples`` examples of a ``steps``-step PGD curve cannot judge accuracies, or None.
+
+    Too small (a smoke test's size): fewer than ``1 / tol`` examples (one example moves an accuracy by
+    more than the flags' slack ``tol``), or a curve attacked with fewer PGD steps than the weakest attack
+    the steps check compares (``min(steps_list)``: the curve's attack is too weak to be near zero or to
+    beat transfer). Such flags would flip on noise; a full run's would not.
+    """
+    need = math.ceil(1 / tol - 1e-9)
+    if examples < need:
+        return f"{examples} examples < {need}: one example moves an accuracy by more than tol={tol:g}"
+    if steps < min(steps_list):
+        return f"{steps}-step PGD < the {min(steps_list)} steps of the weakest attack the flags compare"
+    return None
+
+
+def mark_not_evaluated(report: Mapping[str, dict], reason: str, flags: Sequence[str] = ACCURACY_FLAGS) -> dict:
+    """:func:`sanity_flags`' ``report`` with ``flags`` set to None and ``measured["not_evaluated"]`` saying why."""
+    return {"flags": {**report["flags"], **{k: None for k in flags}},
+            "measured": {**report["measured"], "not_evaluated": {"reason": reason, "flags": list(flags)}}}
+
+
+def flag_verdict(value: bool | None, not_evaluated: bool = False) -> str:
+    """A flag's word in a report: ok, FAILED, n/a (nothing to check) or :data:`NOT_EVALUATED`."""
+    if not_evaluated:
+        return NOT_EVALUATED
+    return "n/a" if value is None else ("ok" if value else "FAILED")

@@ -13,6 +13,7 @@ import numpy as np
 
 from fipray import report
 from fipray.config import Config
+from fipray.eval.robustness import ACCURACY_FLAGS, NOT_EVALUATED, flag_verdict, mark_not_evaluated, smoke_size
 from fipray.runtime import RunContext, mean_std, write_outputs
 
 
@@ -42,20 +43,30 @@ def aggregate(cfg: Config, methods: list[str], rows: dict[str, list], eval_examp
             "diversity": ms(sel, "diversity")[0], "coherence": ms(sel, "coherence")[0],
             "disagreement": ms(sel, "disagreement")[0],
             "seconds": float(np.mean([r["seconds"] for r in sel])), "gradient_steps": sel[0]["gradient_steps"]}
+    # The flags' examples are the first 100 of the evaluation set (fipray.ops.ensemble); a smoke run's are too few.
+    smoke = smoke_size(min(eval_examples, 100), ec.pgd_steps)
     sanity: dict[str, list] = {}
     for name, flags in rows["sanity"]:
-        sanity.setdefault(name, []).append(flags)
+        sanity.setdefault(name, []).append(mark_not_evaluated(flags, smoke) if smoke else flags)
     geometry = rows["geometry"]
     return {"operation": "ensemble", "members": ec.members, "seeds": list(cfg.seeds),
             "eps": [f"{e:g}" for e in ec.eps], "pgd_steps": ec.pgd_steps,
             "eval_examples": eval_examples,
             "surrogate": "base network w0", "methods": per_method,
-            "sanity": {m: {k: all(f["flags"][k] is not False for f in fl) for k in fl[0]["flags"]}
+            "sanity": {m: {k: _all_seeds([f["flags"][k] for f in fl]) for k in fl[0]["flags"]}
                        for m, fl in sanity.items()},
             "fip_path": {k: float(np.mean([g[k] for g in geometry])) for k in geometry[0]} if geometry else {},
             "loaded_from": ec.load or None,
             "sanity_measurements": {m: [f["measured"] for f in fl] for m, fl in sanity.items()}} \
+        | ({"sanity_not_evaluated": smoke} if smoke else {}) \
         | (review_summary(cfg, methods, rows, per_method, curve_mean) if ec.review else {})
+
+def _all_seeds(verdicts: list[bool | None]) -> bool | None:
+    """One flag over the seeds: False if any seed failed, None if none was checked, else True."""
+    if any(v is False for v in verdicts):
+        return False
+    return None if all(v is None for v in verdicts) else True
+
 
 def write_report(ctx: RunContext, summary: dict, rows: dict[str, list]) -> None:
     """report.md, the plots and the tables of an ensemble run."""
@@ -72,7 +83,9 @@ def write_report(ctx: RunContext, summary: dict, rows: dict[str, list]) -> None:
              for m, v in per_method.items()]
     header = (["method", "clean", "member clean"] + [f"white-box ε={e}" for e in eps_keys]
               + [f"transfer ε={e}" for e in eps_keys] + ["coherence", "disagreement", "seconds"])
-    flag_rows = [[m] + [("ok" if v else "FAILED") for v in f.values()] for m, f in sanity.items()]
+    smoke = summary.get("sanity_not_evaluated")
+    flag_rows = [[m] + [flag_verdict(v, bool(smoke) and k in ACCURACY_FLAGS) for k, v in f.items()]
+                 for m, f in sanity.items()]
     md = "\n".join([
         f"# Robust ensembles: {cfg.model.name} on {cfg.data.name}, {ec.members} members", "",
         f"PGD with {ec.pgd_steps} steps and random start; white-box on each deployed model itself "
@@ -83,6 +96,7 @@ def write_report(ctx: RunContext, summary: dict, rows: dict[str, list]) -> None:
         f"{list(cfg.seeds)} (means).", "",
         report.md_table(header, table), "", "## Sanity flags", "",
         report.md_table(["method"] + list(next(iter(sanity.values())).keys()), flag_rows), "",
+        *([f"Accuracy flags {NOT_EVALUATED}: {smoke}.", ""] if smoke else []),
         "Plot: `robust_accuracy.png`. Tables: `results.parquet`, `robustness.parquet`, `path.parquet`. "
         f"FIP ensembles: `ensembles/{'fip_robust' if cfg.ensemble.fip == 'robust' else 'fip'}_seed*/`.", ""])
     if ec.review:

@@ -84,6 +84,7 @@ def _find_config(ensemble_dir: Path, config: Path | None, config_hash: str | Non
 def attack_table(rows: list[dict], flags: dict, reference: list[dict] | None) -> str:
     """Markdown: the robustness rows (with ``fipray ensemble``'s numbers beside them when known) and flags."""
     from fipray import report
+    from fipray.eval.robustness import NOT_EVALUATED, flag_verdict
 
     header = ["ε", "clean", "white-box", "transfer", "steps", "n"]
     ref = {round(r["eps"], 9): r for r in reference or []}
@@ -96,9 +97,11 @@ def attack_table(rows: list[dict], flags: dict, reference: list[dict] | None) ->
             m = ref.get(round(r["eps"], 9))
             row += [m["whitebox"], m["transfer"]] if m else ["-", "-"]
         table.append(row)
-    flag_rows = [[k, "ok" if v else ("n/a" if v is None else "FAILED")] for k, v in flags["flags"].items()]
+    skipped = flags["measured"].get("not_evaluated") or {"flags": [], "reason": ""}
+    flag_rows = [[k, flag_verdict(v, k in skipped["flags"])] for k, v in flags["flags"].items()]
+    note = [f"Flags {NOT_EVALUATED}: {skipped['reason']}.", ""] if skipped["flags"] else []
     return "\n".join([report.md_table(header, table), "", "## Sanity flags", "",
-                      report.md_table(["flag", "verdict"], flag_rows), ""])
+                      report.md_table(["flag", "verdict"], flag_rows), "", *note])
 
 
 def main_attack(
@@ -184,10 +187,10 @@ def _resolve_settings(ens_dir: Path, *, config: str | Path | None, eps: Sequence
             members (from ``split_members``).
     """
     from fipray.config import ConfigError
-    from fipray.ensemble_folder import read_ensemble_meta
+    from fipray.ensemble_folder import verify_ensemble
     from fipray.serving import split_members
 
-    meta = read_ensemble_meta(ens_dir)
+    meta = verify_ensemble(ens_dir)  # a folder that cannot be served fails here, in seconds, before Ray starts
     info = meta.get("metadata", {})
     cfg = _find_config(ens_dir, None if config is None else Path(config), info.get("config_hash"))
     seed = int(info.get("seed", cfg.seeds[0]) if seed is None else seed)
@@ -232,7 +235,13 @@ def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | N
     import ray
     from ray import serve
 
-    from fipray.eval.robustness import robustness_curve, sanity_flags
+    from fipray.eval.robustness import (
+        SANITY_FLAGS,
+        mark_not_evaluated,
+        robustness_curve,
+        sanity_flags,
+        smoke_size,
+    )
     from fipray.ray.local import init_local
     from fipray.ray.serve import start
 
@@ -248,8 +257,11 @@ def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | N
         rows = robustness_curve(target, x_eval, y_eval, s.eps, surrogate=surrogate, steps=s.steps, seed=s.seed,
                                 alpha=s.cfg.ensemble.pgd_alpha or None)
         curve_seconds = time.perf_counter() - t0
-        fl = (sanity_flags(rows, target=target, x=x_eval, y=y_eval, eps=max(s.eps), seed=s.seed)
-              if flags else {"flags": {}, "measured": {}})
+        fl = (sanity_flags(rows, target=target, x=x_eval, y=y_eval, eps=max(s.eps), seed=s.seed) if flags
+              else mark_not_evaluated({"flags": {}, "measured": {}}, "not computed in a smoke test", SANITY_FLAGS))
+        smoke = smoke_size(len(x_eval), s.steps)  # as `fipray ensemble` judges its own flags
+        if flags and smoke:
+            fl = mark_not_evaluated(fl, smoke)
     finally:
         serve.delete(app)
         if started:
