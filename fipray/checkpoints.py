@@ -2,8 +2,9 @@
 
 A path's folder holds its newest checkpoint as `checkpoint.pt` (what other code copies and uploads) and the
 ones before it as `checkpoint.1.pt`, `checkpoint.2.pt`, ... (`keep` in all). Every checkpoint carries a
-SHA-256 of its own content (tensors byte for byte, everything else by value) and of each path sample it
-lists, so a file changed after it was written is caught, not only one that no longer parses.
+SHA-256 of its own content (tensors byte for byte, everything else by value, the optimizer's hyperparameters
+excepted) and of each path sample it lists, so a file changed after it was written is caught, not only one
+that no longer parses (torch's zip reader checks no CRC: a flipped byte in a tensor loads silently).
 
 Files are read with `torch.load(weights_only=True)`: nothing is unpickled, and a file that fails is
 described in plain words (empty, truncated, not a fipray checkpoint, checksum mismatch) instead of torch's
@@ -106,9 +107,13 @@ def _digest(obj: Any, h: Any) -> None:
 
 
 def content_checksum(payload: dict) -> str:
-    """SHA-256 of a checkpoint's content, its own "checksum" entry left out."""
+    """SHA-256 of a checkpoint's content, its own "checksum" entry and the optimizer's hyperparameters
+    (`param_groups`: a population-based exploit edits the learning rate of a copied checkpoint in place) left out."""
+    body = {k: v for k, v in payload.items() if k != "checksum"}
+    if isinstance(body.get("optimizer"), dict):
+        body["optimizer"] = {k: v for k, v in body["optimizer"].items() if k != "param_groups"}
     h = hashlib.sha256()
-    _digest({k: v for k, v in payload.items() if k != "checksum"}, h)
+    _digest(body, h)
     return h.hexdigest()
 
 

@@ -310,5 +310,6 @@ class RunContext:
 
         cfg = self.cfg
         return dict(record_every=cfg.path.record_every, checkpoint_every=cfg.path.checkpoint_every,
-                    keep_checkpoints=cfg.path.keep_checkpoints, heldout=heldout, distance=get_distance(cfg.path.distance), evaluate=evaluate,
+                    keep_checkpoints=cfg.path.keep_checkpoints, heldout=heldout,
+                    distance=get_distance(cfg.path.distance), evaluate=evaluate,
                     progress=self.bar)
