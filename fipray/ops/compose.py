@@ -175,7 +175,7 @@ class Compose(Operation):
         tasks = build_tasks(cfg, ctx.bundle, ctx.device, seed)
         metrics = _NodeMetrics(tasks)
         base = ctx.model(seed)
-        train_base(base, tasks[0].train_data, None, cfg, seed, progress=ctx.bar)
+        train_base(base, tasks[0].train_data, None, cfg, seed, progress=ctx.bar, out_dir=ctx.base_dir(seed))
         names = counted(base, cfg.sparsify.exclude_head, cfg.sparsify.include)
         root = f"s{seed}-w0"
         writer.add_node(root, base.state_dict(), seed=seed, order="", operation="base", phase="base",

@@ -186,7 +186,7 @@ class Sparsify(Operation):
         every = counted_parameters(base)  # every Linear/Conv weight: the sparsity over all of them is reported too
         init = clone(base)  # w_init, where the sequential baselines (lth) start
         t0 = time.perf_counter()
-        train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
+        train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar, out_dir=ctx.base_dir(seed))
         base_seconds = time.perf_counter() - t0
         dense = accuracy(base, xte, yte)
         anchor = Anchor.from_model(base, xtr) if ytr is not None else streamed_logits(base, data)

@@ -120,7 +120,7 @@ def _networks(ctx: RunContext, seed: int) -> list[tuple[str, nn.Module]]:
     xtr, ytr = ctx.train_tensors()
     with ctx.progress(cfg.train.steps, "spectrum: base"):
         base = ctx.model(seed)
-        train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar)
+        train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar, out_dir=ctx.base_dir(seed))
     networks: list[tuple[str, nn.Module]] = [("base", base)]
     if sc.along:
         from fipray.netset import load_set
