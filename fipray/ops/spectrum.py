@@ -160,6 +160,10 @@ class Spectrum(Operation):
     smoke = ("seeds=[0]", "train.steps=40", "spectrum.points=32", "spectrum.top_k=3", "spectrum.slq_probes=1",
              "spectrum.slq_iters=10")
 
+    def uses_path_steps(self, cfg: Config) -> bool:
+        """The spectrum is taken at trained networks; no FIP path walks here, so path.steps may be 0."""
+        return False
+
     def run(self, ctx: RunContext) -> dict:
         cfg, sc = ctx.cfg, ctx.cfg.spectrum
         distance = get_distance(cfg.path.distance) if sc.metric == "distance" else None
