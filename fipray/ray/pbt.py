@@ -12,8 +12,9 @@ each stretch ran on and with which values.
 
 Measured pitfall (an earlier attempt): asynchronous PBT with reused actors and 2 concurrent trials live-locked,
 thousands of exploits at one iteration. Here: `synch=True`, fresh actors, the whole population created at once
-(a search algorithm capped at the concurrency would only ever create that many trials), and a stop criterion at
-the path's last step, so the last report ends a trial instead of pausing it for one more perturbation.
+(a search algorithm capped at the concurrency would only ever create that many trials), a stop criterion at the
+path's last step, so the last report ends a trial instead of pausing it for one more perturbation, and `SyncedPBT`,
+which keeps a resumed driver's population moving (Tune's PBT hung there, measured).
 
 Outputs in `out`, as `fipray sweep` writes them: trials.parquet (one row per trial: final knob values, metric,
 status, `parent`, `forked_at`, `forks`, `lineage` as JSON), reports.parquet, best_config.yaml (the best trial's
@@ -34,6 +35,8 @@ from typing import Any
 
 import numpy as np
 from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining
 
 from fipray.atomic import atomic_write_json, write_parquet
 from fipray.config import ConfigError, save_config
@@ -115,6 +118,29 @@ def check_pbt(job: JobConfig) -> tuple[dict[str, tuple[float, float, bool]], int
     return ranges, steps
 
 
+class SyncedPBT(PopulationBasedTraining):
+    """Synchronous PBT that survives a resumed driver.
+
+    Tune does not keep a scheduler's state across `Tuner.restore`: the resumed PBT starts its bookkeeping at step 0
+    while the trials continue from their checkpoints. Measured (the killed-driver test): when every trial then
+    reports the same step S, PBT sets its next synchronisation point to S itself, pauses every trial and, finding
+    none below it to run, spins forever. Here, once no live trial is below that point, it moves one interval past
+    the least advanced trial.
+    """
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is not None or not self._synch:
+            return trial
+        live = [t for t in tune_controller.get_live_trials() if t in self._trial_state]
+        waiting = [t for t in live if t.status in (Trial.PENDING, Trial.PAUSED)]
+        times = [self._trial_state[t].last_train_time for t in live]
+        if waiting and min(times) >= self._next_perturbation_sync:
+            self._next_perturbation_sync = min(times) + self._perturbation_interval
+            trial = super().choose_trial_to_run(tune_controller)
+        return trial
+
+
 class ClipToRanges:
     """PBT's `custom_explore_fn`: a perturbed value (x1.2 after x1.2 ...) stays within its knob's range."""
 
@@ -187,7 +213,6 @@ class Budget(tune.Stopper):
 def run_pbt(job: JobConfig, out: Path, st: Storage, metric: str, concurrent: int, *, progress: bool, t0: float,
             ray_start: float) -> dict:
     """Run (or resume) the PBT sweep of `job` into `out`; returns the summary (`fipray sweep`'s keys plus pbt)."""
-    from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     cfg, rc, sc = job.cfg, job.ray, job.sweep
@@ -211,7 +236,7 @@ def run_pbt(job: JobConfig, out: Path, st: Storage, metric: str, concurrent: int
     else:
         plain = cfg.to_dict()
         points = [{k: _field(plain, k) for k in sc.search}] if sc.include_base_config else None
-        pbt = PopulationBasedTraining(
+        pbt = SyncedPBT(
             time_attr="path_step", perturbation_interval=sc.perturbation_interval,
             hyperparam_mutations={k: (tune.loguniform if log else tune.uniform)(lo, hi)
                                   for k, (lo, hi, log) in ranges.items()},

@@ -85,6 +85,40 @@ def test_run_sweep_checks_pbt_before_any_trial(ray_2cpus, tmp_path):
     assert not (tmp_path / "s" / "tune").exists()
 
 
+def test_synced_pbt_runs_on_when_a_resumed_population_sits_at_its_sync_point():
+    """A resumed driver's PBT starts its bookkeeping afresh; with every trial paused at the step it then sets as
+    the next sync point, Tune's PBT picks no trial to run (the hang the killed-driver test met); ours moves on."""
+    from ray.tune.schedulers import PopulationBasedTraining
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from fipray.ray.pbt import SyncedPBT
+
+    class FakeTrial:
+        experiment_tag, status = "t", "PAUSED"
+
+    class FakeController:
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+        def get_live_trials(self):
+            return set(self.trials)
+
+    trials = [FakeTrial(), FakeTrial()]
+    for cls in (PopulationBasedTraining, SyncedPBT):
+        pbt = cls(time_attr="path_step", metric="acc_mean", mode="max", perturbation_interval=10,
+                  hyperparam_mutations={"path.lam": [1.0, 2.0]}, synch=True)
+        for t in trials:
+            pbt._trial_state[t] = _PBTTrialState(t)
+            pbt._trial_state[t].last_train_time = 20
+        pbt._next_perturbation_sync = 20  # what the resumed PBT computed: max(10 + 10, 20)
+        chosen = pbt.choose_trial_to_run(FakeController(trials))
+        assert (chosen is None) if cls is PopulationBasedTraining else (chosen in trials)
+    assert pbt._next_perturbation_sync == 30
+
+
 @pytest.mark.heavy
 def test_a_killed_pbt_driver_resumes_and_finishes(tmp_path):
     """SIGKILL `fipray sweep` once the population is past its first exploit; the same command resumes it."""
