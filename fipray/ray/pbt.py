@@ -44,8 +44,7 @@ from fipray.job import JobConfig
 from fipray.operation import get_operation
 from fipray.path_trial import PathTrial, path_trial_operations
 from fipray.ray.storage import Storage
-from fipray.ray.sweep import report_rows, search_space, selected_on
-from fipray.ray.trainable import run_path_trial
+from fipray.ray.trainable import plain, report_rows, run_path_trial, search_space, selected_on
 
 KEEP_CHECKPOINTS = 4
 REPORTS_FILE = "reports.jsonl"  # per trial; PBT warns that <= 2 can delete a checkpoint another trial is about to copy
@@ -274,7 +273,7 @@ def read_reports(out: Path) -> dict[str, list[dict]]:
 
 
 class _Reported:
-    """What `fipray.ray.sweep.report_rows` reads of a Tune result: the trial's reports as a DataFrame."""
+    """What `report_rows` reads of a Tune result: the trial's reports as a DataFrame."""
 
     def __init__(self, rows: list[dict]):
         import pandas as pd
@@ -292,7 +291,7 @@ def trial_rows(job: JobConfig, grid: Any, metric: str, keys: list[str], steps: i
         tid = str(m.get("trial_id", ""))
         done = float(m.get("path_step", 0)) >= steps
         status = "error" if r.error is not None else ("completed" if done else "stopped_early")
-        rows.append({"trial_id": tid, **{k: _plain(r.config.get(k)) for k in keys},
+        rows.append({"trial_id": tid, **{k: plain(r.config.get(k)) for k in keys},
                      "metric": float(m[metric]) if metric in m else math.nan, "path_step": int(m.get("path_step", 0)),
                      "iterations": len(reports.get(tid, [])), "seconds": float(m.get("trial_seconds", math.nan)),
                      "status": status, "grad_evals": float(m.get("grad_evals", math.nan)),
@@ -303,10 +302,6 @@ def trial_rows(job: JobConfig, grid: Any, metric: str, keys: list[str], steps: i
                      **{f"last_{k}": float(v) for k, v in m.items() if k in reported and k != metric}})
     rows.sort(key=lambda r: r["trial_id"])
     return rows
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
 
 
 def write_pbt(job: JobConfig, out: Path, metric: str, grid: Any, ranges: dict, steps: int, seconds: float,

@@ -35,12 +35,67 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
-from fipray.config import Config
+from fipray.config import Config, from_dict
 from fipray.job import JobConfig
 from fipray.path_trial import PathTrial, lineage_summary, path_trial_operations
+from fipray.ray.cluster import worker_device
 from fipray.units import run_trial
+
+
+# The Tune-facing pieces every fipray trial shares (`fipray sweep`'s ASHA and PBT, users' own Tuners). They live
+# here, below `fipray.ray.sweep` and `fipray.ray.pbt`, which both import them; sweep.py still has its own copies
+# of search_space / trial_config / report_rows / selected_on (to be replaced by imports from here).
+def search_space(search: dict) -> dict:
+    """YAML `sweep.search` -> Tune distributions (keys stay dotted config keys)."""
+    make = {"uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
+            "loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
+            "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+            "choice": lambda a: tune.choice(list(a)),
+            "grid": lambda a: tune.grid_search(list(a))}
+    return {key: make[next(iter(spec))](next(iter(spec.values()))) for key, spec in search.items()}
+
+
+def plain(v: Any) -> Any:
+    """A NumPy scalar Tune drew as the Python number a config takes."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def trial_config(cfg_dict: dict, params: dict) -> Config:
+    """The trial's config; a CUDA device becomes the GPU Ray assigned to this trial's process."""
+    import os
+
+    cfg = from_dict(cfg_dict).replace(**{k: plain(v) for k, v in params.items()})
+    device = worker_device(cfg.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return cfg if device == cfg.device else cfg.replace(device=device)
+
+
+def report_rows(grid: Any, metric: str) -> list[dict]:
+    """Every report of every trial (trial_id, iteration, metric, grad_evals, trial_seconds, timestamp), in time
+    order, from each result's `metrics_dataframe`: what a sweep's best-so-far curve against compute is drawn from."""
+    rows = []
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is None or metric not in df:
+            continue
+        for rec in df.to_dict("records"):
+            rows.append({"trial_id": str(rec.get("trial_id", "")), "iteration": int(rec.get("training_iteration", 0)),
+                         "metric": float(rec[metric]),
+                         "grad_evals": float(rec.get("grad_evals", float("nan"))),
+                         "trial_seconds": float(rec.get("trial_seconds", float("nan"))),
+                         "timestamp": float(rec.get("timestamp", float("nan")))})
+    rows.sort(key=lambda r: (r["timestamp"], r["trial_id"], r["iteration"]))
+    return rows
+
+
+def selected_on(sc: Any) -> str:
+    """The data a sweep's trials were scored on, as its reports say it."""
+    v = sc.validation
+    part = f"{v:.0%}" if v < 1 else f"{int(v)} examples"
+    return (f"validation: {part} of the training split held out (stratified, seed {sc.validation_seed}), the same "
+            f"for every trial and method; trials train on the rest; the test split is not read")
 
 
 def _flat(params: dict, prefix: str = "") -> dict:
@@ -64,8 +119,6 @@ def run_path_trial(config: dict, cfg_dict: dict, options: dict, interval: int) -
     path `interval` steps per report (each with a checkpoint) to its end."""
     from ray.tune import Checkpoint
 
-    from fipray.ray.sweep import trial_config
-
     params = _flat(config)
     cfg = trial_config(cfg_dict, params)
     trial_id = tune.get_context().get_trial_id() or "trial"
@@ -88,8 +141,6 @@ def run_path_trial(config: dict, cfg_dict: dict, options: dict, interval: int) -
 
 def run_plain_trial(config: dict, cfg_dict: dict, options: dict) -> None:
     """The body of a trial without checkpoints: the operation's sweep trial (`fipray.units.run_trial`)."""
-    from fipray.ray.sweep import trial_config
-
     run_trial(trial_config(cfg_dict, _flat(config)), tune.report, **options)
 
 
