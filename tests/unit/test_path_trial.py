@@ -45,11 +45,12 @@ def test_stretches_saved_and_restored_end_on_the_uninterrupted_path_and_score_th
     assert whole.total_steps == 80
     last = whole.advance(10**6)
     assert whole.done and last["path_step"] == 80
-    # The same path in stretches of 15 steps, each stretch in a fresh trial restored from the last one's save.
+    # The same path in stretches of 30 steps (ending mid-phase, at a phase boundary, at the end), each stretch in
+    # a fresh trial restored from the last one's save.
     t = PathTrial(cfg, tmp_path / "w0")
     mid = None
-    for i in range(6):
-        m = t.advance(15)
+    for i in range(3):
+        m = t.advance(30)
         mid = mid or t.state_dicts()[0]
         t.save(tmp_path / f"ck{i}")
         t = PathTrial(cfg, tmp_path / f"w{i + 1}")
