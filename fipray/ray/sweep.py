@@ -38,42 +38,17 @@ import ray
 from ray import tune
 
 from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
-from fipray.config import Config, ConfigError, from_dict, save_config
+from fipray.config import ConfigError, save_config
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
-from fipray.ray.cluster import check_storage_on_nodes, joined_cluster, quiet_ray, worker_device
+from fipray.ray.cluster import check_storage_on_nodes, joined_cluster, quiet_ray
 from fipray.ray.local import init_local
 from fipray.ray.storage import Storage, check_storage, open_storage
+from fipray.ray.trainable import plain, report_rows, search_space, selected_on, trial_config
 from fipray.runtime import prepare_out
 from fipray.units import run_trial, trial_context, trial_iterations
 
 TRAIN_DRIVER_CPU = 0.01  # a TorchTrainer trial's driver only waits; its workers hold the CPUs
-
-
-def search_space(search: dict) -> dict:
-    """YAML `sweep.search` -> Tune distributions (keys stay dotted config keys)."""
-    out = {}
-    for key, spec in search.items():
-        dist, args = next(iter(spec.items()))
-        out[key] = {"uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
-                    "loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
-                    "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
-                    "choice": lambda a: tune.choice(list(a)),
-                    "grid": lambda a: tune.grid_search(list(a))}[dist](args)
-    return out
-
-
-def _plain(v: Any) -> Any:
-    return v.item() if hasattr(v, "item") else v
-
-
-def trial_config(cfg_dict: dict, params: dict) -> Config:
-    """The trial's config; a CUDA device becomes the GPU Ray assigned to this trial's process."""
-    import os
-
-    cfg = from_dict(cfg_dict).replace(**{k: _plain(v) for k, v in params.items()})
-    device = worker_device(cfg.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    return cfg if device == cfg.device else cfg.replace(device=device)
 
 
 def _function_trainable(params: dict, cfg_dict: dict, options: dict) -> None:
@@ -277,7 +252,7 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
         m = r.metrics or {}
         its = int(m.get("training_iteration", 0))
         status = "error" if r.error is not None else ("completed" if its >= max_t else "stopped_early")
-        rows.append({"trial_id": m.get("trial_id", ""), **{k: _plain(r.config.get(k)) for k in keys},
+        rows.append({"trial_id": m.get("trial_id", ""), **{k: plain(r.config.get(k)) for k in keys},
                      "metric": float(m[metric]) if metric in m else float("nan"), "iterations": its,
                      "seconds": float(m.get("time_total_s", float("nan"))), "status": status,
                      "grad_evals": float(m.get("grad_evals", float("nan"))),
@@ -306,32 +281,6 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
                "selected_on": selected_on(sc)}
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-def report_rows(grid: Any, metric: str) -> list[dict]:
-    """Every report of every trial (trial_id, iteration, metric, grad_evals, trial_seconds, timestamp), in time
-    order: what a sweep's best-so-far curve against compute is drawn from (`benchmarks/bench_sweep.py`)."""
-    rows = []
-    for r in grid:
-        df = r.metrics_dataframe
-        if df is None or metric not in df:
-            continue
-        for rec in df.to_dict("records"):
-            rows.append({"trial_id": str(rec.get("trial_id", "")), "iteration": int(rec.get("training_iteration", 0)),
-                         "metric": float(rec[metric]),
-                         "grad_evals": float(rec.get("grad_evals", float("nan"))),
-                         "trial_seconds": float(rec.get("trial_seconds", float("nan"))),
-                         "timestamp": float(rec.get("timestamp", float("nan")))})
-    rows.sort(key=lambda r: (r["timestamp"], r["trial_id"], r["iteration"]))
-    return rows
-
-
-def selected_on(sc: Any) -> str:
-    """The data a sweep's trials were scored on, as its reports say it."""
-    v = sc.validation
-    part = f"{v:.0%}" if v < 1 else f"{int(v)} examples"
-    return (f"validation: {part} of the training split held out (stratified, seed {sc.validation_seed}), the same "
-            f"for every trial and method; trials train on the rest; the test split is not read")
 
 
 def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
