@@ -46,8 +46,8 @@ from fipray.units import run_trial
 
 
 # The Tune-facing pieces every fipray trial shares (`fipray sweep`'s ASHA and PBT, users' own Tuners). They live
-# here, below `fipray.ray.sweep` and `fipray.ray.pbt`, which both import them; sweep.py still has its own copies
-# of search_space / trial_config / report_rows / selected_on (to be replaced by imports from here).
+# here, below `fipray.ray.sweep` and `fipray.ray.pbt`, which both import them (sweep.py imports pbt to dispatch:
+# pbt importing sweep would be a cycle).
 def search_space(search: dict) -> dict:
     """YAML `sweep.search` -> Tune distributions (keys stay dotted config keys)."""
     make = {"uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
