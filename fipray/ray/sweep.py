@@ -28,6 +28,7 @@ put under `<storage>/results/`. Fractional `ray.gpus_per_path` packs several tri
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -44,10 +45,11 @@ from fipray.operation import get_operation
 from fipray.ray.cluster import check_storage_on_nodes, joined_cluster, quiet_ray
 from fipray.ray.local import init_local
 from fipray.ray.storage import Storage, check_storage, open_storage
-from fipray.ray.trainable import plain, report_rows, search_space, selected_on, trial_config
+from fipray.ray.trainable import plain, search_space, selected_on, trial_config
 from fipray.runtime import prepare_out
 from fipray.units import run_trial, trial_context, trial_iterations
 
+REPORTS = "reports.jsonl"  # the driver's record of every report (Tune's own result files are off: quiet_ray)
 TRAIN_DRIVER_CPU = 0.01  # a TorchTrainer trial's driver only waits; its workers hold the CPUs
 
 
@@ -84,8 +86,9 @@ def _train_trainable(params: dict, cfg_dict: dict, options: dict, storage: str, 
 class _Progress(tune.Callback):
     """One progress display: trials finished / started, best metric of the finished ones so far."""
 
-    def __init__(self, total: int, metric: str, mode: str, max_t: int, enabled: bool):
+    def __init__(self, total: int, metric: str, mode: str, max_t: int, enabled: bool, reports: Path | None = None):
         self.total, self.metric, self.mode, self.max_t, self.enabled = total, metric, mode, max_t, enabled
+        self.reports = reports  # every report appended here (JSON lines), kept across a killed driver
         self.best: float | None = None
         self.stopped = 0
         self._bar: Any = None
@@ -102,6 +105,15 @@ class _Progress(tune.Callback):
             self._bar = tqdm(total=self.total, desc="sweep trials", disable=not self.enabled, dynamic_ncols=True,
                              leave=False)
         return self._bar
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.reports is None or self.metric not in result:
+            return
+        row = {"trial_id": trial.trial_id, "iteration": int(result.get("training_iteration", 0)),
+               "metric": float(result[self.metric]), **{k: float(result.get(k, float("nan")))
+                                                      for k in ("grad_evals", "trial_seconds", "timestamp")}}
+        with open(self.reports, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
@@ -205,7 +217,7 @@ def _sweep(job: JobConfig, out: Path, st: Storage, metric: str, concurrent: int,
                                        if next(iter(s)) == "grid")
     points = [] if grid or not sc.include_base_config else [
         {k: _get(cfg_dict, k) for k in sc.search}]
-    cb = _Progress(total, metric, sc.mode, max_t, progress)
+    cb = _Progress(total, metric, sc.mode, max_t, progress, out / REPORTS)
     run_config = tune.RunConfig(name=sc.name, storage_path=st.path("tune"), storage_filesystem=st.fs, verbose=0,
                                 callbacks=[cb])
     exp = st.path(f"tune/{sc.name}")
@@ -260,7 +272,7 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
                         if k in reported and k != metric}})
     rows.sort(key=lambda r: r["trial_id"])
     write_parquet(out / "trials.parquet", rows)
-    write_parquet(out / "reports.parquet", report_rows(grid, metric))
+    write_parquet(out / "reports.parquet", read_reports(out / REPORTS))
     done = [r for r in rows if r["status"] == "completed" and r["metric"] == r["metric"]]
     if not done:
         raise RuntimeError(f"no trial of the sweep in {out} completed all {max_t} iterations; see trials.parquet")
@@ -281,6 +293,17 @@ def _write(job: JobConfig, out: Path, metric: str, grid: Any, max_t: int, second
                "selected_on": selected_on(sc)}
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def read_reports(file: Path) -> list[dict]:
+    """Every report of every trial from the driver's `reports.jsonl` (trial_id, iteration, metric, grad_evals,
+    trial_seconds, timestamp), in time order; a report written by a killed driver and again after the resume
+    counts once. What a sweep's best-so-far curve against compute is drawn from (`benchmarks/bench_sweep.py`)."""
+    rows: dict[tuple, dict] = {}
+    for line in file.read_text().splitlines() if file.is_file() else []:
+        r = json.loads(line)
+        rows[(r["trial_id"], r["iteration"])] = r
+    return sorted(rows.values(), key=lambda r: (r["timestamp"], r["trial_id"], r["iteration"]))
 
 
 def _plots(rows: list[dict], keys: list[str], metric: str, out: Path) -> None:
