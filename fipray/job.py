@@ -216,7 +216,7 @@ def sweep_metric(job: JobConfig) -> str:
 
 
 # `--smoke-test` of `fipray paths|sweep` and their jobs: the operation's own smoke overrides, plus these.
-SMOKE_SWEEP = ("sweep.num_samples=2", "sweep.grace_period=1", "sweep.max_concurrent_trials=1")
+SMOKE_SWEEP = ("sweep.num_samples=2", "sweep.grace_period=1", "sweep.max_concurrent_trials=1", "sweep.perturbation_interval=10")
 SMOKE_PATHS = ("ray.num_paths=2",)
 
 
