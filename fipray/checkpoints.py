@@ -31,6 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 SAMPLES = "samples"  # folder of the sampled networks, beside the checkpoint
 VERSION = 2  # 2: with "checksum" and "sample_sha256"; 1 (no checksum) still loads
 _ZIP_MAGIC = b"PK\x03\x04"
+INTERRUPTED: list[str] = []  # "<folder> at step N of M" of every path a Ctrl-C stopped (the CLI's last line)
 
 
 class CheckpointError(DamagedFile, RuntimeError):

@@ -390,9 +390,12 @@ def main(argv: list[str] | None = None, prog: str = "fipray") -> int:
     except KeyboardInterrupt:
         if debug:
             raise
+        from fipray.checkpoints import INTERRUPTED
+
         out = getattr(args, "out", None)
         where = f" (output folder {out})" if out else ""
-        print(f"{prog}: interrupted{where}; run the same command again to resume from the last checkpoint",
+        at = f", path {INTERRUPTED[-1]}" if INTERRUPTED else ""
+        print(f"{prog}: interrupted{where}{at}; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
 

@@ -437,7 +437,11 @@ def run_path(
         optim = phase.optimizer(model)
         if pi == start_phase and resume_optim is not None:
             optim.load_state_dict(resume_optim)
-        so = run.steps(pi, first, state, optim)
+        try:
+            so = run.steps(pi, first, state, optim)
+        except KeyboardInterrupt:  # the command line names where it stopped (`checkpoints.interrupted`)
+            checkpoints.INTERRUPTED.append(f"{out_dir or 'a path'} at step {run.global_step} of {run.total}")
+            raise
         run.end_phase(pi, state, so)
         resume_state, resume_optim = None, None
     run.result.steps = run.global_step

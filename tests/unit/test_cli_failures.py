@@ -90,17 +90,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "fipray.cli", "continual", "--no-progress", "--out", str(out),
-                          "threads=1", "train.steps=200000", "seeds=[0]"], cwd=ROOT, env=env,
+                          "threads=1", "train.steps=200000", "seeds=[0]", "path.checkpoint_every=50"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out / "config.yaml").exists():
-        time.sleep(0.2)
-    time.sleep(1.0)  # inside base training
+    while time.monotonic() < deadline and not list(out.glob("paths/*/base/seed0/checkpoint.pt")):
+        time.sleep(0.2)  # the base network's first checkpoint (path.checkpoint_every=50): inside its training
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    assert f"interrupted (output folder {out})" in err and "run the same command again to resume" in err
+    assert f"interrupted (output folder {out}), path " in err and "run the same command again to resume" in err
+    assert "/base/seed0 at step " in err and " of 200000" in err  # where it stopped: the base network's training
 
 
 def test_an_out_folder_of_another_run_is_refused_unless_forced(capsys, tmp_path):
