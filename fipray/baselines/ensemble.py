@@ -132,8 +132,8 @@ def train_w0(ctx: RunContext, model: nn.Module, seed: int, progress: object = No
     """Train w0 (in place): `train_base` (robust.start: w0), or the adversarial recipe from scratch, or the
     weights of `robust.base_weights` (robust.start: adversarial)."""
     rc = ctx.cfg.robust
-    if rc.start == "w0":
-        train_base(model, ctx.train_data(), None, ctx.cfg, seed, progress=progress)
+    if rc.start == "w0":  # checkpointed into the run's folder: a rerun loads it instead of training it again
+        train_base(model, ctx.train_data(), None, ctx.cfg, seed, progress=progress, out_dir=ctx.base_dir(seed))
     elif rc.base_weights:
         load_weights(model, rc.base_weights, "robust.base_weights")
     else:
