@@ -209,7 +209,8 @@ def test_ensemble_evaluates_a_loaded_folder(capsys, tmp_path):
                      "ensemble.members=2", *tiny])
     s = json.loads((again / "summary.json").read_text())
     assert s["loaded_from"] == str(folder) and s["members"] == 2
-    assert not (again / "paths").exists()  # no walk was run
+    # No walk was run: under paths/ only the base network's checkpoint folder (w0 is trained into it).
+    assert {p.name for p in (again / "paths").glob("*/*")} == {"base"}
     meta = json.loads((again / "ensembles" / "fip_seed0" / "ensemble.json").read_text())
     first_steps = json.loads((folder / "ensemble.json").read_text())["metadata"]["steps"]
     assert set(meta["metadata"]["steps"]) <= set(first_steps)
