@@ -88,7 +88,8 @@ def _slots(out_dir: Path) -> list[Path]:
 def _digest(obj: Any, h: Any) -> None:
     """Feed `obj` (nested dicts/lists/tuples of tensors and plain values) into the hash `h`."""
     if isinstance(obj, Tensor):
-        t = obj.detach().cpu().contiguous()
+        local = getattr(obj, "to_local", None)  # a DTensor (FSDP): this rank's shard, what its file holds
+        t = (local() if callable(local) else obj).detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
