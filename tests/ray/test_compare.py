@@ -25,6 +25,7 @@ def _job(**over):
     return job_from_dict(base, over)
 
 
+@pytest.mark.heavy  # README's tier stays within ~6 min; .ci/run's heavy tier runs it
 def test_compare_tunes_each_method_then_tests_the_chosen_configs(ray_2cpus, tmp_path):
     from fipray.ray.compare import run_compare
     from fipray.units import run_test

@@ -32,6 +32,7 @@ def _job(search=SEARCH, **over):
     return job_from_dict(base, over)
 
 
+@pytest.mark.heavy  # README's tier stays within ~6 min; .ci/run's heavy tier runs it
 def test_a_pbt_sweep_exploits_along_paths_names_parents_and_replays(ray_2cpus, tmp_path):
     from fipray.path_trial import run_schedule
     from fipray.ray.sweep import run_sweep

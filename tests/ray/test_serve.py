@@ -191,6 +191,7 @@ def test_single_deployment_app_equals_in_process(served, ens_dir):
         serve.delete("one")
 
 
+@pytest.mark.heavy  # README's tier stays within ~6 min; .ci/run's heavy tier runs it
 def test_bounded_load_test_has_no_errors(served):
     from fipray.ray.serve_load import load_test
 
@@ -418,6 +419,7 @@ def minilm_dir(tmp_path_factory):
                            (TEXT_LEN,), num_classes=3, members=2)
 
 
+@pytest.mark.heavy  # README's tier stays within ~6 min; .ci/run's heavy tier runs it
 def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):
     from ray import serve
 
@@ -453,6 +455,7 @@ def test_texts_on_a_minilm_ensemble_equal_in_process(served, minilm_dir):
         serve.delete("text")
 
 
+@pytest.mark.heavy  # README's tier stays within ~6 min; .ci/run's heavy tier runs it
 def test_vit_members_serve_and_give_exact_gradients_through_shards(served):
     """Transformer members (timm ViT) through 2 shards: predictions and the input gradient PGD uses."""
     import tempfile

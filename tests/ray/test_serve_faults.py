@@ -237,7 +237,7 @@ def _alive(p) -> bool:
 
 
 @pytest.mark.parametrize("sig, how", [
-    (signal.SIGTERM, "ensemble"),
+    pytest.param(signal.SIGTERM, "ensemble", marks=pytest.mark.heavy),  # 25 s: a corrupt SIGHUP, a switch, a stop
     pytest.param(signal.SIGTERM, "direct", marks=pytest.mark.heavy),  # --direct-port: the ingress replica answers HTTP itself, beside the proxy
     pytest.param(signal.SIGINT, "config", marks=pytest.mark.slow),  # the same path; a Serve config file
 ])

@@ -56,6 +56,7 @@ def test_an_optuna_tuner_runs_path_trials_with_checkpoints(ray_2cpus, tmp_path):
     assert len({r.config["path.lam"] for r in grid}) == 2
 
 
+@pytest.mark.heavy  # README's tier stays within ~6 min; .ci/run's heavy tier runs it
 def test_a_basic_variant_tuner_runs_plain_trials(ray_2cpus, tmp_path):
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
