@@ -79,6 +79,14 @@ class DataConfig:
     # torchvision v2 transforms as [{Name: {kwarg: value}}, ...]: train ones (augmentation) need stream.
     train_transforms: tuple[dict[str, Any], ...] = ()
     eval_transforms: tuple[dict[str, Any], ...] = ()
+    # engine: "local" reads the dataset in the process that trains (the loaders; URIs through the node cache);
+    # "ray" reads a Ray-backed run's training split with Ray Data (`fipray paths` with ray.backend: train).
+    engine: str = knob("local", choices=("local", "ray"))
+    # where remote dataset files (s3://, gs://) are cached on each node; default $FIPRAY_CACHE_DIR or
+    # ~/.cache/fipray/uri
+    cache_dir: str | None = None
+    # evaluation reads the test split in batches of this many examples (streamed: no whole-split tensors)
+    eval_batch_size: int = knob(1024, gt=0)
 
     def check(self) -> None:
         from fipray.data.stream import build_transform

@@ -364,7 +364,7 @@ def parquet(
     feature_columns = list(feature_columns)
     splits, ys = [], []
     for p, table in zip(paths, tables):
-        split, y = _parquet_split(table, str(p), feature_columns, label_column, input_shape, scale)
+        split, y = table_tensors(table, str(p), feature_columns, label_column, input_shape, scale)
         splits.append(split)
         ys.append(y)
     shape = tuple(splits[0].tensors[0].shape[1:])
@@ -384,7 +384,7 @@ def _read_tables(paths: list[Path], scale: float) -> list[pa.Table]:
     return [pq.read_table(p) for p in paths]
 
 
-def _parquet_split(
+def table_tensors(
     table: pa.Table,
     where: str,
     feature_columns: list[str],
