@@ -84,14 +84,15 @@ def base_path(out: str | Path) -> Path:
     return Path(out) / BASE_DIR / BASE_FILE
 
 
-def train_shared_base(cfg: Config, out: str | Path, device: str | torch.device = "cpu") -> Path:
-    """Train w0 with seed seeds[0] (as the core experiment does) into `out/base/`, once."""
+def train_shared_base(cfg: Config, out: str | Path, device: str | torch.device = "cpu", bundle: Any = None) -> Path:
+    """Train w0 with seed seeds[0] (as the core experiment does) into `out/base/`, once (`bundle`: ready data,
+    e.g. `data.engine: ray`'s; None: `cfg.data`)."""
     target = base_path(out)
     if target.is_file():
         return target
     op = path_operation(cfg)
     seed = int(cfg.seeds[0])
-    ctx = op.context(cfg, device=device)
+    ctx = op.context(cfg, device=device, bundle=bundle)
     model = ctx.model(seed)
     op.train_base(ctx, model, seed)
     _save_state(target, model.state_dict(), {"seed": str(seed), "config_hash": cfg.run_id()})
@@ -111,11 +112,13 @@ class PathJob:
 
 
 def build_path(cfg: Config, k: int, base_file: str | Path, *, device: str | torch.device = "cpu",
-               rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None) -> PathJob:
-    """Path k: the shared w0 loaded from `base_file`, the operation's phases with seed seeds[0] + k."""
+               rank: int = 0, world: int = 1, wrap: Callable[[nn.Module], nn.Module] | None = None,
+               bundle: Any = None) -> PathJob:
+    """Path k: the shared w0 loaded from `base_file`, the operation's phases with seed seeds[0] + k (`bundle`:
+    ready data, e.g. `data.engine: ray`'s; None: `cfg.data`)."""
     op = path_operation(cfg)
     seed = path_seed(cfg, k)
-    ctx = op.context(cfg, device=device)
+    ctx = op.context(cfg, device=device, bundle=bundle)
     model = ctx.model(seed)
     model.load_state_dict(load_state_dict_file(Path(base_file)))
     if wrap is not None:
