@@ -1,13 +1,23 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written result or checkpoint."""
+"""Atomic file writes: a crash mid-write never leaves a half-written result or checkpoint; a file's SHA-256."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks (checkpoint samples, ensemble weights)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:

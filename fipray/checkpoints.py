@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fipray.atomic import atomic_torch_save, atomic_write_bytes
+from fipray.atomic import atomic_torch_save, atomic_write_bytes, sha256_file
 from fipray.errors import DamagedFile
 
 CHECKPOINT = "checkpoint.pt"
@@ -119,14 +119,6 @@ def content_checksum(payload: dict) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_sample(path: Path, state: dict[str, Tensor]) -> str:
     """A sampled network as safetensors, atomically; returns the file's SHA-256 (the checkpoint lists it)."""
     from safetensors.torch import save
@@ -204,7 +196,7 @@ def check_samples(out_dir: Path, ckpt: dict) -> None:
         if not p.is_file():
             raise CheckpointError(f"sample {p}: missing", p)
         want = sums.get(s["file"])
-        if want is not None and file_sha256(p) != want:
+        if want is not None and sha256_file(p) != want:
             size = p.stat().st_size
             why = "empty file (0 bytes)" if size == 0 else f"checksum mismatch ({size} bytes: truncated or changed)"
             raise CheckpointError(f"sample {p}: {why}", p)

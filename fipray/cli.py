@@ -221,7 +221,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
 # Serving ----------------------------------------------------------------------------------------------
 def _add_serve_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--ensemble", type=Path, help="ensemble folder (ensemble.json + members.safetensors)")
+    s.add_argument("--ensemble", help="ensemble folder (ensemble.json + members.safetensors) or its s3:// / gs:// URI")
     s.add_argument("--config", dest="serve_config", type=Path,
                    help="a Serve config file (the one `serve run` takes: its fipray app's args and http_options) "
                         "instead of --ensemble")
@@ -272,7 +272,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _add_attack_args(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--ensemble", type=Path, required=True, help="ensemble folder written by `fipray ensemble`")
+    s.add_argument("--ensemble", required=True, help="ensemble folder written by `fipray ensemble` (or its URI)")
     s.add_argument("--eps", type=float, nargs="+", help="L-inf radii (default: the run config's ensemble.eps)")
     s.add_argument("--shards", type=int, default=1, help="shard deployments the members are split over")
     s.add_argument("--steps", type=int, help="PGD steps (default: the run config's ensemble.pgd_steps)")
@@ -280,7 +280,7 @@ def _add_attack_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--examples", type=int, help="test examples (default: the run config's ensemble.eval_examples)")
     s.add_argument("--config", type=Path, dest="run_config",
                    help="the run config (default: config.yaml of the run that made it)")
-    s.add_argument("--surrogate", type=Path, help="ensemble folder to craft transfer attacks on (default: w0)")
+    s.add_argument("--surrogate", help="ensemble folder (or URI) to craft transfer attacks on (default: w0)")
     s.add_argument("--out", type=Path, help="output folder (default runs/attack-<run id>-seed<S>-s<shards>)")
     s.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray is started)")
 

@@ -6,12 +6,16 @@ Ensembles of text models also hold the tokenizer their inputs were made with, in
 (``save_pretrained`` files, named by the key ``"tokenizer"`` of ``ensemble.json``), so a server can
 take raw strings; folders without it (every other ensemble, and older ones) load as before.
 
+A folder may also be named by a URI (``s3://``, ``gs://``, ``file://``; e.g. the ``<storage>/merged/ensemble``
+of ``fipray paths`` on a cluster): :func:`local_ensemble` copies its objects into this node's cache
+(:func:`fipray.uri.cached_folder`) and :func:`fetch_ensemble` verifies the copy whole, errors naming the URI.
+
 The module itself (stacked members, the log-mean-softmax head, the fused paths) is :mod:`fipray.ensemble`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fipray.atomic import atomic_write, atomic_write_json, json_default
+from fipray.atomic import atomic_write, atomic_write_json, json_default, sha256_file
 from fipray.ensemble import Ensemble
+from fipray.uri import UriError, cached_folder, display, is_uri
 
 MEMBERS_FILE = "members.safetensors"
 META_FILE = "ensemble.json"
@@ -48,14 +53,6 @@ def _check_spec(model_spec: Mapping[str, Any]) -> dict[str, Any]:
         "num_classes": int(model_spec["num_classes"]),
         "input_shape": [int(d) for d in model_spec["input_shape"]],
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_ensemble(
@@ -123,7 +120,7 @@ def save_ensemble(
         "model_spec": spec,
         "metadata": dict(metadata),
         "members_file": MEMBERS_FILE,
-        "members_sha256": _sha256(directory / MEMBERS_FILE),
+        "members_sha256": sha256_file(directory / MEMBERS_FILE),
     }
     if tok is not None:  # only then: every other folder's ensemble.json stays byte-identical
         meta["tokenizer"] = TOKENIZER_DIR
@@ -295,6 +292,51 @@ def verify_ensemble(directory: str | Path, *, create_fn: Callable[..., nn.Module
     return meta
 
 
+def local_ensemble(spec: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The local folder of the ensemble ``spec`` names: a path as given; a URI (``s3://``, ``gs://``, ``file://``)
+    the copy of every object under it in this node's cache (:func:`fipray.uri.cached_folder`: filled once, then
+    reused while the objects' sizes and modification times stay the same). Nothing is verified here.
+
+    Raises:
+        UriError: an unknown scheme, no bucket, nothing under the prefix, a store that cannot be read.
+    """
+    return cached_folder(spec, cache_dir) if is_uri(spec) else Path(spec)
+
+
+def fetch_ensemble(spec: str | Path, *, cache_dir: str | Path | None = None,
+                   create_fn: Callable[..., nn.Module] | None = None) -> tuple[Path, dict[str, Any]]:
+    """:func:`local_ensemble`, then :func:`verify_ensemble` of that folder: what a server does before serving.
+
+    Returns:
+        ``(local folder, validated ensemble.json)``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`verify_ensemble` (a local folder).
+        UriError: for a URI, every failure (bad URI, missing folder or file, checksum mismatch) in one line
+            naming the URI (:func:`fipray.uri.display`: no credentials, no query options), not the cache.
+    """
+    folder = local_ensemble(spec, cache_dir)
+    with uri_errors(spec, folder):
+        return folder, verify_ensemble(folder, create_fn=create_fn)
+
+
+@contextlib.contextmanager
+def uri_errors(spec: str | Path, folder: Path) -> Iterator[None]:
+    """For a URI ``spec`` whose local copy is ``folder``: a FileNotFoundError or ValueError raised inside
+    becomes a one-line :class:`UriError` naming the URI's files instead of the cache's. A path: unchanged."""
+    if not is_uri(spec):
+        yield
+        return
+    try:
+        yield
+    except UriError:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        name = display(str(spec)).rstrip("/")
+        msg = _one_line(e).replace(str(folder), name)
+        raise UriError(msg if name in msg else f"ensemble {name!r}: {msg}") from None
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
@@ -304,7 +346,7 @@ def _checked_weights(directory: Path, meta: Mapping[str, Any]) -> Path:
     weights_path = directory / MEMBERS_FILE
     if not weights_path.is_file():
         raise FileNotFoundError(f"ensemble weights file not found: {weights_path}")
-    if _sha256(weights_path) != meta["members_sha256"]:
+    if sha256_file(weights_path) != meta["members_sha256"]:
         raise ValueError(
             f"{weights_path} is corrupt or does not belong to {directory / META_FILE} (SHA-256 mismatch)"
         )

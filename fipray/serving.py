@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fipray.ensemble_folder import load_ensemble, read_ensemble_meta
+from fipray.ensemble_folder import load_ensemble, local_ensemble, read_ensemble_meta
 
 
 def split_members(num_members: int, shards: int) -> list[list[int]]:
@@ -47,7 +47,8 @@ class ShardEngine:
     """Some members of a saved ensemble, evaluated together (fused when the architecture allows).
 
     Args:
-        directory: Ensemble folder (``ensemble.json`` + ``members.safetensors``; safetensors only).
+        directory: Ensemble folder (``ensemble.json`` + ``members.safetensors``; safetensors only), or its URI
+            (read from this node's cache: :func:`~fipray.ensemble_folder.local_ensemble`).
         member_ids: Which members this shard holds; None = all.
         device: Where the members live (``"cuda"`` on a GPU shard).
         threads: torch intra-op threads in this process (1 for small models on shared CPUs); 0 keeps
@@ -64,6 +65,7 @@ class ShardEngine:
     ):
         if threads > 0:
             torch.set_num_threads(threads)
+        directory = local_ensemble(directory)
         self.meta = read_ensemble_meta(directory)
         n = self.meta["num_members"]
         self.member_ids = list(range(n)) if member_ids is None else [int(k) for k in member_ids]

@@ -1,7 +1,9 @@
 """Validated arguments of the Serve application (:class:`ServeArgs`), checked before anything is deployed.
 
 Built by the config system, so a typo in a Serve config fails at deploy time naming its key; the
-ensemble folder (and its tokenizer) and the shard count are checked against the folder here too.
+ensemble folder (and its tokenizer) and the shard count are checked against the folder here too. The folder
+may be a URI (``s3://bucket/run/merged/ensemble?endpoint_override=...``): it stays the URI (each node reads
+its own cached copy, :func:`fipray.ensemble_folder.local_ensemble`); a local path is made absolute.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fipray.config import ConfigError, build_section, knob
-from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir
+from fipray.ensemble_folder import local_ensemble, read_ensemble_meta, tokenizer_dir, uri_errors
 from fipray.serving import split_members
+from fipray.uri import is_uri
 
 
 @dataclass(frozen=True)
@@ -60,9 +63,13 @@ class ServeArgs:
         kinds = {f.name: f.type for f in dataclasses.fields(cls)}
         data = {k: _from_text(v, kinds.get(k)) for k, v in args.items()}
         out: ServeArgs = build_section(cls, data, "serve.")
-        meta = read_ensemble_meta(out.ensemble)  # fails now, naming the folder or file
+        folder = local_ensemble(out.ensemble)  # a URI: fetched into this node's cache (UriError naming it)
+        with uri_errors(out.ensemble, folder):
+            meta = read_ensemble_meta(folder)  # fails now, naming the folder or file
+            tokenizer_dir(folder, meta)  # a recorded but missing tokenizer fails now too
         split_members(meta["num_members"], out.shards)
-        tokenizer_dir(out.ensemble, meta)  # a recorded but missing tokenizer fails now too
+        if is_uri(out.ensemble):
+            return out
         return dataclasses.replace(out, ensemble=str(Path(out.ensemble).resolve()))
 
 

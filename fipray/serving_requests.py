@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fipray.uri import display, is_uri
+
 
 class BadRequest(ValueError):
     """A request the server refuses; ``status`` is the HTTP code, the message names the problem."""
@@ -292,10 +294,11 @@ def _strings(values: Any, field: str, max_inputs: int) -> list[str]:
 
 def metadata_doc(meta: Mapping[str, Any], shards: int, directory: str | None = None,
                  inputs: InputSpec | None = None) -> dict[str, Any]:
-    """The ``GET /metadata`` answer: which folder and checksum answer, inputs, classes, members, origin."""
+    """The ``GET /metadata`` answer: which folder (a URI without credentials or options) and checksum answer,
+    inputs, classes, members, origin."""
     spec, info = meta["model_spec"], meta.get("metadata", {})
     doc = {
-        "ensemble": directory,
+        "ensemble": display(directory) if directory is not None and is_uri(directory) else directory,
         "input_shape": list(spec["input_shape"]),
         "num_classes": spec["num_classes"],
         "members": meta["num_members"],

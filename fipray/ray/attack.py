@@ -8,6 +8,11 @@ sharded ensemble as if it were in-process: the attack command reuses ``fipray.ev
 unchanged (torchattacks PGD, the ε curve, the sanity flags), so its table matches ``fipray ensemble``'s
 for the same seed, ε, steps and examples.
 
+The ensemble may be named by a URI (``s3://``, ``gs://``: e.g. ``<storage>/merged/ensemble`` of ``fipray paths``
+on a cluster): it is copied into this node's cache and verified whole before Ray starts
+(:func:`fipray.ensemble_folder.fetch_ensemble`), each replica reads its own node's copy, and the run config
+defaults to ``<storage>/config.yaml`` (two levels up, as beside a local folder).
+
 This module does not import Ray at import time; :func:`main_attack` does.
 """
 
@@ -23,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from fipray.uri import UriError, cached_file, display, is_remote, is_uri
 
 
 class _RemoteLogProbs(torch.autograd.Function):
@@ -64,14 +71,15 @@ class RemoteEnsemble(nn.Module):
         return logp.to(x.device)
 
 
-def _find_config(ensemble_dir: Path, config: Path | None, config_hash: str | None):
-    """The run config that made the ensemble: ``--config`` or ``<run>/config.yaml`` two levels up."""
+def _find_config(ensemble: str, folder: Path, config: Path | None, config_hash: str | None):
+    """The run config that made the ensemble: ``--config`` or ``<run>/config.yaml`` two levels up (a URI too)."""
     from fipray.config import ConfigError, load_config
 
-    path = config if config is not None else ensemble_dir.resolve().parents[1] / "config.yaml"
-    if not path.is_file():
+    path = config if config is not None else _run_config(ensemble, folder)
+    if path is None or not path.is_file():
+        where = display(_run_config_uri(ensemble) or ensemble) if config is None and is_remote(ensemble) else path
         raise ConfigError(
-            f"no run config at {path}; pass --config (the config `fipray ensemble` ran with) so the "
+            f"no run config at {where}; pass --config (the config `fipray ensemble` ran with) so the "
             "attack uses the same data, examples, steps and ε"
         )
     cfg = load_config(path)
@@ -79,6 +87,29 @@ def _find_config(ensemble_dir: Path, config: Path | None, config_hash: str | Non
         raise ConfigError(f"{path} has run id {cfg.run_id()} but the ensemble was made by run {config_hash} "
                           f"(pass --config {path} to use it anyway, e.g. after config defaults changed)")
     return cfg
+
+
+def _run_config_uri(ensemble: str) -> str | None:
+    """``<run>/config.yaml`` of an ensemble URI ``.../<run>/<a>/<b>`` (query options kept), None if too shallow."""
+    base, _, query = ensemble.partition("?")
+    scheme, _, rest = base.partition("://")
+    parts = [p for p in rest.split("/") if p]
+    if len(parts) < 3:  # bucket/a/b at least: the run folder must lie inside the bucket
+        return None
+    return f"{scheme}://{'/'.join(parts[:-2])}/config.yaml" + (f"?{query}" if query else "")
+
+
+def _run_config(ensemble: str, folder: Path) -> Path | None:
+    """The local path of the run config beside the ensemble (a URI's: fetched into the node cache), or None."""
+    if not is_remote(ensemble):
+        return folder.resolve().parents[1] / "config.yaml"
+    uri = _run_config_uri(ensemble)
+    if uri is None:
+        return None
+    try:
+        return cached_file(uri)
+    except UriError:
+        return None
 
 
 def attack_table(rows: list[dict], flags: dict, reference: list[dict] | None) -> str:
@@ -131,8 +162,7 @@ def main_attack(
     from fipray import runtime as common
 
     t_start = time.perf_counter()
-    ens_dir = Path(ensemble)
-    s = _resolve_settings(ens_dir, config=config, eps=eps, shards=shards, steps=steps, seed=seed,
+    s = _resolve_settings(str(ensemble), config=config, eps=eps, shards=shards, steps=steps, seed=seed,
                           examples=examples)
     if s.cfg.threads:
         torch.set_num_threads(s.cfg.threads)
@@ -151,16 +181,16 @@ def main_attack(
     surrogate_seconds = time.perf_counter() - t0
 
     rows, fl, deploy_seconds, curve_seconds = _served_attack(
-        ens_dir, s, shards=shards, address=address, x_eval=x_eval, y_eval=y_eval, surrogate=sur, flags=flags)
+        s.ensemble, s, shards=shards, address=address, x_eval=x_eval, y_eval=y_eval, surrogate=sur, flags=flags)
 
-    reference = _reference_rows(ens_dir, s.seed, rows)
-    summary = _summary(ens_dir, s, shards=shards, n_eval=len(x_eval), surrogate_name=surrogate_name, rows=rows,
+    reference = None if is_remote(s.ensemble) else _reference_rows(s.folder, s.seed, rows)
+    summary = _summary(s, shards=shards, n_eval=len(x_eval), surrogate_name=surrogate_name, rows=rows,
                        fl=fl, reference=reference,
                        seconds={"surrogate": surrogate_seconds, "deploy": deploy_seconds, "curve": curve_seconds,
                                 "total": time.perf_counter() - t_start})
     if out is None:
         out = Path("runs") / f"attack-{s.cfg.run_id()}-seed{s.seed}-s{shards}"
-    md = _attack_report(ens_dir, s, shards=shards, n_eval=len(x_eval), surrogate_name=surrogate_name,
+    md = _attack_report(s, shards=shards, n_eval=len(x_eval), surrogate_name=surrogate_name,
                         rows=rows, fl=fl, reference=reference)
     _write_outputs(Path(out), summary, md, rows, s.seed)
     return summary
@@ -170,6 +200,8 @@ def main_attack(
 class _Settings:
     """The attack's settings once the run config's defaults have filled in what was not given."""
 
+    ensemble: str  # the folder or URI as given
+    folder: Path  # its local copy (a URI's: this node's cache)
     meta: dict
     cfg: Any
     seed: int
@@ -178,21 +210,23 @@ class _Settings:
     examples: int
 
 
-def _resolve_settings(ens_dir: Path, *, config: str | Path | None, eps: Sequence[float] | None, shards: int,
+def _resolve_settings(ensemble: str, *, config: str | Path | None, eps: Sequence[float] | None, shards: int,
                       steps: int | None, seed: int | None, examples: int | None) -> _Settings:
     """Fill unset options from the ensemble's run config and validate them, before any expensive work.
 
     Raises:
         ConfigError: an empty or negative ε list, fewer than one step or example, or more shards than
             members (from ``split_members``).
+        UriError: a URI that cannot be read or whose folder fails verification (one line naming it).
     """
     from fipray.config import ConfigError
-    from fipray.ensemble_folder import verify_ensemble
+    from fipray.ensemble_folder import fetch_ensemble
     from fipray.serving import split_members
 
-    meta = verify_ensemble(ens_dir)  # a folder that cannot be served fails here, in seconds, before Ray starts
+    # A folder (or URI) that cannot be served fails here, in seconds, before Ray starts.
+    folder, meta = fetch_ensemble(ensemble)
     info = meta.get("metadata", {})
-    cfg = _find_config(ens_dir, None if config is None else Path(config), info.get("config_hash"))
+    cfg = _find_config(ensemble, folder, None if config is None else Path(config), info.get("config_hash"))
     seed = int(info.get("seed", cfg.seeds[0]) if seed is None else seed)
     eps_list = [float(e) for e in (cfg.ensemble.eps if eps is None else eps)]
     if not eps_list or any(not e >= 0 for e in eps_list):
@@ -202,7 +236,7 @@ def _resolve_settings(ens_dir: Path, *, config: str | Path | None, eps: Sequence
     if steps < 1 or n_examples < 1:
         raise ConfigError(f"--steps and --examples must be >= 1, got {steps} and {n_examples}")
     split_members(meta["num_members"], shards)  # too many shards fails before any work
-    return _Settings(meta=meta, cfg=cfg, seed=seed, eps=eps_list, steps=steps, examples=n_examples)
+    return _Settings(ensemble=ensemble, folder=folder, meta=meta, cfg=cfg, seed=seed, eps=eps_list, steps=steps, examples=n_examples)
 
 
 def _build_surrogate(cfg: Any, bundle: Any, surrogate: str | Path | None, seed: int,
@@ -213,11 +247,11 @@ def _build_surrogate(cfg: Any, bundle: Any, surrogate: str | Path | None, seed: 
     network ``fipray ensemble`` crafted its transfer examples on, so the transfer numbers match.
     """
     from fipray.baselines.ensemble import train_w0
-    from fipray.ensemble_folder import load_ensemble
+    from fipray.ensemble_folder import fetch_ensemble, load_ensemble
     from fipray.runtime import RunContext
 
     if surrogate is not None:
-        return load_ensemble(surrogate), f"ensemble {surrogate}"
+        return load_ensemble(fetch_ensemble(surrogate)[0]), f"ensemble {_shown(str(surrogate))}"
     ctx = RunContext.create(cfg, bundle=bundle, device=str(dev))
     sur = ctx.model(seed)
     train_w0(ctx, sur, seed)  # as `fipray ensemble` trained it (robust.start: adversarial included)
@@ -225,7 +259,7 @@ def _build_surrogate(cfg: Any, bundle: Any, surrogate: str | Path | None, seed: 
     return sur, "base network w0 (retrained from the run config)"
 
 
-def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | None, x_eval: Tensor,
+def _served_attack(ensemble: str, s: _Settings, *, shards: int, address: str | None, x_eval: Tensor,
                    y_eval: Tensor, surrogate: nn.Module, flags: bool) -> tuple[list[dict], dict, float, float]:
     """Serve the ensemble on Ray, run the ε curve (and sanity flags) against it, then tear it down.
 
@@ -250,7 +284,7 @@ def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | N
     app = "fipray-attack"
     try:
         t0 = time.perf_counter()
-        handle = start({"ensemble": str(ens_dir), "shards": shards, "name": app}, http=False)
+        handle = start({"ensemble": ensemble, "shards": shards, "name": app}, http=False)
         deploy_seconds = time.perf_counter() - t0
         target = RemoteEnsemble(handle)
         t0 = time.perf_counter()
@@ -269,22 +303,22 @@ def _served_attack(ens_dir: Path, s: _Settings, *, shards: int, address: str | N
     return rows, fl, deploy_seconds, curve_seconds
 
 
-def _summary(ens_dir: Path, s: _Settings, *, shards: int, n_eval: int, surrogate_name: str, rows: list[dict],
+def _summary(s: _Settings, *, shards: int, n_eval: int, surrogate_name: str, rows: list[dict],
              fl: dict, reference: list[dict] | None, seconds: dict) -> dict:
     """The run's summary: settings, the ε rows, sanity flags, ``fipray ensemble``'s rows and timings."""
     return {
-        "operation": "attack", "ensemble": str(ens_dir.resolve()), "members": s.meta["num_members"],
+        "operation": "attack", "ensemble": _shown(s.ensemble), "members": s.meta["num_members"],
         "shards": shards, "seed": s.seed, "eps": s.eps, "pgd_steps": s.steps, "eval_examples": n_eval,
         "surrogate": surrogate_name, "rows": rows, "sanity": fl["flags"], "sanity_measurements": fl["measured"],
         "reference_rows": reference, "config_run_id": s.cfg.run_id(), "seconds": seconds,
     }
 
 
-def _attack_report(ens_dir: Path, s: _Settings, *, shards: int, n_eval: int, surrogate_name: str,
+def _attack_report(s: _Settings, *, shards: int, n_eval: int, surrogate_name: str,
                    rows: list[dict], fl: dict, reference: list[dict] | None) -> str:
     """The Markdown report: what was attacked and how, then the table and the sanity flags."""
     return "\n".join([
-        f"# Attack on the served ensemble {ens_dir} ({s.meta['num_members']} members, {shards} shard(s))", "",
+        f"# Attack on the served ensemble {_shown(s.ensemble)} ({s.meta['num_members']} members, {shards} shard(s))", "",
         f"PGD with {s.steps} steps and random start, seed {s.seed}; white-box through the shards (input gradient "
         f"assembled from the shards' VJPs); transfer crafted on the {surrogate_name}. {n_eval} test examples.",
         "", attack_table(rows, fl, reference)])
@@ -317,6 +351,11 @@ def _reference_rows(ens_dir: Path, seed: int, rows: list[dict]) -> list[dict] | 
     # One random start, as served: the run's rows with restarts are a stronger attack, not a reference.
     ref = [r for r in ref if r.get("steps") in steps and r.get("restarts", 1) in (1, None)]
     return [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in ref] or None
+
+
+def _shown(ensemble: str) -> str:
+    """The ensemble as reported: a URI without credentials or query options, a local folder absolute."""
+    return display(ensemble) if is_uri(ensemble) else str(Path(ensemble).resolve())
 
 
 def format_brief(summary: dict) -> str:

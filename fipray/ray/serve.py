@@ -21,7 +21,8 @@ Which ensemble answers is the ingress's ``user_config`` (``{"ensemble": folder, 
 Serve calls ``reconfigure``, which loads the new version (warming the shards) beside the old one and
 swaps atomically; requests admitted before finish on the old one. A version that fails to load leaves
 the old one answering. :func:`update_ensemble` first verifies the folder whole in the caller and touches
-nothing when it is bad; the checksum in ``user_config`` makes a folder rewritten in place reload too.
+nothing when it is bad; the checksum in ``user_config`` makes a folder rewritten in place reload too. The
+folder may be a URI (``s3://``, ``gs://``): every replica reads its node's cached copy (checksum checked on load).
 The deployments' code version (:mod:`fipray.ray.serve_version`) leaves the folder out, so a switch only
 reconfigures the running replicas (~1 s, none replaced). ``docs/serving.md``: switches, error bodies.
 
@@ -44,7 +45,7 @@ import dataclasses
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from fipray.config import ConfigError
-from fipray.ensemble_folder import read_ensemble_meta, tokenizer_dir, verify_ensemble
+from fipray.ensemble_folder import fetch_ensemble, local_ensemble, read_ensemble_meta, tokenizer_dir
 from fipray.ray.serve_version import code_version, versioned
 from fipray.serving import EngineCache, ShardEngine, combine_log_parts, shard_upstreams, split_members
 from fipray.serving_args import ServeArgs
@@ -159,14 +160,15 @@ class EnsembleIngress:
         async with self._switching:
             current = self.active
             if current is not None and current.directory == directory and current.meta["members_sha256"] == (
-                    sha256 or read_ensemble_meta(directory)["members_sha256"]):
+                    sha256 or read_ensemble_meta(local_ensemble(directory))["members_sha256"]):
                 return current.metadata
-            meta = read_ensemble_meta(directory)
+            folder = await asyncio.to_thread(local_ensemble, directory)  # a URI: this node's cached copy
+            meta = read_ensemble_meta(folder)
             if sha256 is not None and meta["members_sha256"] != sha256:
                 raise ValueError(f"{directory} changed after it was verified: ensemble.json records checksum "
                                  f"{meta['members_sha256'][:12]}..., the switch asked for {sha256[:12]}...")
             blocks = [tuple(b) for b in split_members(meta["num_members"], max(1, len(self.shards)))]
-            tok = tokenizer_dir(directory, meta)
+            tok = tokenizer_dir(folder, meta)
             local = None
             if self.shards:
                 version = (directory, meta["members_sha256"])
@@ -174,7 +176,7 @@ class EnsembleIngress:
                                                 for i, s in enumerate(self.shards))))[0]
             else:
                 device = "cuda" if self.args.gpus_per_shard > 0 else "cpu"
-                local = await asyncio.to_thread(ShardEngine, directory, device=device, threads=self.args.threads)
+                local = await asyncio.to_thread(ShardEngine, folder, device=device, threads=self.args.threads)
                 facts = local.input_facts()
             a = self.args
             spec = InputSpec(tuple(meta["model_spec"]["input_shape"]), a.max_inputs, a.max_body_bytes,
@@ -327,7 +329,8 @@ def build_app(args: Mapping[str, Any]):
             or an invalid autoscaling mapping.
     """
     a = ServeArgs.from_dict(args)
-    return _app(a, {"ensemble": a.ensemble, "members_sha256": read_ensemble_meta(a.ensemble)["members_sha256"]})
+    return _app(a, {"ensemble": a.ensemble,
+                    "members_sha256": read_ensemble_meta(local_ensemble(a.ensemble))["members_sha256"]})
 
 
 def _app(a: ServeArgs, user_config: dict[str, Any]):
@@ -338,7 +341,7 @@ def _app(a: ServeArgs, user_config: dict[str, Any]):
         # Only then: a deployment's logging_config replaces the app's (a Serve config's log level, encoding).
         common["logging_config"] = {"enable_access_log": False}
     shards = []
-    version = code_version(_asdict(a))
+    version = code_version(asdict(a))
     if a.shards > 1:
         device = "cuda" if a.gpus_per_shard > 0 else "cpu"
         scaling = _autoscaling("shard_autoscaling", a.shard_autoscaling)
@@ -356,11 +359,7 @@ def _app(a: ServeArgs, user_config: dict[str, Any]):
     return versioned(EnsembleIngress.options(  # type: ignore[attr-defined]
         max_ongoing_requests=cap, **{**common, "max_queued_requests": cap}, **_autoscaling("ingress_autoscaling", a.ingress_autoscaling),
         user_config=user_config, ray_actor_options={"num_cpus": a.cpus_per_replica, "num_gpus": ingress_gpus},
-    ), version).bind({**_asdict(a), "ensemble": ""}, shards)  # the folder comes from user_config (reconfigure) only
-
-
-def _asdict(a: ServeArgs) -> dict[str, Any]:
-    return dataclasses.asdict(a)
+    ), version).bind({**asdict(a), "ensemble": ""}, shards)  # the folder comes from user_config (reconfigure) only
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -404,7 +403,7 @@ def start(args: Mapping[str, Any], *, host: str = "127.0.0.1", port: int = 8000,
         # proxy waits a little longer than the ingress: a slow request gets the JSON 504, not the proxy's text 408.
         serve.start(http_options={"host": host, "port": int(port), "request_timeout_s": a.request_timeout_s + 2},
                     logging_config=None if a.access_log else {"enable_access_log": False})
-    return serve.run(build_app(_asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
+    return serve.run(build_app(asdict(a)), name=a.name, route_prefix=route_prefix if http else None, blocking=False)
 
 
 class SwitchFailed(ValueError):
@@ -414,8 +413,8 @@ class SwitchFailed(ValueError):
 def update_ensemble(args: Mapping[str, Any], *, http: bool = True, route_prefix: str = "/"):
     """Point the running app ``args["name"]`` at ``args["ensemble"]`` without dropping requests.
 
-    The folder is verified whole here first (:func:`~fipray.ensemble_folder.verify_ensemble`); a bad one
-    raises before any deployment is touched. Then the app is redeployed with the new ``user_config``
+    The folder (or URI: fetched into this node's cache) is verified whole here first
+    (:func:`~fipray.ensemble_folder.fetch_ensemble`); a bad one raises before any deployment is touched. Then the app is redeployed with the new ``user_config``
     (folder and checksum: a folder rewritten in place reloads too) and the ingress swaps to it (module
     docstring). Same arguments as :func:`start`'s ``args``.
 
@@ -429,7 +428,7 @@ def update_ensemble(args: Mapping[str, Any], *, http: bool = True, route_prefix:
             old version still answers, and Serve's target is set back to it.
     """
     a = ServeArgs.from_dict(args)
-    sha = verify_ensemble(a.ensemble)["members_sha256"]
+    sha = fetch_ensemble(a.ensemble)[1]["members_sha256"]
     prefix = route_prefix if http else None
     before = serve.get_app_handle(a.name).state.remote().result()
     handle = serve.run(_app(a, {"ensemble": a.ensemble, "members_sha256": sha}), name=a.name, route_prefix=prefix,

@@ -34,10 +34,11 @@ import ray
 from ray import serve
 
 from fipray.config import ConfigError, read_yaml_mapping
-from fipray.ensemble_folder import read_ensemble_meta, verify_ensemble
+from fipray.ensemble_folder import fetch_ensemble, local_ensemble, read_ensemble_meta
 from fipray.ray.local import init_local
 from fipray.ray.serve import direct_ingress_env, failure_cause, start, update_ensemble
 from fipray.serving_args import ServeArgs
+from fipray.uri import display, is_uri
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -48,7 +49,8 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
 
     SIGTERM, SIGINT and SIGHUP are handled: the first two shut Serve and the Ray this call started
     down (no Ray process is left behind); SIGHUP re-reads ``args["ensemble"]`` (e.g. a symlink
-    pointed at a new folder) and switches to it without dropping requests. With ``smoke_test`` it
+    pointed at a new folder, or a URI whose objects were replaced) and switches to it without dropping
+    requests. ``args["ensemble"]`` may be a URI (``s3://``, ``gs://``; ``fipray.ensemble_folder.fetch_ensemble``). With ``smoke_test`` it
     answers one ``/predict`` request (zeros of the members' input shape) over HTTP on
     ``host:port``, prints the answer and shuts down instead of waiting. ``metrics_port`` exposes
     Ray's Prometheus metrics (Serve's ``ray_serve_*`` included) on that port of the local Ray (bound by
@@ -57,7 +59,7 @@ def main_serve(args: Mapping[str, Any], *, host: str, port: int, address: str | 
     module docstring).
     """
     a = ServeArgs.from_dict(args)  # bad args, and a folder that cannot be served, fail before Ray starts
-    verify_ensemble(a.ensemble)
+    fetch_ensemble(a.ensemble)  # a URI: copied into this node's cache, then verified whole (errors name the URI)
     check_metrics_port(metrics_port, address)
     if not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):
         probe_port(host, port, "--port")  # a Serve already running keeps its own proxy
@@ -174,17 +176,24 @@ def switch_to_current_folder(args: Mapping[str, Any]) -> None:
         target = ServeArgs.from_dict(args)
         update_ensemble(dataclasses.asdict(target))
         state = serve.get_app_handle(target.name).state.remote().result()
-        print(json.dumps({"switched_to": state["ensemble"], "members_sha256": state["members_sha256"]}), flush=True)
+        print(json.dumps({"switched_to": shown(state["ensemble"]), "members_sha256": state["members_sha256"]}),
+              flush=True)
     except Exception as e:  # whatever failed, the server keeps answering with the ensemble it had
         print(json.dumps({"switch_failed": failure_cause(e), "serving": serving_folder(args)}), flush=True)
 
 
 def serving_folder(args: Mapping[str, Any]) -> str | None:
-    """The folder the app answers from now (None if it cannot be asked)."""
+    """The folder (or URI, :func:`shown`) the app answers from now (None if it cannot be asked)."""
     try:
-        return serve.get_app_handle(str(args.get("name", "fipray"))).state.remote().result(timeout_s=30)["ensemble"]
+        return shown(serve.get_app_handle(str(args.get("name", "fipray"))).state.remote().result(timeout_s=30)[
+            "ensemble"])
     except Exception:  # the report of a failed switch must not fail itself
         return None
+
+
+def shown(folder: str | None) -> str | None:
+    """A folder as printed: a URI without credentials or query options (:func:`fipray.uri.display`)."""
+    return display(folder) if folder and is_uri(folder) else folder
 
 
 def shut_down(signals: ServeSignals, started: bool) -> None:
@@ -210,7 +219,7 @@ def smoke_request(url: str, ensemble: str) -> dict[str, Any]:
     """POST one all-zeros input to ``url``/predict; the answer's labels and shape."""
     import urllib.request
 
-    shape = read_ensemble_meta(ensemble)["model_spec"]["input_shape"]
+    shape = read_ensemble_meta(local_ensemble(ensemble))["model_spec"]["input_shape"]
     body = json.dumps({"inputs": [np.zeros(shape, dtype=np.int64).tolist()]}).encode()
     req = urllib.request.Request(f"{url}/predict", data=body, headers={"content-type": "application/json"})
     t0 = time.perf_counter()
