@@ -27,9 +27,9 @@ from fipray.config import (
     read_yaml_mapping,
 )
 from fipray.operation import check_trial_method, get_operation
+from fipray.uri import SCHEMES as STORAGE_SCHEMES  # what fipray.ray.storage opens (pyarrow.fs, fipray.uri)
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint", "grid")
-STORAGE_SCHEMES = ("s3", "gs", "gcs", "file")  # what fipray.ray.storage opens (pyarrow.fs)
 
 
 @dataclass(frozen=True)

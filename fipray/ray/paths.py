@@ -159,7 +159,7 @@ def _run(job: JobConfig, out: Path, storage: Storage, *, progress: bool, ray_sta
     ordered = [results[k] for k in range(P)]
     snap = ray.get(collector.snapshot.remote())
     merged = merge(job, out, storage, ordered)
-    streamed = _dedup_check(snap["rows"], out / "path.parquet")
+    streamed, restored = _dedup_check(snap["rows"], out / "path.parquet", ordered)
     summary = {
         "operation": cfg.operation, "backend": rc.backend, "num_paths": P, "seeds": [r["seed"] for r in ordered],
         "workers_per_path": rc.workers_per_path, "seconds": time.perf_counter() - t0,
@@ -167,7 +167,7 @@ def _run(job: JobConfig, out: Path, storage: Storage, *, progress: bool, ray_sta
         "ensemble": str(out / "ensemble"), "nodes": len({r.get("node") for r in ordered if r.get("node")}),
         "ensemble_members": merged["members"], "path_rows": merged["rows"],
         "streamed_rows": len(snap["rows"]), "streamed_duplicates_dropped": snap["duplicates"],
-        "streamed_rows_match_table": streamed,
+        "streamed_rows_match_table": streamed, "restored_rows": restored,
         "paths": [{k: r[k] for k in ("path", "seed", "steps", "seconds", "resumed_from", "attempts", "world",
                                      "records", "final", "node", "gpu_ids", "device", "parallel") if k in r} for r in ordered],
         "config_hash": cfg.run_id(),
@@ -270,9 +270,19 @@ def _dict(rc: Any) -> dict:
     return dataclasses.asdict(rc)
 
 
-def _dedup_check(rows: list[dict], table_file: Path) -> bool:
-    """Do the streamed rows (after dropping re-sent ones) hold exactly the merged table's keys?"""
+def _dedup_check(rows: list[dict], table_file: Path, results: list[dict]) -> tuple[bool, int]:
+    """Do the streamed rows (after dropping re-sent ones) hold exactly the merged table's keys?
+
+    A path resumed by this driver from a checkpoint an earlier driver left (that driver killed, its collector
+    gone) never streams the rows the checkpoint restored: those, and only those (step <= the path's
+    `resumed_from`), may be missing from the stream. Returns (match, how many table rows were restored so).
+    """
     import pyarrow.parquet as pq
 
     t = pq.read_table(table_file).to_pylist() if table_file.is_file() else []
-    return sorted(row_key(r["path"], r) for r in rows) == sorted(row_key(r["path"], r) for r in t)
+    streamed = {row_key(r["path"], r) for r in rows}
+    table = {row_key(r["path"], r): r for r in t}
+    resumed = {r["path"]: r.get("resumed_from") or 0 for r in results}
+    missing = [r for key, r in table.items() if key not in streamed]
+    ok = streamed <= table.keys() and len(table) == len(t)
+    return ok and all(r["step"] <= resumed.get(r["path"], 0) for r in missing), len(missing)

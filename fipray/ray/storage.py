@@ -37,7 +37,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from fipray.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 from fipray.config import ConfigError
-from fipray.job import STORAGE_SCHEMES as SCHEMES
+from fipray.uri import UriError, open_uri
+from fipray.uri import display as _display  # the URI without credentials or query options
 
 CHECK_TIMEOUT_S = 30.0  # a storage probe that has not answered by then fails the run (unreachable endpoint)
 
@@ -46,14 +47,6 @@ def _fs():
     import pyarrow.fs as pafs
 
     return pafs
-
-
-def _redact(uri: str) -> str:
-    """The URI without user:password (credentials inside a URI must never reach a log or an error)."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        return uri.replace(parts.netloc, parts.hostname or "", 1)
-    return uri
 
 
 @dataclass(frozen=True)
@@ -90,7 +83,7 @@ class Storage:
 
     def display(self, rel: str = "") -> str:
         """`rel` as the user would write it (scheme://bucket/prefix/rel), credentials and options left out."""
-        base = _redact(self.uri).split("?", 1)[0].rstrip("/")
+        base = _display(self.uri).rstrip("/")
         return f"{base}/{rel.strip('/')}" if rel.strip("/") else base
 
     def child(self, rel: str) -> Storage:
@@ -190,22 +183,17 @@ class Storage:
 
 
 def open_storage(spec: str | Path, key: str = "ray.storage_path") -> Storage:
-    """A `Storage` for a local folder or a `file://`, `s3://`, `gs://` URI; a ConfigError names a bad one."""
-    spec = str(spec)
-    if "://" not in spec:
-        folder = Path(spec).expanduser().resolve()
-        return Storage(str(folder), _fs().LocalFileSystem(), str(folder), key)
-    scheme = urlsplit(spec).scheme.lower()
-    if scheme not in SCHEMES:
-        raise ConfigError(f"config key {key!r}: {_redact(spec)!r} has scheme {scheme!r}; fipray storage takes "
-                          f"{', '.join(s + '://' for s in SCHEMES)} or a folder")
+    """A `Storage` for a local folder or a `file://`, `s3://`, `gs://` URI (`fipray.uri.open_uri`).
+
+    Raises:
+        ConfigError: naming `key` and the URI (credentials removed): unknown scheme, bad query option, no bucket.
+    """
     try:
-        fs, root = _fs().FileSystem.from_uri(spec)
-    except Exception as e:  # ArrowInvalid (bad query option, no bucket), OSError
-        raise ConfigError(f"config key {key!r}: {_redact(spec)!r} is not a usable {scheme}:// URI: {e}") from None
-    if scheme in ("s3", "gs", "gcs") and not root.split("/", 1)[0]:
-        raise ConfigError(f"config key {key!r}: {_redact(spec)!r} names no bucket ({scheme}://BUCKET/PREFIX)")
-    return Storage(spec, fs, root.rstrip("/") or root, key)
+        fs, root = open_uri(spec)
+    except UriError as e:
+        raise ConfigError(f"config key {key!r}: {e}") from None
+    uri = str(spec) if "://" in str(spec) else root  # a folder: its absolute path, what workers reopen
+    return Storage(uri, fs, root.rstrip("/") or root, key)
 
 
 def _aws_credentials_source(query: dict) -> str | None:
