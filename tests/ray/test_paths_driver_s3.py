@@ -145,9 +145,6 @@ def test_killed_driver_resumes_every_path_from_the_bucket_elsewhere(s3, tmp_path
     from fipray.ray.storage import open_storage
 
     ref_st, st = open_storage(s3["uri"]("driver/ref")), open_storage(s3["uri"]("driver/run"))
-    ref = _start(s3, s3["uri"]("driver/ref"), tmp_path / "ref")  # uninterrupted, its own bucket prefix
-    _finish(ref)
-
     first = _start(s3, s3["uri"]("driver/run"), tmp_path / "a")
     try:
         deadline = time.monotonic() + 180
@@ -165,7 +162,9 @@ def test_killed_driver_resumes_every_path_from_the_bucket_elsewhere(s3, tmp_path
     assert all(0 < c < STEPS for c in ckpt.values()), ckpt
 
     second = _start(s3, s3["uri"]("driver/run"), tmp_path / "b")  # another folder, another --out
+    ref = _start(s3, s3["uri"]("driver/ref"), tmp_path / "ref")  # meanwhile: uninterrupted, its own prefix
     _finish(second)
+    _finish(ref)
 
     got, want = _outputs(st), _outputs(ref_st)
     _same_rows(got["rows"], want["rows"])  # nothing lost, nothing twice
