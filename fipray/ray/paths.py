@@ -44,6 +44,7 @@ from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import ConfigError, save_config
 from fipray.job import JobConfig
 from fipray.ray.cluster import check_resources, check_storage_on_nodes, joined_cluster, quiet_ray
+from fipray.ray.data import check_engine
 from fipray.ray.layout import BASE_REL, path_rel, run_storage
 from fipray.ray.local import init_local
 from fipray.ray.progress import row_key, start_collector
@@ -126,6 +127,7 @@ def run_paths(job: JobConfig, out: str | Path, *, progress: bool = True, address
     """
     cfg = job.cfg
     path_operation(cfg)  # an operation without FIP paths fails before Ray starts
+    check_engine(cfg, job.ray.backend)  # data.engine: ray needs ray.backend: train and a parquet training split
     out = Path(out).resolve()
     storage = run_storage(job, out)  # a bad URI fails here
     prepare_out(cfg, out)  # fails on an unwritable --out

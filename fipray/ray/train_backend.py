@@ -8,9 +8,11 @@ path's ranks together from their last checkpoint (FailureConfig), so paths never
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +73,9 @@ def _train_loop(config: dict) -> None:
         data_rank, data_world, wrap = 0, 1, shard_model
     else:
         data_rank, data_world, wrap = rank, world, (ray.train.torch.prepare_model if world > 1 else None)
-    with Workspace(st, path_rel(k), fetch=False) as ws:
+    with Workspace(st, path_rel(k), fetch=False) as ws, _ray_data(cfg) as bundle:
         job = build_path(cfg, k, ws.input_file(BASE_REL), device=device, rank=data_rank, world=data_world,
-                         wrap=wrap)
+                         wrap=wrap, bundle=bundle)
         kwargs = {**job.kwargs, **({"weights": full_flat} if fsdp and "weights" not in job.kwargs else {})}
         try:
             res = run_path(job.model, job.phases, out_dir=local, callback=callback, **kwargs)
@@ -91,12 +93,39 @@ def _train_loop(config: dict) -> None:
     shutil.rmtree(parent, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _ray_data(cfg: Any) -> Iterator[Any]:
+    """`data.engine: ray`: this rank's copy of the training split, read once from its dataset shard (the whole
+    split: the operation takes the rank's rows by the local engine's rule) into a private on-disk folder ordered
+    by row index, as a DataBundle; removed when the path ends. Otherwise None (the config's own loader)."""
+    if cfg.data.engine != "ray":
+        yield None
+        return
+    import ray.train
+
+    from fipray.ray.data import Materialised, iter_rows
+
+    mat = Materialised(cfg, iter_rows(ray.train.get_dataset_shard("train")))
+    try:
+        yield mat.bundle()
+    finally:
+        mat.close()
+
+
 def train_path(cfg_dict: dict, k: int, storage_uri: str, collector: Any, job_ray: dict, run_name: str,
                threads: int) -> dict:
     """Drives one path's TorchTrainer (a zero-CPU task, so drivers never hold the CPUs workers need)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from fipray.config import from_dict
+    from fipray.ray.data import check_engine, train_dataset
+
+    cfg = from_dict(cfg_dict)
+    check_engine(cfg, "train")
+    # data.engine: ray: the training split as a Ray Dataset, every rank given all of it (datasets_to_split=[]).
+    data: dict[str, Any] = {"datasets": {"train": train_dataset(cfg)}, "dataset_config": DataConfig(datasets_to_split=[])} \
+        if cfg.data.engine == "ray" else {}
     st = open_storage(storage_uri)
     gpus = float(job_ray["gpus_per_path"])
     res = {"CPU": float(job_ray["cpus_per_path"]), **({"GPU": gpus} if gpus else {})}
@@ -110,6 +139,7 @@ def train_path(cfg_dict: dict, k: int, storage_uri: str, collector: Any, job_ray
         run_config=RunConfig(name=run_name, storage_path=st.path("train"), storage_filesystem=st.fs,
                              failure_config=FailureConfig(max_failures=int(job_ray["max_failures"])),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        **data,
     )
     trainer.fit()
     return st.read_json(f"{path_rel(k)}/result.json")

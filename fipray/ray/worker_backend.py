@@ -9,8 +9,10 @@ after its process or node died resumes from the path's checkpoint in storage.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +34,40 @@ def base_task(cfg_dict: dict, storage_uri: str, threads: int) -> str:
     cfg = from_dict(cfg_dict)
     st = open_storage(storage_uri)
     device = worker_device(cfg.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    if st.local is not None:
-        train_shared_base(cfg, st.local, device=device)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fipray-base-") as d:
-            train_shared_base(cfg, d, device=device)
-            st.upload_dir(Path(d) / BASE_DIR, BASE_DIR, last=[BASE_FILE])
+    with _base_data(cfg) as bundle:
+        if st.local is not None:
+            train_shared_base(cfg, st.local, device=device, bundle=bundle)
+        else:
+            with tempfile.TemporaryDirectory(prefix="fipray-base-") as d:
+                train_shared_base(cfg, d, device=device, bundle=bundle)
+                st.upload_dir(Path(d) / BASE_DIR, BASE_DIR, last=[BASE_FILE])
     return st.display(BASE_REL)
+
+
+@contextlib.contextmanager
+def _base_data(cfg: Any) -> Iterator[Any]:
+    """`data.engine: ray`: w0's data read by Ray Data as the paths read theirs (this task iterates the dataset
+    once into a private on-disk copy ordered by row index); otherwise None (the config's own loader)."""
+    if cfg.data.engine != "ray":
+        yield None
+        return
+    from fipray.ray.data import Materialised, iter_rows, train_dataset
+
+    mat = Materialised(cfg, iter_rows(train_dataset(cfg)))
+    try:
+        yield mat.bundle()
+    finally:
+        mat.close()
 
 
 def worker_path(cfg_dict: dict, k: int, storage_uri: str, collector: Any, threads: int, every_s: float) -> dict:
     """Backend `worker`: path k's core loop in this Ray worker process, its folder in storage."""
     from fipray.config import from_dict
+    from fipray.ray.data import check_engine
 
     torch.set_num_threads(threads)
     cfg = from_dict(cfg_dict)
+    check_engine(cfg, "worker")
     attempt = ray.get(collector.start.remote(k, os.getpid()))
     st = open_storage(storage_uri)
     place = placement()
