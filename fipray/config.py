@@ -83,10 +83,10 @@ class DataConfig:
     # "ray" reads a Ray-backed run's training split with Ray Data (`fipray paths` with ray.backend: train).
     engine: str = knob("local", choices=("local", "ray"))
     # where remote dataset files (s3://, gs://) are cached on each node; default $FIPRAY_CACHE_DIR or
-    # ~/.cache/fipray/uri
-    cache_dir: str | None = None
+    # ~/.cache/fipray/uri ("" = that default)
+    cache_dir: str = ""
     # evaluation reads the test split in batches of this many examples (streamed: no whole-split tensors)
-    eval_batch_size: int = knob(1024, gt=0)
+    eval_batch_size: int = knob(512, gt=0)
 
     def check(self) -> None:
         from fipray.data.stream import build_transform

@@ -21,6 +21,7 @@ file, removed by the next fill. Nothing here imports Ray.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 
 SCHEMES = ("s3", "gs", "gcs", "file")
 CHUNK = 8 << 20
+_CACHE_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("fipray_cache_dir", default=None)
 
 
 class UriError(ValueError):
@@ -135,9 +137,22 @@ def open_input_file(spec: str | Path) -> Any:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The node's cache folder: the argument, else `$FIPRAY_CACHE_DIR`, else `~/.cache/fipray/uri`."""
-    root = cache_dir or os.environ.get("FIPRAY_CACHE_DIR") or Path.home() / ".cache" / "fipray" / "uri"
+    """The node's cache folder: the argument, else the one `using_cache_dir` set (a run's `data.cache_dir`),
+    else `$FIPRAY_CACHE_DIR`, else `~/.cache/fipray/uri`."""
+    root = (cache_dir or _CACHE_DIR.get() or os.environ.get("FIPRAY_CACHE_DIR")
+            or Path.home() / ".cache" / "fipray" / "uri")
     return Path(root).expanduser()
+
+
+@contextlib.contextmanager
+def using_cache_dir(cache_dir: str | Path | None) -> Iterator[None]:
+    """Within the block, `cache_root()` is `cache_dir` (None: unchanged): how a run's `data.cache_dir` reaches
+    the dataset loaders without being one of their arguments."""
+    token = _CACHE_DIR.set(str(cache_dir) if cache_dir else _CACHE_DIR.get())
+    try:
+        yield
+    finally:
+        _CACHE_DIR.reset(token)
 
 
 def _entry(root: Path, spec: str, fingerprint: Any) -> Path:
