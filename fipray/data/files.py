@@ -1,7 +1,9 @@
-"""Datasets from local files: a Hugging Face ``save_to_disk`` folder or a pair of parquet files.
+"""Datasets from a Hugging Face ``save_to_disk`` folder (a local path or a URI, fetched once per node), and
+the column conversions the Parquet loader shares (``table_tensors``).
 
-Both loaders materialise the splits in memory (``TensorDataset``, or :class:`UInt8ImageDataset` for
-8-bit images) so the fast tensor paths apply; they suit datasets that fit in RAM.
+The splits are materialised in memory (``TensorDataset``, or :class:`UInt8ImageDataset` for 8-bit images) so
+the fast tensor paths apply; they suit datasets that fit in RAM (``parquet`` with ``in_memory: false`` for
+splits that do not).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from fipray.data.core import DataBundle, UInt8ImageDataset, register_dataset
+from fipray.uri import cached_folder, display, file_info, is_remote
 
 
 def _is_numeric(t: pa.DataType) -> bool:
@@ -36,7 +39,7 @@ def require_columns(wanted: Sequence[str], existing: Sequence[str], where: str) 
         )
 
 
-def _labels(values, where: str) -> torch.Tensor:
+def labels_of(values, where: str) -> torch.Tensor:
     arr = np.asarray(values)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
         raise ValueError(
@@ -172,7 +175,7 @@ def hf_disk(
         ValueError: A named split or column is missing (the message lists those that exist), or
             the data cannot be converted.
     """
-    path = Path(path)
+    path = local_folder(path)
     train_ds, test_ds = load_splits(path, train_split, test_split)
     named = [(train_split, train_ds), (test_split, test_ds)]
     image_column, feature_list, input_ids_column = _x_columns(
@@ -195,6 +198,17 @@ def hf_disk(
     return DataBundle(
         splits[0], splits[1], _num_classes(num_classes, *ys), input_shape, "hf_disk", class_names
     )
+
+
+def local_folder(path: str | Path) -> Path:
+    """A ``save_to_disk`` folder as a local path: a URI's folder fetched once per node (``fipray.uri``)."""
+    if not is_remote(path):
+        return Path(str(path).removeprefix("file://"))
+    kind, _ = file_info(path)
+    if kind == "missing":
+        raise FileNotFoundError(f"no dataset saved at {display(str(path))} (expected a datasets.DatasetDict."
+                                "save_to_disk folder)")
+    return cached_folder(path)
 
 
 def load_splits(path: Path, train_split: str, test_split: str) -> tuple[Any, Any]:
@@ -264,7 +278,7 @@ def _hf_labels(
         num_classes = label_feature.num_classes
     class_names = tuple(label_feature.names) if isinstance(label_feature, datasets.ClassLabel) else None
     ys = [
-        _labels(s.with_format("numpy")[label_column], f"{path} [{n}]")
+        labels_of(s.with_format("numpy")[label_column], f"{path} [{n}]")
         for n, s in named
     ]
     return ys, num_classes, class_names
@@ -325,65 +339,6 @@ def _arrow_column(col: pa.ChunkedArray, name: str, where: str) -> np.ndarray:
     return col.to_numpy()
 
 
-@register_dataset("parquet")
-def parquet(
-    train: str | Path,
-    test: str | Path,
-    feature_columns: Sequence[str] | None = None,
-    label_column: str = "label",
-    input_shape: Sequence[int] | None = None,
-    scale: float = 1.0,
-    num_classes: int | None = None,
-) -> DataBundle:
-    """Tabular (or flattened-image) data from two parquet files.
-
-    Args:
-        train: Parquet file of the training split.
-        test: Parquet file of the test split.
-        feature_columns: Numeric columns (scalars or fixed-length lists) forming ``x``; default: every
-            numeric column except the label, in file order.
-        label_column: Integer label column.
-        input_shape: Reshape each feature vector to this (e.g. ``(1, 28, 28)``); default ``(D,)``.
-        scale: Features are divided by it (e.g. 255 for 8-bit pixels) to land in ``[0, 1]``.
-        num_classes: Defaults to max label + 1 over both files.
-
-    Returns:
-        A bundle of ``TensorDataset`` s with ``x`` float32 ``(N, *input_shape)`` and ``y`` int64,
-        ``name="parquet"``.
-
-    Raises:
-        FileNotFoundError: A file does not exist (named in the message).
-        ValueError: A column is missing (the message lists those that exist) or not numeric.
-    """
-    paths = [Path(train), Path(test)]
-    tables = _read_tables(paths, scale)
-    if feature_columns is None:
-        feature_columns = _numeric_columns(
-            tables[0].schema, tables[0].column_names, label_column, str(paths[0])
-        )
-    feature_columns = list(feature_columns)
-    splits, ys = [], []
-    for p, table in zip(paths, tables):
-        split, y = table_tensors(table, str(p), feature_columns, label_column, input_shape, scale)
-        splits.append(split)
-        ys.append(y)
-    shape = tuple(splits[0].tensors[0].shape[1:])
-    _same_feature_size(shape, tuple(splits[1].tensors[0].shape[1:]))
-    return DataBundle(splits[0], splits[1], _num_classes(num_classes, *ys), shape, "parquet")
-
-
-def _read_tables(paths: list[Path], scale: float) -> list[pa.Table]:
-    """Both parquet files, read only after the files and ``scale`` have been checked."""
-    import pyarrow.parquet as pq
-
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"parquet file not found: {p}")
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
-    return [pq.read_table(p) for p in paths]
-
-
 def table_tensors(
     table: pa.Table,
     where: str,
@@ -397,7 +352,7 @@ def table_tensors(
     bad = [c for c in feature_columns if not _is_numeric(table.schema.field(c).type)]
     if bad:
         raise ValueError(f"feature column(s) {bad} in {where} are not numeric")
-    y = _labels(table.column(label_column).to_numpy(), where)
+    y = labels_of(table.column(label_column).to_numpy(), where)
     arrays = [_arrow_column(table.column(c), c, where) for c in feature_columns]
     x = _features(arrays, feature_columns, where) / np.float32(scale)
     return TensorDataset(_reshape(x, input_shape, where), y), y

@@ -6,7 +6,8 @@ Every loader here reads raw text columns and tokenises them with :func:`fipray.d
 of ``x`` int64 ``(N, L)`` (``[CLS] text [SEP]`` then pad ids) and ``y`` int64 ``(N,)``, ``input_shape=(L,)``.
 With a ``text_pair_column`` each ``x`` is ``(2, L)``: the ids of ``[CLS] a [SEP] b [SEP]`` in row 0 and the
 ``token_type_ids`` (0 for ``a``, 1 for ``b``, 0 on padding) in row 1, ``input_shape=(2, L)``, the layout
-``hf_bert`` takes for pairs. The BBC News corpus is :mod:`fipray.data.bbc`.
+``hf_bert`` takes for pairs. Files and folders are local paths or ``s3://``, ``gs://``, ``file://`` URIs
+(:mod:`fipray.data.sources`); a split may be a folder of files. The BBC News corpus is :mod:`fipray.data.bbc`.
 
 Labels: integers are class ids as they stand (``class_names`` ``"0"``, ``"1"``, ... or a
 ``ClassLabel`` 's names); strings become ids in sorted order over both splits. Missing files raise
@@ -27,7 +28,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fipray.data.core import DataBundle, register_dataset
-from fipray.data.files import load_splits, require_columns
+from fipray.data.files import load_splits, local_folder, require_columns
+from fipray.data.sources import local_files, split_specs, where
 from fipray.data.tokenizer import tokenize
 
 
@@ -134,10 +136,11 @@ def _bundle(
 # ---------------------------------------------------------------- file formats
 
 
-def _check_files(paths: Sequence[Path], kind: str) -> None:
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{kind} file not found: {p}")
+def _specs(ext: str, train: str | Path, test: str | Path) -> list[list[str]]:
+    """Each split's files (a file, or a folder / prefix of `*.<ext>` files; paths or URIs)."""
+    specs = split_specs(ext, train, test, None)
+    assert not isinstance(specs, str)
+    return specs
 
 
 def _table_split(
@@ -185,18 +188,19 @@ def text_parquet(
     """
     import pyarrow.parquet as pq
 
-    paths = [Path(train), Path(test)]
-    _check_files(paths, "parquet")
     splits = []
-    for p in paths:
+    for specs in _specs("parquet", train, test):
+        p = where(specs)
         try:
-            names = pq.read_schema(p).names
-            wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
-            require_columns(wanted, names, str(p))
-            table = pq.read_table(p, columns=wanted)
+            tables = []
+            for f in local_files(specs):
+                wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
+                require_columns(wanted, pq.read_schema(f).names, p)
+                tables.append(pq.read_table(f, columns=wanted))
         except pa.ArrowInvalid as e:
             raise ValueError(f"cannot read {p} as parquet: {e}") from None
-        splits.append(_table_split(table, str(p), text_column, label_column, text_pair_column))
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        splits.append(_table_split(table, p, text_column, label_column, text_pair_column))
     return _bundle("text_parquet", splits, tokenizer, max_length)
 
 
@@ -218,16 +222,17 @@ def text_csv(
     """
     import pyarrow.csv as pcsv
 
-    paths = [Path(train), Path(test)]
-    _check_files(paths, "CSV")
     text_types = {c: pa.string() for c in (text_column, text_pair_column) if c}
     splits = []
-    for p in paths:
+    for specs in _specs("csv", train, test):
+        p = where(specs)
         try:
-            table = pcsv.read_csv(p, convert_options=pcsv.ConvertOptions(column_types=text_types))
+            tables = [pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(column_types=text_types))
+                      for f in local_files(specs)]
         except pa.ArrowInvalid as e:
             raise ValueError(f"cannot read {p} as CSV: {e}") from None
-        splits.append(_table_split(table, str(p), text_column, label_column, text_pair_column))
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+        splits.append(_table_split(table, p, text_column, label_column, text_pair_column))
     return _bundle("text_csv", splits, tokenizer, max_length)
 
 
@@ -264,7 +269,7 @@ def text_disk(
     """
     import datasets
 
-    path = Path(path)
+    path = local_folder(path)
     train_ds, test_ds = load_splits(path, train_split, test_split)
     splits = [
         _split(_columns_of(ds), ds.column_names, f"{path} [{n}]", text_column, label_column, text_pair_column)
