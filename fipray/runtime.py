@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from fipray.atomic import atomic_write_json, atomic_write_text, write_parquet
 from fipray.config import Config, ConfigError, save_config
 from fipray.data.batches import mix_seed
+from fipray.eval.split import EvalSplit
 from fipray.path import PathResult, run_path
 from fipray.phases import supervised_phase
 
@@ -36,11 +37,14 @@ def device_of(cfg: Config) -> torch.device:
 
 
 def load_bundle(cfg: Config):
+    """The config's dataset; files named by URIs are fetched into `data.cache_dir` (default: the node cache)."""
     from fipray.data import get_data
+    from fipray.uri import using_cache_dir
 
     try:
-        return get_data(cfg.data.name, **cfg.data.kwargs)
-    except (KeyError, TypeError, ValueError) as e:  # unknown name/option, bad column or split
+        with using_cache_dir(cfg.data.cache_dir):
+            return get_data(cfg.data.name, **cfg.data.kwargs)
+    except (KeyError, TypeError, ValueError) as e:  # unknown name/option, bad column or split, bad URI
         raise ConfigError(f"config section 'data': {e.args[0] if e.args else e}") from None
 
 
@@ -275,8 +279,24 @@ class RunContext:
         return TensorExamples(*self.train_tensors())
 
     def test_tensors(self) -> tuple[Tensor, Tensor]:
-        """(N, ...) inputs and (N,) labels of the test split, on the device (built once)."""
+        """(N, ...) inputs and (N,) labels of the test split, on the device (built once; the whole split in
+        memory: evaluate with `test_split()`, which streams a split that is not held in memory)."""
         return self.memo("test", lambda: self._eval_transformed(tensors(self.bundle.test, self.device)))
+
+    def test_split(self) -> EvalSplit:
+        """The test split for evaluation: `accuracy(model)` over every example, `head(n)` for the first n.
+        A split held in memory is evaluated from `test_tensors()` (the same tensors, the same numbers);
+        any other (e.g. `parquet` with `in_memory: false`) is read in batches of `data.eval_batch_size`."""
+        return self.memo("test_split", self._make_test_split)
+
+    def _make_test_split(self) -> EvalSplit:
+        from fipray.data.stream import build_transform
+
+        split = EvalSplit(self.bundle.test, self.device, batch_size=self.cfg.data.eval_batch_size,
+                          transform=build_transform(self.cfg.data.eval_transforms))
+        if split.streamed:
+            return split
+        return EvalSplit.of_tensors(*self.test_tensors(), batch_size=self.cfg.data.eval_batch_size)
 
     def rank_shard(self, *tensors: Tensor, rank: int, world: int) -> tuple[Tensor, ...]:
         """Rank `rank`'s shard (every `world`-th row from `rank`) of in-memory tensors, for a path whose

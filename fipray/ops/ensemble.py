@@ -47,7 +47,6 @@ from fipray.eval.diversity import (
     pairwise_disagreement,
     representation_diversity,
 )
-from fipray.eval.predict import accuracy
 from fipray.eval.robustness import craft_transfer, robustness_curve, sanity_flags, transfer_matrix
 from fipray.operation import Operation, Report, collect_seeds, get_operation, register_operation
 from fipray.ops.ensemble_report import aggregate, write_report
@@ -195,8 +194,8 @@ def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, 
     surrogate (w0's give the `transfer` column, exactly as crafting them here would), and the review
     measurements of the deployed model go to `review.rows`."""
     ec = ctx.cfg.ensemble
-    xte, yte = ctx.test_tensors()
-    x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
+    test = ctx.test_split()
+    x_eval, y_eval = test.head(ec.eval_examples)
     curve = robustness_curve(d.target, x_eval, y_eval, list(ec.eps), surrogate=None if review else base,
                              steps=ec.pgd_steps, seed=seed, autoattack=ec.autoattack, restarts=ec.restarts,
                              autoattack_examples=ec.autoattack_examples, autoattack_version=ec.autoattack_version,
@@ -215,11 +214,11 @@ def evaluate_deployed(ctx: RunContext, name: str, d: Deployed, base: nn.Module, 
     flags = sanity_flags(curve, target=d.target, x=x_eval[:100], y=y_eval[:100], eps=max(ec.eps))
     many = len(d.members) > 1
     div = representation_diversity(d.members, x_eval) if many else {"mean": 0.0}
-    member_clean = [accuracy(m, xte, yte) for m in d.members]
+    member_clean = [test.accuracy(m) for m in d.members]
     row = {"method": name, "seed": seed, "clean": curve[0]["clean"],  # clean accuracy on x_eval
-           "clean_full_test": accuracy(d.target, xte, yte),
+           "clean_full_test": test.accuracy(d.target),
            "member_clean_mean": float(np.mean(member_clean)), "member_clean_min": float(np.min(member_clean)),
-           "base_clean": accuracy(base, xte, yte), "diversity": float(div["mean"]),
+           "base_clean": test.accuracy(base), "diversity": float(div["mean"]),
            "coherence": coherence(d.members, base, x_eval, y_eval),
            "disagreement": pairwise_disagreement(d.members, x_eval) if many else 0.0,
            "seconds": d.seconds, "gradient_steps": d.gradient_steps, "members": len(d.members),
@@ -248,8 +247,8 @@ def independent_ensemble(ctx: RunContext, seed: int) -> Ensemble:
 def prepare_review(ctx: RunContext, base: nn.Module, seed: int) -> Review:
     """Train the independent ensemble and craft each surrogate's PGD examples once for every method."""
     ec = ctx.cfg.ensemble
-    xte, yte = ctx.test_tensors()
-    x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
+    test = ctx.test_split()
+    x_eval, y_eval = test.head(ec.eval_examples)
     surrogates = {"w0": base.eval(), "independent": independent_ensemble(ctx, seed)}
     transfer = {k: craft_transfer(s, x_eval, y_eval, list(ec.eps), steps=ec.pgd_steps, seed=seed,
                                   alpha=ec.pgd_alpha or None)
@@ -331,10 +330,10 @@ class RobustEnsemble(Operation):
         if ec.load:
             candidates, sample_steps, path_ids, walk_steps = loaded_candidates(ec.load, ctx.spec, ctx.device)
         else:
-            xte, yte = ctx.test_tensors()
+            test = ctx.test_split()
             res, candidates = walk(ctx, base, seed, out_dir=ctx.checkpoint_dir(f"seed{seed}"),
-                                   **ctx.path_kwargs(xte[: cfg.path.heldout],
-                                                     lambda m: {"accuracy": accuracy(m, xte, yte)}))
+                                   **ctx.path_kwargs(test.head(cfg.path.heldout)[0],
+                                                     lambda m: {"accuracy": test.accuracy(m)}))
             out["path"] += [{"seed": seed, **r} for r in res.records]
             out["geometry"].append(path_summary(res.records))
             sample_steps = [s["global_step"] for s in res.samples]
@@ -358,13 +357,13 @@ class RobustEnsemble(Operation):
         if ctx.cfg.ensemble.fip != "undirected":
             # Another FIP method (ensemble.fip) is registered by the operation of that name, which owns its paths.
             return get_operation(ctx.cfg.ensemble.fip).path(ctx, model, seed, rank=rank, world=world)
-        xte, yte = ctx.test_tensors()
+        test = ctx.test_split()
         if world > 1:  # each DDP rank walks on its own shard of the (in-memory) training data
             xtr, ytr = ctx.rank_shard(*ctx.train_tensors(), rank=rank, world=world)
             phases = [undirected_phase(xtr, ytr, ctx.cfg, seed)]
         else:
             phases = [undirected_phase(ctx.train_data(), None, ctx.cfg, seed)]
-        return phases, {"heldout": xte[: ctx.cfg.path.heldout], "evaluate": lambda m: {"accuracy": accuracy(m, xte, yte)}}
+        return phases, {"heldout": test.head(ctx.cfg.path.heldout)[0], "evaluate": lambda m: {"accuracy": test.accuracy(m)}}
 
     # Sweep trials: an iteration per seed; white-box, transfer and clean accuracy at `eps` ---------------
     def check_sweep(self, cfg: Config) -> None:
@@ -382,8 +381,8 @@ class RobustEnsemble(Operation):
         undirected FIP ensemble, or of what baseline `method` deploys from the same w0 (`trial_target`)."""
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         e = eps or max(ec.eps)
-        xte, yte = ctx.test_tensors()
-        x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
+        test = ctx.test_split()
+        x_eval, y_eval = test.head(ec.eval_examples)
         got: dict[str, list[float]] = {"whitebox": [], "transfer": [], "clean": []}
         for seed in cfg.seeds:
             base = ctx.model(seed)

@@ -60,7 +60,6 @@ from fipray.deployment import (
 from fipray.ensemble import Ensemble
 from fipray.ensemble_folder import save_ensemble
 from fipray.eval.attacks import input_gradient, pgd_examples
-from fipray.eval.predict import accuracy
 from fipray.eval.robustness import robustness_curve
 from fipray.operation import Operation, Report, register_operation
 from fipray.ops.ensemble import FIP_ENSEMBLES, RobustEnsemble, trial_baselines, trial_target
@@ -208,9 +207,9 @@ def robust_fip_ensemble(ctx: RunContext, base: nn.Module, seed: int, base_second
     """Robust FIP paths from w0, the δ rule over the union of their samples, saved as an ensemble folder."""
     cfg = ctx.cfg
     t0 = time.perf_counter()
-    xte, yte = ctx.test_tensors()
+    test = ctx.test_split()
     results, candidates, path_ids, steps, evals = robust_paths(
-        ctx, base, seed, **ctx.path_kwargs(xte[: cfg.path.heldout], lambda m: {"accuracy": accuracy(m, xte, yte)}))
+        ctx, base, seed, **ctx.path_kwargs(test.head(cfg.path.heldout)[0], lambda m: {"accuracy": test.accuracy(m)}))
     for p, res in enumerate(results):
         out["path"] += [{"seed": seed, "path": p, **r} for r in res.records]
         out["geometry"].append(path_summary(res.records))
@@ -251,13 +250,13 @@ class Robust(Operation):
     # FIP paths (`fipray paths`): one robust path from the shared w0; the union of samples is one ensemble.
     def path(self, ctx: RunContext, model: nn.Module, seed: int, *, rank: int = 0,
              world: int = 1) -> tuple[list[Phase], dict]:
-        xte, yte = ctx.test_tensors()
+        test = ctx.test_split()
         if world > 1:  # each DDP rank walks on its own shard of the (in-memory) training data
             phases = [robust_phase(ctx.rank_shard(*ctx.train_tensors(), rank=rank, world=world), ctx.cfg, seed)]
         else:
             phases = [robust_phase(ctx.train_data(), ctx.cfg, seed)]
-        return phases, {"heldout": xte[: ctx.cfg.path.heldout],
-                        "evaluate": lambda m: {"accuracy": accuracy(m, xte, yte)}}
+        return phases, {"heldout": test.head(ctx.cfg.path.heldout)[0],
+                        "evaluate": lambda m: {"accuracy": test.accuracy(m)}}
 
     # Sweep trials: an iteration per seed --------------------------------------------------------------------
     def validation_context(self, ctx: RunContext, validation: float, seed: int) -> RunContext:
@@ -286,8 +285,8 @@ class Robust(Operation):
             ctx = validation_context(ctx, ctx.cfg.robust.validation)
         cfg, ec = ctx.cfg, ctx.cfg.ensemble
         e = eps or ec.focus_eps
-        xte, yte = ctx.test_tensors()
-        x_eval, y_eval = xte[: ec.eval_examples], yte[: ec.eval_examples]
+        test = ctx.test_split()
+        x_eval, y_eval = test.head(ec.eval_examples)
         got: dict[str, list[float]] = {"whitebox_floor": [], "whitebox": [], "transfer": [], "clean": [],
                                        "base_clean": []}
         for seed in cfg.seeds:
@@ -302,7 +301,7 @@ class Robust(Operation):
                 ens = trial_target(ctx, method, base, seed)
             curve = robustness_curve(ens, x_eval, y_eval, [e], surrogate=base.eval(), steps=ec.pgd_steps, seed=seed,
                                      restarts=ec.restarts)
-            clean, base_clean = accuracy(ens, xte, yte), accuracy(base, xte, yte)
+            clean, base_clean = test.accuracy(ens), test.accuracy(base)
             shortfall = max(0.0, base_clean - cfg.robust.clean_floor - clean)
             got["whitebox_floor"].append(curve[0]["whitebox"] - (1.0 + shortfall if shortfall > 0 else 0.0))
             got["whitebox"].append(curve[0]["whitebox"])

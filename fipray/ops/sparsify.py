@@ -42,8 +42,8 @@ from fipray.config import Config, ConfigError, knob
 from fipray.core.masks import apply_masks, counted_tensors, magnitude_masks, projection_loss
 from fipray.core.step import Anchor
 from fipray.data.stream import Examples, TensorExamples
-from fipray.eval.predict import accuracy
 from fipray.eval.sparsity import counted_parameters, sparsity
+from fipray.eval.split import EvalSplit
 from fipray.operation import Operation, Report, collect_seeds, register_operation
 from fipray.path import Phase, PhaseState, run_path
 from fipray.phases import fip_phase, streamed_logits
@@ -178,7 +178,7 @@ class Sparsify(Operation):
 
     def _run_seed(self, ctx: RunContext, seed: int, methods: list[str]) -> dict[str, list]:
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
-        data, (xte, yte) = ctx.train_data(), ctx.test_tensors()
+        data, test = ctx.train_data(), ctx.test_split()
         # In memory: tensors (the fast path); streamed: the Examples, w0's logits kept for every item.
         xtr, ytr = (data.x, data.y) if isinstance(data, TensorExamples) else (data, None)
         base = ctx.model(seed)
@@ -188,10 +188,10 @@ class Sparsify(Operation):
         t0 = time.perf_counter()
         train_base(base, xtr, ytr, cfg, seed, progress=ctx.bar, out_dir=ctx.base_dir(seed))
         base_seconds = time.perf_counter() - t0
-        dense = accuracy(base, xte, yte)
+        dense = test.accuracy(base)
         anchor = Anchor.from_model(base, xtr) if ytr is not None else streamed_logits(base, data)
         out: dict[str, list] = {"results": [], "path": [], "dense": [dense], "geometry": [], "names": [names]}
-        evaluate = _evaluator(xte, yte, names)
+        evaluate = _evaluator(test, names)
         sequential = {}  # method -> {target: row}: one run per seed passes every target
         for method in methods:
             if method in SEQUENTIAL_BASELINES:
@@ -215,14 +215,14 @@ class Sparsify(Operation):
                 if method == "fip":
                     res = run_path(model, fip_sparsify_phases(xtr, anchor, p, cfg, seed, names),
                                    out_dir=ctx.checkpoint_dir(f"seed{seed}", f"p{p:g}"),
-                                   **ctx.path_kwargs(xte[: cfg.path.heldout], _evaluator(xte, yte, names)))
+                                   **ctx.path_kwargs(test.head(cfg.path.heldout)[0], _evaluator(test, names)))
                     out["path"] += [{"seed": seed, "target": p, **r} for r in res.records]
                     out["geometry"].append((f"{p:g}", path_summary(res.records)))
                 else:
                     SPARSIFY_BASELINES.get(method)(model, names, p, xtr, ytr, cfg, seed, progress=ctx.bar)
                 steps, examples = _compute(cfg, method, p, len(xtr))
                 out["results"].append({"method": method, "seed": seed, "target": p,
-                                       "sparsity": sparsity(model, names), "accuracy": accuracy(model, xte, yte),
+                                       "sparsity": sparsity(model, names), "accuracy": test.accuracy(model),
                                        "dense_accuracy": dense, "seconds": time.perf_counter() - t0 + base_seconds,
                                        "steps": steps, "examples": examples, "sparsity_all": sparsity(model, every),
                                        "level": None})
@@ -315,8 +315,8 @@ class Sparsify(Operation):
         else:
             (xs,) = ctx.rank_shard(ctx.train_tensors()[0], rank=rank, world=world)
             phases = fip_sparsify_phases(xs, Anchor.from_model(model, xs), p, cfg, seed, names)
-        xte, yte = ctx.test_tensors()
-        return phases, {"heldout": xte[: cfg.path.heldout], "evaluate": _evaluator(xte, yte, names)}
+        test = ctx.test_split()
+        return phases, {"heldout": test.head(cfg.path.heldout)[0], "evaluate": _evaluator(test, names)}
 
     def path_steps(self, cfg: Config) -> int:
         return cfg.path.steps + cfg.sparsify.invariance_steps
@@ -336,7 +336,7 @@ class Sparsify(Operation):
         cfg, sc = ctx.cfg, ctx.cfg.sparsify
         if method == "lth":
             SparsifyConfig.check(replace(sc, baselines=("lth",)), cfg)
-        (xtr, ytr), (xte, yte) = ctx.train_tensors(), ctx.test_tensors()
+        (xtr, ytr), test = ctx.train_tensors(), ctx.test_split()
         p = target or max(sc.targets)
         accs, sps = [], []
         for seed in cfg.seeds:
@@ -346,7 +346,7 @@ class Sparsify(Operation):
                 if method in SEQUENTIAL_BASELINES:
                     targets = sorted({*(t for t in sc.targets if t < p), p})
                     rows = SEQUENTIAL_BASELINES.get(method)(base, names, targets, xtr, ytr, cfg, seed,
-                                                            evaluate=_evaluator(xte, yte, names))
+                                                            evaluate=_evaluator(test, names))
                     acc, sp = next((r["accuracy"], r["sparsity"]) for r in rows if r["target"] == p)
                 else:
                     train_base(base, xtr, ytr, cfg, seed)
@@ -356,7 +356,7 @@ class Sparsify(Operation):
                                  record_every=10**9, checkpoint_every=10**9)
                     else:
                         SPARSIFY_BASELINES.get(method)(model, names, p, xtr, ytr, cfg, seed)
-                    acc, sp = accuracy(model, xte, yte), sparsity(model, names)
+                    acc, sp = test.accuracy(model), sparsity(model, names)
             accs.append(acc)
             sps.append(sp)
             report({"accuracy": float(np.mean(accs)), "sparsity": float(np.mean(sps)), "seed": seed})
@@ -391,5 +391,5 @@ def _compute(cfg: Config, method: str, p: float, n: int) -> tuple[int, int]:
     return 0, 0  # one-shot: magnitude, wanda (wanda's calibration is forward passes only)
 
 
-def _evaluator(xte: Tensor, yte: Tensor, names: list[str]) -> Any:
-    return lambda m: {"accuracy": accuracy(m, xte, yte), "sparsity": sparsity(m, names)}
+def _evaluator(test: EvalSplit, names: list[str]) -> Any:
+    return lambda m: {"accuracy": test.accuracy(m), "sparsity": sparsity(m, names)}
