@@ -15,7 +15,7 @@ from fipray.data.files import (
     require_columns,
     table_tensors,
 )
-from fipray.data.sources import local_files, split_specs, where
+from fipray.data.sources import local_files, rows_of_splits, split_specs, where
 
 
 @register_dataset("parquet")
@@ -101,17 +101,7 @@ def _read_table(files: list[Path], name: str) -> pa.Table:
 
 def _split_rows(spec: str, split_column: str, splits: Sequence[str]) -> list[pa.Table]:
     """The rows of each split of one file that holds them all, told apart by `split_column`."""
-    import pyarrow.compute as pc
-
-    table = _read_table(local_files([spec]), where(spec))
-    require_columns([split_column], table.column_names, f"{where(spec)} (split column)")
-    col = table.column(split_column)
-    out = [table.filter(pc.equal(col, s)) for s in splits]
-    for s, t in zip(splits, out):
-        if t.num_rows == 0:
-            values = sorted({str(v) for v in pc.unique(col).to_pylist()})
-            raise ValueError(f"no rows with {split_column} == {s!r} in {where(spec)}; values: {', '.join(values)}")
-    return out
+    return rows_of_splits(_read_table(local_files([spec]), where(spec)), split_column, splits, where(spec))
 
 
 def _lazy_parquet(files: list[list[Path]], names: list[str], feature_columns: Sequence[str] | None,

@@ -15,8 +15,9 @@ against concurrent fills); local ones are read where they are.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from fipray.uri import UriError, cached_file, child, display, file_info, is_remote, open_uri
 
@@ -110,4 +111,43 @@ def where(specs: Sequence[str] | str) -> str:
     return display(specs[0]) + (f" (+{len(specs) - 1} more)" if len(specs) > 1 else "")
 
 
-__all__ = ["split_specs", "local_files", "where", "is_remote"]
+def rows_of_splits(table: Any, split_column: str, splits: Sequence[str], name: str) -> list[Any]:
+    """The rows of each split of a pyarrow table that holds them all, told apart by `split_column`.
+
+    Raises:
+        ValueError: the column is missing, or a split has no rows (the message lists the values there are).
+    """
+    import pyarrow.compute as pc
+
+    if split_column not in table.column_names:
+        raise ValueError(f"{name} holds every split in one file but has no split column {split_column!r}; "
+                         f"columns: {', '.join(table.column_names)}")
+    col = table.column(split_column)
+    out = [table.filter(pc.equal(col, s)) for s in splits]
+    for s, t in zip(splits, out):
+        if t.num_rows == 0:
+            values = sorted({str(v) for v in pc.unique(col).to_pylist()})
+            raise ValueError(f"no rows with {split_column} == {s!r} in {name}; values: {', '.join(values)}")
+    return out
+
+
+def split_tables(
+    ext: str,
+    read: Callable[[list[Path], str, Sequence[str]], Any],
+    train: str | Path | None,
+    test: str | Path | None,
+    path: str | Path | None,
+    split_column: str = "split",
+    splits: Sequence[str] = ("train", "test"),
+) -> list[tuple[Any, str]]:
+    """`(table, name)` of each split: `read(local files, name, extra columns)` of its files, or the rows of the
+    one file of `path` whose `split_column` names their split (`read` is then asked for that column too)."""
+    specs = split_specs(ext, train, test, path, splits)
+    if isinstance(specs, str):
+        table = read(local_files([specs]), where(specs), [split_column])
+        parts = rows_of_splits(table, split_column, splits, where(specs))
+        return [(t, f"{where(specs)} [{s}]") for t, s in zip(parts, splits)]
+    return [(read(local_files(s), where(s), []), where(s)) for s in specs]
+
+
+__all__ = ["split_specs", "split_tables", "rows_of_splits", "local_files", "where", "is_remote"]

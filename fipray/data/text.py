@@ -29,7 +29,7 @@ from torch.utils.data import TensorDataset
 
 from fipray.data.core import DataBundle, register_dataset
 from fipray.data.files import load_splits, local_folder, require_columns
-from fipray.data.sources import local_files, split_specs, where
+from fipray.data.sources import split_tables
 from fipray.data.tokenizer import tokenize
 
 
@@ -136,13 +136,6 @@ def _bundle(
 # ---------------------------------------------------------------- file formats
 
 
-def _specs(ext: str, train: str | Path, test: str | Path) -> list[list[str]]:
-    """Each split's files (a file, or a folder / prefix of `*.<ext>` files; paths or URIs)."""
-    specs = split_specs(ext, train, test, None)
-    assert not isinstance(specs, str)
-    return specs
-
-
 def _table_split(
     table: pa.Table, where: str, text_column: str, label_column: str, text_pair_column: str | None
 ) -> _Split:
@@ -158,24 +151,32 @@ def _table_split(
 
 @register_dataset("text_parquet")
 def text_parquet(
-    train: str | Path,
-    test: str | Path,
+    train: str | Path | None = None,
+    test: str | Path | None = None,
     text_column: str = "text",
     label_column: str = "label",
     text_pair_column: str | None = None,
     tokenizer: str | Path = "minilm-l6",
     max_length: int = 128,
+    path: str | Path | None = None,
+    split_column: str = "split",
+    train_split: str = "train",
+    test_split: str = "test",
 ) -> DataBundle:
-    """Text classification from two parquet files (one per split), tokenised.
+    """Text classification from parquet files, tokenised.
 
     Args:
-        train: Parquet file of the training split.
-        test: Parquet file of the test split.
+        train: Parquet file (or folder / prefix of parquet files) of the training split.
+        test: The same for the test split.
         text_column: String column holding the text.
         label_column: Integer (class id) or string (class name) column.
         text_pair_column: String column of second texts; items become ``(2, L)`` sentence pairs.
         tokenizer: Tokenizer folder or shortcut name (default ``"minilm-l6"``).
         max_length: ``L``, the padded/truncated length.
+        path: Instead of ``train``/``test``: a folder or prefix with ``<split>.parquet`` /
+            ``<split>-*.parquet`` files, or one file whose ``split_column`` names each row's split
+            (:mod:`fipray.data.sources`).
+        split_column, train_split, test_split: Which split is which.
 
     Returns:
         A bundle of ``TensorDataset`` s, ``x`` int64 ``(N, L)`` (or ``(N, 2, L)``), ``y`` int64,
@@ -188,51 +189,57 @@ def text_parquet(
     """
     import pyarrow.parquet as pq
 
-    splits = []
-    for specs in _specs("parquet", train, test):
-        p = where(specs)
+    def read(files: list[Path], name: str, extra: Sequence[str]) -> pa.Table:
+        wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column, *extra]
         try:
             tables = []
-            for f in local_files(specs):
-                wanted = [text_column, *([text_pair_column] if text_pair_column else []), label_column]
-                require_columns(wanted, pq.read_schema(f).names, p)
+            for f in files:
+                require_columns(wanted, pq.read_schema(f).names, name)
                 tables.append(pq.read_table(f, columns=wanted))
         except pa.ArrowInvalid as e:
-            raise ValueError(f"cannot read {p} as parquet: {e}") from None
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        splits.append(_table_split(table, p, text_column, label_column, text_pair_column))
+            raise ValueError(f"cannot read {name} as parquet: {e}") from None
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    tables = split_tables("parquet", read, train, test, path, split_column, (train_split, test_split))
+    splits = [_table_split(t, name, text_column, label_column, text_pair_column) for t, name in tables]
     return _bundle("text_parquet", splits, tokenizer, max_length)
 
 
 @register_dataset("text_csv")
 def text_csv(
-    train: str | Path,
-    test: str | Path,
+    train: str | Path | None = None,
+    test: str | Path | None = None,
     text_column: str = "text",
     label_column: str = "label",
     text_pair_column: str | None = None,
     tokenizer: str | Path = "minilm-l6",
     max_length: int = 128,
+    path: str | Path | None = None,
+    split_column: str = "split",
+    train_split: str = "train",
+    test_split: str = "test",
 ) -> DataBundle:
-    """Text classification from two CSV files (header row; one file per split), tokenised.
+    """Text classification from CSV files (header row), tokenised.
 
     Text columns are read as strings whatever they hold (an empty field is the empty text); a label
-    column of whole numbers is class ids, anything else class names. Arguments, returns and errors as
-    :func:`text_parquet` (``name="text_csv"``).
+    column of whole numbers is class ids, anything else class names. Arguments (``path=``: a folder of
+    ``<split>.csv`` files or one CSV with a split column), returns and errors as :func:`text_parquet`
+    (``name="text_csv"``).
     """
     import pyarrow.csv as pcsv
 
     text_types = {c: pa.string() for c in (text_column, text_pair_column) if c}
-    splits = []
-    for specs in _specs("csv", train, test):
-        p = where(specs)
+
+    def read(files: list[Path], name: str, extra: Sequence[str]) -> pa.Table:
+        types = {**text_types, **{c: pa.string() for c in extra}}
         try:
-            tables = [pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(column_types=text_types))
-                      for f in local_files(specs)]
+            tables = [pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(column_types=types)) for f in files]
         except pa.ArrowInvalid as e:
-            raise ValueError(f"cannot read {p} as CSV: {e}") from None
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        splits.append(_table_split(table, p, text_column, label_column, text_pair_column))
+            raise ValueError(f"cannot read {name} as CSV: {e}") from None
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    tables = split_tables("csv", read, train, test, path, split_column, (train_split, test_split))
+    splits = [_table_split(t, name, text_column, label_column, text_pair_column) for t, name in tables]
     return _bundle("text_csv", splits, tokenizer, max_length)
 
 
