@@ -1,7 +1,7 @@
 """A split of Parquet files that is never read whole into memory (`parquet` loader, `in_memory: false`).
 
 - `batches(batch_size)`: the rows in file order, decoded one record batch at a time (what evaluation reads:
-  memory stays one batch plus one row group, whatever the split's size);
+  memory stays one batch plus one row group's column chunks, whatever the split's size; no pre-buffering);
 - `split[i]` / `split.gather(indices)`: items by index (what training and replay memories read), taken
   from an Arrow IPC copy of the feature and label columns, memory-mapped (written once per file into the
   node cache, streamed row group by row group; the OS pages it in and out, the process never holds it);
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from fipray.uri import cache_root
 
 
-def _ipc_copy(src: Path, columns: list[str]) -> Path:
+def _ipc_copy(src: Path, columns: list[str], root: Path) -> Path:
     """The memory-mappable Arrow IPC copy of `columns` of `src` (built once per file version, atomically)."""
     import fcntl
 
@@ -36,14 +36,14 @@ def _ipc_copy(src: Path, columns: list[str]) -> Path:
 
     st = src.stat()
     key = hashlib.sha256(repr((str(src.resolve()), st.st_size, st.st_mtime_ns, columns)).encode()).hexdigest()
-    out = cache_root() / "ipc" / f"{key[:32]}.arrow"
+    out = root / "ipc" / f"{key[:32]}.arrow"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_suffix(".lock"), "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         if not out.is_file():
-            pf = pq.ParquetFile(src)
+            pf = pq.ParquetFile(src, pre_buffer=False)
             fd, tmp = tempfile.mkstemp(prefix=".fill-", dir=out.parent)
             os.close(fd)
             try:
@@ -71,6 +71,7 @@ class ParquetRows(Dataset):
         self.feature_columns = list(feature_columns)
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self.sizes = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+        self.cache = cache_root()  # the run's node cache (data.cache_dir), where the mapped copies go
         self._table: pa.Table | None = None
         self._targets: Tensor | None = None
 
@@ -96,7 +97,8 @@ class ParquetRows(Dataset):
         import pyarrow.parquet as pq
 
         for f in self.files:
-            for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=self.columns):
+            # pre_buffer (pyarrow's default) would read the whole file ahead: memory as large as the split
+            for rb in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=batch_size, columns=self.columns):
                 yield self._tensors(pa.Table.from_batches([rb]))
 
     @property
@@ -114,7 +116,7 @@ class ParquetRows(Dataset):
 
     def _mapped(self) -> pa.Table:
         if self._table is None:
-            parts = [pa.ipc.open_file(pa.memory_map(str(_ipc_copy(f, self.columns)))).read_all()
+            parts = [pa.ipc.open_file(pa.memory_map(str(_ipc_copy(f, self.columns, self.cache)))).read_all()
                      for f in self.files]
             self._table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         return self._table

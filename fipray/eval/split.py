@@ -93,10 +93,14 @@ class EvalSplit:
         if not self.streamed:
             x, y = self.tensors()
             return x[:n], y[:n]
-        n = min(n, len(self))
-        first = Subset(self.dataset, range(n))
-        xs, ys = zip(*_raw_batches(first, max(1, min(n, self.batch_size)))) if n else ((), ())
-        if not xs:
+        xs, ys, got = [], [], 0
+        for x, y in _raw_batches(self.dataset, self.batch_size):  # the first batches only, then stop reading
+            xs.append(x[: n - got])
+            ys.append(y[: n - got])
+            got += len(ys[-1])
+            if got >= n:
+                break
+        if not got:
             raise ValueError("cannot take examples from an empty split")
         x = torch.cat(xs).to(self.device)
         return (self._transformed(x) if self.transform is not None else x), torch.cat(ys).long().to(self.device)

@@ -1,0 +1,117 @@
+"""Streamed evaluation in bounded memory: the accuracy of a model on a Parquet test split read with
+`in_memory: false` raises peak RSS by the same few MB whether the split holds 20,000 or 200,000 examples
+(128 float32 features: 10 MB vs 100 MB of inputs), and counts every example exactly.
+
+Each measurement runs in a fresh process (peak RSS only grows): once building the run context and model
+without evaluating (the baseline), once evaluating through `RunContext.test_split()` as the operations do.
+The bound (docs/data.md): one batch of `data.eval_batch_size` rows plus one Parquet row group, decoded — here
+512 rows and 8,192-row groups of 128 float32 (4 MiB), so under 24 MiB above the baseline for any split size.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FEATURES, ROW_GROUP, BOUND_MIB = 128, 8192, 24
+
+_SCRIPT = r"""
+import json, resource, sys
+import torch
+torch.set_num_threads(1)
+from fipray.config import load_config
+from fipray.runtime import RunContext
+
+folder, mode = sys.argv[1], sys.argv[2]
+cfg = load_config(None, ["threads=1", "data.name=parquet", "model.name=mlp", "model.kwargs={hidden: [32]}",
+                         "data.kwargs={path: %s, in_memory: false}" % json.dumps(folder), "data.eval_batch_size=512"])
+ctx = RunContext.create(cfg)
+torch.manual_seed(0)
+model = ctx.model(0).eval()
+test = ctx.test_split()
+out = {"n": len(test), "streamed": test.streamed}
+if mode == "eval":
+    out["accuracy"] = test.accuracy(model)
+    x, y = test.head(100)
+    out["head"] = [list(x.shape), int(y[0])]
+out["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps(out))
+"""
+
+
+def _write(folder: Path, n_test: int) -> Path:
+    """train.parquet (2,000 rows) and test.parquet (`n_test` rows) of FEATURES float32 columns and a label that
+    is feature 0's sign (so the expected count of a fixed model is known), in row groups of ROW_GROUP."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 2000), ("test", n_test)):
+        writer = None
+        for start in range(0, n, ROW_GROUP):
+            k = min(ROW_GROUP, n - start)
+            x = rng.standard_normal((k, FEATURES), dtype=np.float32)
+            cols = {f"f{i}": x[:, i] for i in range(FEATURES)}
+            table = pa.table({**cols, "label": (x[:, 0] > 0).astype(np.int64)})
+            if writer is None:
+                writer = pq.ParquetWriter(folder / f"{name}.parquet", table.schema)
+            writer.write_table(table, row_group_size=ROW_GROUP)
+        writer.close()
+    return folder
+
+
+@functools.cache
+def _measure(folder: str, mode: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, folder, mode], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "FIPRAY_CACHE_DIR": folder + "-cache"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bounded")
+    return {n: str(_write(root / f"n{n}", n)) for n in (20_000, 200_000)}
+
+
+def test_evaluating_a_streamed_split_costs_the_same_memory_at_any_size(splits):
+    extra = {}
+    for n, folder in splits.items():
+        base, got = _measure(folder, "base"), _measure(folder, "eval")
+        assert got["n"] == n and got["streamed"], got
+        assert got["head"] == [[100, FEATURES], got["head"][1]]
+        assert 0.3 < got["accuracy"] < 0.7  # an untrained model on balanced labels, every example counted
+        extra[n] = got["peak"] - base["peak"]
+    mib = {n: round(e / 2**20, 1) for n, e in extra.items()}
+    # the 200k split's inputs alone are 98 MiB: evaluating it whole would show; streamed it costs what 20k does
+    assert max(extra.values()) < BOUND_MIB * 2**20, mib
+    assert abs(extra[200_000] - extra[20_000]) < 8 * 2**20, mib
+
+
+def test_streamed_accuracy_equals_the_in_memory_accuracy(splits, tmp_path):
+    """The same model on the same 20k rows: streamed (in_memory: false) and whole-split tensors give one number."""
+    import torch
+
+    from fipray.config import load_config
+    from fipray.runtime import RunContext
+
+    folder = splits[20_000]
+    accs = []
+    for lazy in (True, False):
+        cfg = load_config(None, ["threads=1", "data.name=parquet", "model.name=mlp", "model.kwargs={hidden: [32]}",
+                                 f"data.kwargs.path={folder}", f"data.kwargs.in_memory={str(not lazy).lower()}"])
+        ctx = RunContext.create(cfg)
+        torch.manual_seed(0)
+        model = ctx.model(0).eval()
+        test = ctx.test_split()
+        assert test.streamed == lazy
+        accs.append(test.accuracy(model))
+    assert accs[0] == accs[1]
