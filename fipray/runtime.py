@@ -286,14 +286,15 @@ class RunContext:
     def test_split(self) -> EvalSplit:
         """The test split for evaluation: `accuracy(model)` over every example, `head(n)` for the first n.
         A split held in memory is evaluated from `test_tensors()` (the same tensors, the same numbers);
-        any other (e.g. `parquet` with `in_memory: false`) is read in batches of `data.eval_batch_size`."""
+        a streamed one (`parquet` with `in_memory: false`, or any split not in memory with `data.stream`) is
+        read in batches of `data.eval_batch_size`."""
         return self.memo("test_split", self._make_test_split)
 
     def _make_test_split(self) -> EvalSplit:
         from fipray.data.stream import build_transform
 
         split = EvalSplit(self.bundle.test, self.device, batch_size=self.cfg.data.eval_batch_size,
-                          transform=build_transform(self.cfg.data.eval_transforms))
+                          transform=build_transform(self.cfg.data.eval_transforms), stream=self.cfg.data.stream)
         if split.streamed:
             return split
         return EvalSplit.of_tensors(*self.test_tensors(), batch_size=self.cfg.data.eval_batch_size)

@@ -92,7 +92,7 @@ def reservoir_er_phases(tasks: list[TaskTensors], cfg: Config, seed: int) -> lis
         def summed(model: nn.Module, t: int, state: PhaseState, i: int = i) -> Tensor:
             got = draw(model, t, state, i)
             if got is None:
-                return torch.zeros((), device=tasks[0].x_test.device)
+                return torch.zeros((), device=tasks[0].x_mem.device)
             return head.cross_entropy(model(got[0]), got[1], i)
 
         concat = cc.er_replay == "concat"
@@ -126,7 +126,7 @@ def reservoir_der_phases(tasks: list[TaskTensors], cfg: Config, seed: int, *, be
 
         def replay(model: nn.Module, t: int, state: PhaseState, i: int = i) -> Tensor:
             g = plan.global_step(i, t)
-            total = torch.zeros((), device=tasks[0].x_test.device)
+            total = torch.zeros((), device=tasks[0].x_mem.device)
             got = buf.sample(g, mb)
             if got is not None:
                 assert buf.logits is not None

@@ -33,7 +33,9 @@ class TaskTensors:
     x_* are (N, *input_shape), y_* are (N,) output columns (labels mapped by the head; a shared head keeps
     labels as they are); mem_* is the replay memory (taken from the training examples at `mem_idx`).
     With streamed data (`data.stream`) the training split is `train` (Examples loaded as needed) and
-    x_train, y_train are None; the test split and the memory stay in memory. `classes` are the task's
+    x_train, y_train are None; the memory stays in memory, and so does the test split unless it is not in
+    memory to begin with (e.g. `parquet` with `in_memory: false`): then it is `test_split`, read in batches
+    (labels mapped, the domain transform applied per batch) and x_test, y_test are None. `classes` are the task's
     output columns; `head` is the stream's head layout.
     """
 
@@ -41,8 +43,8 @@ class TaskTensors:
     classes: tuple[int, ...]
     x_train: Tensor | None
     y_train: Tensor | None
-    x_test: Tensor
-    y_test: Tensor
+    x_test: Tensor | None  # None when the test split is streamed (`test_split`)
+    y_test: Tensor | None
     x_mem: Tensor
     y_mem: Tensor
     train: Examples | None = None
@@ -50,6 +52,13 @@ class TaskTensors:
     head: Head | None = None
     name: str = ""
     dataset: Dataset | None = None  # streamed: the task's training set as the network sees it
+    test_split: Any = None  # streamed test split (`fipray.eval.split.EvalSplit`), read in batches when evaluated
+
+    def test_tensors(self) -> tuple[Tensor, Tensor]:
+        """The test split as tensors (held in memory); ValueError when it is streamed."""
+        if self.x_test is None or self.y_test is None:
+            raise ValueError(f"task {self.index}'s test split is streamed (read in batches), not held in memory")
+        return self.x_test, self.y_test
 
     @property
     def train_data(self) -> Examples:
@@ -103,6 +112,19 @@ def _split(ds: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
     return x.to(device), y.to(device).long()
 
 
+def _streamed_test(ds: Dataset, transform: Callable[[Tensor], Tensor] | None, column: dict[int, int],
+                   device: torch.device, stream: bool) -> Any:
+    """A task's test split as a streamed `EvalSplit` (labels mapped, the transform per batch), or None when
+    it is to be held in memory (see `fipray.eval.split`: in memory already, or not streamed)."""
+    import functools
+
+    from fipray.eval.split import EvalSplit
+
+    split = EvalSplit(ds, device, transform=transform, relabel=functools.partial(_relabel, column=column),
+                      stream=stream)
+    return split if split.streamed else None
+
+
 def materialise(stream: TaskStream, head: Head, columns: list[dict[int, int]], device: torch.device, seed: int,
                 memory_per_task: int, *, streamed: Callable[[Dataset], Examples] | None = None,
                 test_cache: dict | None = None) -> list[TaskTensors]:
@@ -133,21 +155,24 @@ def materialise(stream: TaskStream, head: Head, columns: list[dict[int, int]], d
             ytr = _relabel(ytr, columns[i])
             # A domain task's training inputs are transformed per batch: one copy of the data for all tasks.
             train = TensorExamples(xtr, ytr) if t.transform is None else TransformedExamples(xtr, ytr, t.transform)
-        xte, yte = _split(t.test, device)
-        key = (i, id(t.test), str(device))
-        if test_cache is not None and key in test_cache:
-            xte = test_cache[key]
-        else:
-            xte = _transformed(xte, t.transform)
-            if test_cache is not None:
-                test_cache[key] = xte
-        yte = _relabel(yte, columns[i])
+        test_split = _streamed_test(t.test, t.transform, columns[i], device, streamed is not None)
+        xte = yte = None
+        if test_split is None:
+            xte, yte = _split(t.test, device)
+            key = (i, id(t.test), str(device))
+            if test_cache is not None and key in test_cache:
+                xte = test_cache[key]
+            else:
+                xte = _transformed(xte, t.transform)
+                if test_cache is not None:
+                    test_cache[key] = xte
+            yte = _relabel(yte, columns[i])
         if memory_per_task > len(ytr):
             raise ValueError(f"memory_per_task {memory_per_task} exceeds the {len(ytr)} training examples "
                              f"of task {i}")
         mem = stratified_indices(ytr, memory_per_task, mix_seed(seed, 5, i))
         x_mem, y_mem = train.take(mem)  # the replay memory: training examples by index
-        common: dict[str, Any] = dict(mem_idx=mem, head=head, name=t.name, dataset=dataset)
+        common: dict[str, Any] = dict(mem_idx=mem, head=head, name=t.name, dataset=dataset, test_split=test_split)
         if isinstance(train, TensorExamples):
             tasks.append(TaskTensors(i, head.blocks[i], train.x, train.y, xte, yte, x_mem, y_mem, None, **common))
         else:

@@ -130,10 +130,42 @@ def evaluate_row(model: nn.Module, tasks: list[TaskTensors], trained_upto: int) 
     """
     cls, tsk = [], []
     for j, t in enumerate(tasks):
-        c, k = accuracies(model, t.x_test, t.y_test, [seen_classes(tasks, max(trained_upto, j)), list(t.classes)])
+        c, k = test_accuracies(model, t, [seen_classes(tasks, max(trained_upto, j)), list(t.classes)])
         cls.append(c)
         tsk.append(k)
     return {"class": cls, "task": tsk}
+
+
+def test_accuracies(model: nn.Module, task: TaskTensors, allowed: list[Sequence[int]]) -> list[float]:
+    """`accuracies` on a task's test split: its tensors when held in memory, else its streamed batches
+    (`task.test_split`: one batch of inputs in memory; exact counts, so the same numbers for the same
+    predictions)."""
+    if task.test_split is None:
+        return accuracies(model, *task.test_tensors(), allowed)
+    correct, total = [0] * len(allowed), 0
+    for x, y in task.test_split.batches():
+        with torch.no_grad(), eval_mode(model):
+            logits = model(x)
+        for k, n in enumerate(_correct(logits, y, allowed)):
+            correct[k] += n
+        total += len(y)
+    if total == 0:
+        raise ValueError(f"task {task.index}'s test split is empty")
+    return [c / total for c in correct]
+
+
+def _correct(logits: Tensor, y: Tensor, allowed: list[Sequence[int]]) -> list[int]:
+    """Correct predictions of `logits` against `y` with the argmax restricted to each set of `allowed`."""
+    out = []
+    for classes in allowed:
+        stray = sorted(set(y.unique().tolist()) - {int(c) for c in classes})  # as task_accuracy checks
+        if stray:
+            raise ValueError(f"labels {stray[:10]} are not in classes_allowed {sorted(classes)[:20]}")
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        keep[torch.as_tensor(list(classes), dtype=torch.long, device=logits.device)] = True
+        pred = logits.masked_fill(~keep, float("-inf")).argmax(dim=-1)
+        out.append(int((pred == y.to(pred.device)).sum()))
+    return out
 
 
 @torch.no_grad()
@@ -143,16 +175,7 @@ def accuracies(model: nn.Module, x: Tensor, y: Tensor, allowed: list[Sequence[in
     batches, so the same numbers as one `task_accuracy` call per set)."""
     with eval_mode(model):
         logits = torch.cat([model(xb) for xb in x.split(batch_size)])
-    out = []
-    for classes in allowed:
-        stray = sorted(set(y.unique().tolist()) - {int(c) for c in classes})  # as task_accuracy checks
-        if stray:
-            raise ValueError(f"labels {stray[:10]} are not in classes_allowed {sorted(classes)[:20]}")
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        keep[torch.as_tensor(list(classes), dtype=torch.long, device=logits.device)] = True
-        pred = logits.masked_fill(~keep, float("-inf")).argmax(dim=-1)
-        out.append(int((pred == y.to(pred.device)).sum()) / y.shape[0])
-    return out
+    return [n / y.shape[0] for n in _correct(logits, y, allowed)]
 
 
 def heldout_inputs(tasks: list[TaskTensors], n: int) -> Tensor:
@@ -162,9 +185,12 @@ def heldout_inputs(tasks: list[TaskTensors], n: int) -> Tensor:
     for t in tasks:
         if left <= 0:
             break
-        parts.append(t.x_test[:left])
+        parts.append(t.test_split.head(left)[0] if t.test_split is not None else t.test_tensors()[0][:left])
         left -= len(parts[-1])
-    return torch.cat(parts) if parts else tasks[0].x_test[:0]
+    if not parts:  # n = 0: no held-out inputs, shaped like the stream's
+        t = tasks[0]
+        return (t.test_split.head(1)[0] if t.test_split is not None else t.test_tensors()[0])[:0]
+    return torch.cat(parts)
 
 
 def row_finish(tasks: list[TaskTensors], i: int) -> Callable[[nn.Module, dict[str, Any]], dict]:
@@ -174,8 +200,15 @@ def row_finish(tasks: list[TaskTensors], i: int) -> Callable[[nn.Module, dict[st
 
 def random_rows(base: nn.Module, tasks: list[TaskTensors]) -> dict[str, list[float]]:
     """Accuracies of the untrained network (the FWT reference), per setting."""
-    return {"class": [task_accuracy(base, t.x_test, t.y_test, seen_classes(tasks, j)) for j, t in enumerate(tasks)],
-            "task": [task_accuracy(base, t.x_test, t.y_test, list(t.classes)) for t in tasks]}
+    return {"class": [_one_accuracy(base, t, seen_classes(tasks, j)) for j, t in enumerate(tasks)],
+            "task": [_one_accuracy(base, t, list(t.classes)) for t in tasks]}
+
+
+def _one_accuracy(model: nn.Module, task: TaskTensors, allowed: Sequence[int]) -> float:
+    """`task_accuracy` on a task's test split, held in memory or streamed."""
+    if task.test_split is None:
+        return task_accuracy(model, *task.test_tensors(), allowed)
+    return test_accuracies(model, task, [allowed])[0]
 
 
 def metrics_so_far(R_rows: dict[int, dict[str, list[float]]], rand_class: list[float], i: int) -> dict[str, float]:
@@ -198,7 +231,7 @@ def accuracy_along_path(tasks: list[TaskTensors]) -> Callable[[nn.Module], dict]
     every = sorted({c for t in tasks for c in t.classes})
 
     def evaluate(model: nn.Module) -> dict:
-        return {f"acc_task{j}": task_accuracy(model, t.x_test, t.y_test, every) for j, t in enumerate(tasks)}
+        return {f"acc_task{j}": _one_accuracy(model, t, every) for j, t in enumerate(tasks)}
 
     return evaluate
 

@@ -5,11 +5,14 @@
     x, y = split.head(256)       # the first examples as tensors (held-out drift, attacks on eval_examples)
 
 A split already in memory (a `TensorDataset`, 8-bit images, a `Subset` of them) is evaluated from its
-tensors, exactly as `fipray.eval.predict.accuracy` always did (same batches, same numbers). Any other
-dataset is streamed: its own `batches(batch_size)` when it has one (`ParquetRows`: record batches in file
-order), else a DataLoader over index ranges; nothing holds more than one batch of inputs, and the count of
-correct predictions is exact (an integer), so streamed and in-memory accuracies of the same predictions are
-equal.
+tensors, exactly as `fipray.eval.predict.accuracy` always did (same batches, same numbers); so is any
+other split that is not streamed (read whole once). Streamed: a split that reads its rows in batches by
+design (`ParquetRows`, the `parquet` loader's `in_memory: false`), or any split not in memory when the run
+streams its data (`stream=True`, `data.stream`). It is read through its own `batches(batch_size)` (record
+batches in file order; a `Subset` of it through `gather`), else a DataLoader over index ranges; nothing
+holds more than one batch of inputs, and the count of correct predictions is exact (an integer), so
+streamed and in-memory accuracies of the same predictions are equal. `transform` maps inputs and `relabel`
+labels, batch by batch (a continual task's domain transform and output columns).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fipray.data.core import _fast_tensors
+from fipray.data.core import _fast_tensors, as_tensors
 from fipray.eval.predict import accuracy, check_batch_size, predictions
 
 Transform = Callable[[Tensor], Tensor]
@@ -31,11 +34,15 @@ class EvalSplit:
     """A test or validation split, evaluated batch by batch (see the module docstring)."""
 
     def __init__(self, dataset: Dataset, device: torch.device, *, batch_size: int = 512,
-                 transform: Transform | None = None) -> None:
+                 transform: Transform | None = None, relabel: Transform | None = None,
+                 stream: bool = False) -> None:
         check_batch_size(batch_size)
         self.dataset, self.device, self.batch_size, self.transform = dataset, device, batch_size, transform
+        self.relabel = relabel
         self._tensors: tuple[Tensor, Tensor] | None = None
-        self.streamed = _fast_tensors(dataset) is None
+        # streamed: not in memory, and either read as needed by design (a split with its own batches, e.g.
+        # ParquetRows) or the run streams its data (`stream`, data.stream); any other split is read whole once
+        self.streamed = _fast_tensors(dataset) is None and (stream or _reads_batches(dataset))
 
     @classmethod
     def of_tensors(cls, x: Tensor, y: Tensor, *, batch_size: int = 512) -> EvalSplit:
@@ -48,15 +55,14 @@ class EvalSplit:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def tensors(self) -> tuple[Tensor, Tensor]:
-        """The whole split as tensors on the device (built once): only for splits held in memory anyway."""
+        """The whole split as tensors on the device (built once): only for splits not streamed."""
         if self._tensors is None:
             if self.streamed:
                 raise ValueError(f"the evaluation split ({len(self)} examples) is streamed, not held in memory: "
                                  "read it with batches() / accuracy()")
-            fast = _fast_tensors(self.dataset)
-            assert fast is not None
-            x, y = fast[0].to(self.device), fast[1].long().to(self.device)
-            self._tensors = (self._transformed(x), y)
+            x, y = as_tensors(self.dataset)
+            x, y = x.to(self.device), y.long().to(self.device)
+            self._tensors = (self._transformed(x), self.relabel(y) if self.relabel is not None else y)
         return self._tensors
 
     def _transformed(self, x: Tensor) -> Tensor:
@@ -71,8 +77,11 @@ class EvalSplit:
             yield from zip(x.split(self.batch_size), y.split(self.batch_size))
             return
         for x, y in _raw_batches(self.dataset, self.batch_size):
-            x = x.to(self.device)
-            yield (self.transform(x) if self.transform is not None else x), y.long().to(self.device)
+            yield self._batch(x, y)
+
+    def _batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = x.to(self.device), y.long().to(self.device)
+        return (self.transform(x) if self.transform is not None else x), (self.relabel(y) if self.relabel else y)
 
     def accuracy(self, model: nn.Module) -> float:
         """Fraction of the split `model` classifies correctly (an exact count over every example)."""
@@ -94,7 +103,7 @@ class EvalSplit:
             x, y = self.tensors()
             return x[:n], y[:n]
         xs, ys, got = [], [], 0
-        for x, y in _raw_batches(self.dataset, self.batch_size):  # the first batches only, then stop reading
+        for x, y in self.batches():  # the first batches only, then stop reading
             xs.append(x[: n - got])
             ys.append(y[: n - got])
             got += len(ys[-1])
@@ -102,8 +111,14 @@ class EvalSplit:
                 break
         if not got:
             raise ValueError("cannot take examples from an empty split")
-        x = torch.cat(xs).to(self.device)
-        return (self._transformed(x) if self.transform is not None else x), torch.cat(ys).long().to(self.device)
+        return torch.cat(xs), torch.cat(ys)
+
+
+def _reads_batches(ds: Any) -> bool:
+    """Whether `ds` (or the dataset under its Subset views) reads its rows in batches by design."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return callable(getattr(ds, "batches", None)) and callable(getattr(ds, "gather", None))
 
 
 def _raw_batches(ds: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -112,10 +127,14 @@ def _raw_batches(ds: Any, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     if callable(own):
         yield from own(batch_size)
         return
-    if isinstance(ds, Subset) and callable(getattr(ds.dataset, "gather", None)):
-        idx = torch.as_tensor(list(ds.indices), dtype=torch.long)
+    base, idx = ds, None
+    while isinstance(base, Subset):  # a chain of views (held-out part, a task's classes): one index map
+        inner = torch.as_tensor(list(base.indices), dtype=torch.long)
+        idx = inner if idx is None else inner[idx]
+        base = base.dataset
+    if idx is not None and callable(getattr(base, "gather", None)):
         for part in idx.split(batch_size):
-            yield ds.dataset.gather(part)  # type: ignore[attr-defined]
+            yield base.gather(part)
         return
     for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
         yield torch.as_tensor(x), torch.as_tensor(y)

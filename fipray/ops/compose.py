@@ -92,11 +92,12 @@ class _NodeMetrics:
     def __init__(self, tasks: list[TaskTensors]):
         self.tasks = tasks
         self.every = [c for t in tasks for c in t.classes]
-        self.x = torch.cat([t.x_test for t in tasks])
-        self.y = torch.cat([t.y_test for t in tasks])
+        self.splits = [t.test_tensors() for t in tasks]  # compose holds the test splits in memory
+        self.x = torch.cat([x for x, _ in self.splits])
+        self.y = torch.cat([y for _, y in self.splits])
 
     def __call__(self, model: nn.Module, names: list[str]) -> dict:
-        accs = [task_accuracy(model, t.x_test, t.y_test, self.every) for t in self.tasks]
+        accs = [task_accuracy(model, x, y, self.every) for x, y in self.splits]
         return {"accuracy": task_accuracy(model, self.x, self.y, self.every),
                 "task_accuracy_mean": float(np.mean(accs)), "sparsity": sparsity(model, names),
                 **{f"acc_task{j}": a for j, a in enumerate(accs)}}
