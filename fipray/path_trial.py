@@ -139,9 +139,9 @@ class EnsemblePathTrial(PathTrialBuilder):
         except ValueError:  # too few samples pass δ yet: no ensemble to score at this step
             return {k: math.nan for k in self.metrics} | {"eps": e}
         base = _load_base(ctx, seed, folder)
-        xte, yte = ctx.test_tensors()  # the validation part (trial_context)
-        curve = robustness_curve(Ensemble([candidates[i] for i in keep]), xte[: ec.eval_examples],
-                                 yte[: ec.eval_examples], [e], surrogate=base.eval(), steps=ec.pgd_steps, seed=seed)
+        xte, yte = ctx.test_split().head(ec.eval_examples)  # the validation part (trial_context)
+        curve = robustness_curve(Ensemble([candidates[i] for i in keep]), xte, yte, [e], surrogate=base.eval(),
+                                 steps=ec.pgd_steps, seed=seed)
         return {k: float(curve[0][k]) for k in self.metrics} | {"eps": e}
 
 

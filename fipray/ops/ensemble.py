@@ -297,7 +297,7 @@ class RobustEnsemble(Operation):
         rows = collect_seeds(ctx, len(cfg.seeds) * (n_train * cfg.train.steps + cfg.path.steps), self.name,
                              ("results", "robustness", "path", "geometry", "sanity", "review"),
                              lambda seed: self.run_seed(ctx, seed, methods))
-        summary = aggregate(cfg, methods, rows, len(ctx.test_tensors()[0][: ec.eval_examples]))
+        summary = aggregate(cfg, methods, rows, min(len(ctx.test_split()), ec.eval_examples))
         write_report(ctx, summary, rows)
         return summary
 
