@@ -43,6 +43,11 @@ def _evals(v: dict) -> str:
 
 def table(run: Path) -> str:
     s = json.loads((run / "summary.json").read_text())
+    if "restarts" not in s and (run / "config.yaml").is_file():  # summaries before the key: the run's config
+        import yaml
+
+        ens = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("ensemble", {})
+        s["restarts"] = ens.get("restarts", 1)
     eps = s["eps"]
     strong = "0.3" if "0.3" in eps else eps[-1]
     others = [e for e in eps if e != strong]
