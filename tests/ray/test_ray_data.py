@@ -90,8 +90,19 @@ def test_refused_configs_name_data_engine(tmp_path):
     assert not (tmp_path / "out").exists()  # refused before any output or Ray
 
 
+@pytest.fixture(scope="module")
+def fresh_ray(s3):
+    """Ray Data's read tasks reach the bucket with the AWS_* variables of the Ray they run in: a tier Ray started
+    by an earlier module (without them) is stopped, so that `ray_2cpus` starts one with them set."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.mark.ray
-def test_ray_engine_delivers_the_local_engines_split(s3, ray_2cpus, tmp_path):  # AWS_* set before Ray starts
+@pytest.mark.heavy  # ~35 s with its own Ray start; README's tier keeps the refusals, the heavy kill test the numbers
+def test_ray_engine_delivers_the_local_engines_split(s3, fresh_ray, ray_2cpus, tmp_path):
     """Read from the bucket by Ray Data (5 row groups, streamed in no set order), materialised by row index:
     the same tensors, classes and shape as the `parquet` loader on the same files."""
     from fipray.ray.data import Materialised, iter_rows, train_dataset

@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
-import json, resource, sys, tempfile
+import json, sys, tempfile
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
@@ -43,7 +43,10 @@ if mode == "netset":
         prev = f"n{i}"
     w.close()
 ck = (out / "path" / "checkpoint.pt").stat().st_size
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "S": S,
+# VmHWM, not ru_maxrss: Linux carries the forking parent's RSS into a child's ru_maxrss at exec, so a child of
+# a large pytest process would report the parent's size
+peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(json.dumps({"peak": peak, "S": S,
                   "samples": len(res.samples), "checkpoint_bytes": ck}))
 """
 
