@@ -54,6 +54,7 @@ def test_attack_cli_reproduces_fipray_ensemble_numbers(ray_2cpus, tmp_path, caps
     assert "white-box (fipray ensemble)" in (tmp_path / "attack" / "report.md").read_text()
 
 
+@pytest.mark.heavy  # ~18 s: README's tier stays under 6 minutes
 def test_attack_on_a_robust_fip_from_an_adversarial_start(ray_2cpus, tmp_path, capsys):
     """The robust FIP folder (fip_robust_seed0) of a run whose w0 is adversarially trained, with the run's PGD step
     size: the served attack reproduces the run's rows, and w0 (the transfer surrogate) is retrained by the recipe."""

@@ -67,6 +67,7 @@ def test_sweep_writes_trials_best_config_plots_and_resumes(ray_2cpus, tmp_path):
     assert json.loads((out / "summary.json").read_text())["resumed"] is True
 
 
+@pytest.mark.heavy  # ~18 s: README's tier stays under 6 minutes
 def test_sweep_trials_as_torch_trainers(ray_2cpus, tmp_path, capsys):
     from fipray.ray.sweep import run_sweep
 

@@ -174,7 +174,7 @@ def test_two_processes_filling_the_cache_at_once_get_one_whole_copy(s3, tmp_path
     (tmp_path / "blob.bin").write_bytes(blob)
     spec = _put(s3, tmp_path / "blob.bin", "big/blob.bin")
     env = {**os.environ, **s3["env"], "FIPRAY_CACHE_DIR": str(cache)}
-    start = str(time.time() + 4.0)  # both interpreters are up by then; they start the fill together
+    start = str(time.time() + 3.0)  # both interpreters are up by then (~2 s); they start the fill together
     procs = [subprocess.Popen([sys.executable, "-c", _FILL, spec, start], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
