@@ -24,9 +24,10 @@ materialises the whole split and the operation takes its shard by the one rank r
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +39,15 @@ ENGINE_LOADERS = ("parquet",)
 ROW = "__row"
 
 
-def check_engine(cfg: Config, backend: str) -> None:
-    """Refuse `data.engine: ray` where it cannot run, in one line naming `data.engine`."""
+def check_engine(cfg: Config, backend: str, key: str = "ray.backend") -> None:
+    """Refuse `data.engine: ray` where it cannot run, in one line naming `data.engine` (`key`: the setting that
+    must be `train`: `ray.backend` for `fipray paths`, `sweep.trainable` for sweeps)."""
     d = cfg.data
     if d.engine != "ray":
         return
     if backend != "train":
         raise ConfigError(f"config key 'data.engine': ray feeds the workers of a TorchTrainer; it needs "
-                          f"ray.backend: train (got ray.backend: {backend})")
+                          f"{key}: train (got {key}: {backend})")
     if d.name not in ENGINE_LOADERS or not d.kwargs.get("train"):
         raise ConfigError(f"config key 'data.engine': ray reads the training split of a parquet dataset from its "
                           f"URI or path (data.name: parquet with data.kwargs.train); got data.name: {d.name}")
@@ -247,6 +249,24 @@ class Materialised:
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def worker_bundle(cfg: Config) -> Iterator[Any]:
+    """In a Train worker of a `data.engine: ray` run: its copy of the training split, read once from its dataset
+    shard "train" (the whole split; a DDP path takes the rank's rows by the local engine's rule) into a private
+    on-disk folder ordered by row index, as a DataBundle, removed at the end. Otherwise None (the config's own
+    loader)."""
+    if cfg.data.engine != "ray":
+        yield None
+        return
+    import ray.train
+
+    mat = Materialised(cfg, iter_rows(ray.train.get_dataset_shard("train")))
+    try:
+        yield mat.bundle()
+    finally:
+        mat.close()
 
 
 def iter_rows(ds: Any) -> Iterable[dict]:

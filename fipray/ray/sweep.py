@@ -43,6 +43,7 @@ from fipray.config import ConfigError, save_config
 from fipray.job import JobConfig, sweep_metric
 from fipray.operation import get_operation
 from fipray.ray.cluster import check_storage_on_nodes, joined_cluster, quiet_ray
+from fipray.ray.data import check_engine
 from fipray.ray.local import init_local
 from fipray.ray.storage import Storage, check_storage, open_storage
 from fipray.ray.trainable import plain, search_space, selected_on, trial_config
@@ -60,7 +61,11 @@ def _function_trainable(params: dict, cfg_dict: dict, options: dict) -> None:
 def _trial_loop(config: dict) -> None:
     import ray.train
 
-    run_trial(trial_config(config["cfg"], config["params"]), ray.train.report, **config["options"])
+    from fipray.ray.data import worker_bundle
+
+    cfg = trial_config(config["cfg"], config["params"])
+    with worker_bundle(cfg) as bundle:  # data.engine: ray: the training split from Ray Data; else None
+        run_trial(cfg, ray.train.report, bundle=bundle, **config["options"])
 
 
 def _train_trainable(params: dict, cfg_dict: dict, options: dict, storage: str, cpus: float, gpus: float) -> None:
@@ -74,6 +79,7 @@ def _train_trainable(params: dict, cfg_dict: dict, options: dict, storage: str, 
     trainer = TorchTrainer(
         _trial_loop,
         train_loop_config={"cfg": cfg_dict, "params": params, "options": options},
+        **_ray_datasets(trial_config(cfg_dict, params)),
         scaling_config=ScalingConfig(num_workers=1, use_gpu=gpus > 0,
                                      resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         # A stable name per trial, so a restarted trial finds its own Train run.
@@ -81,6 +87,18 @@ def _train_trainable(params: dict, cfg_dict: dict, options: dict, storage: str, 
                              callbacks=[TuneReportCallback()]),  # type: ignore[list-item]
     )
     trainer.fit()
+
+
+def _ray_datasets(cfg: Any) -> dict:
+    """`data.engine: ray`: the trial's TorchTrainer gets the training split as a Ray Dataset, its one worker all
+    of it (materialised by row index: the local engine's rows, so the same trial numbers); else nothing."""
+    if cfg.data.engine != "ray":
+        return {}
+    from ray.train import DataConfig
+
+    from fipray.ray.data import train_dataset
+
+    return {"datasets": {"train": train_dataset(cfg)}, "dataset_config": DataConfig(datasets_to_split=[])}
 
 
 class _Progress(tune.Callback):
@@ -169,7 +187,12 @@ def run_sweep(job: JobConfig, out: str | Path, *, progress: bool = True, address
         raise ConfigError("sweep.trainable: train runs one worker per trial; ray.workers_per_path > 1 "
                           "(DDP) is for `fipray paths` with ray.backend: train")
     get_operation(cfg.operation).check_sweep(cfg)
-    trial_context(cfg, validation=sc.validation, validation_seed=sc.validation_seed)  # the held-out split can be made
+    check_engine(cfg, sc.trainable, "sweep.trainable")
+    if cfg.data.engine == "ray" and sc.scheduler == "pbt":
+        raise ConfigError("config key 'data.engine': ray feeds plain TorchTrainer trials; sweep.scheduler: pbt "
+                          "runs path trials in function trainables: use data.engine: local")
+    if cfg.data.engine != "ray":  # the driver does not read a Ray Data split; its trials make their held-out part
+        trial_context(cfg, validation=sc.validation, validation_seed=sc.validation_seed)  # it can be made
     out = Path(out).resolve()
     storage = open_storage(rc.storage_path or out, "ray.storage_path")  # a bad URI fails here
     prepare_out(cfg, out)

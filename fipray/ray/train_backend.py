@@ -8,17 +8,16 @@ path's ranks together from their last checkpoint (FailureConfig), so paths never
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fipray.ray.cluster import placement
+from fipray.ray.data import worker_bundle
 from fipray.ray.layout import BASE_REL, path_rel
 from fipray.ray.progress import Reporter
 from fipray.ray.storage import Workspace, open_storage
@@ -73,7 +72,7 @@ def _train_loop(config: dict) -> None:
         data_rank, data_world, wrap = 0, 1, shard_model
     else:
         data_rank, data_world, wrap = rank, world, (ray.train.torch.prepare_model if world > 1 else None)
-    with Workspace(st, path_rel(k), fetch=False) as ws, _ray_data(cfg) as bundle:
+    with Workspace(st, path_rel(k), fetch=False) as ws, worker_bundle(cfg) as bundle:
         job = build_path(cfg, k, ws.input_file(BASE_REL), device=device, rank=data_rank, world=data_world,
                          wrap=wrap, bundle=bundle)
         kwargs = {**job.kwargs, **({"weights": full_flat} if fsdp and "weights" not in job.kwargs else {})}
@@ -91,25 +90,6 @@ def _train_loop(config: dict) -> None:
                                                            "parallel": config["parallel"]})
             ws.push(last=["result.json"])
     shutil.rmtree(parent, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _ray_data(cfg: Any) -> Iterator[Any]:
-    """`data.engine: ray`: this rank's copy of the training split, read once from its dataset shard (the whole
-    split: the operation takes the rank's rows by the local engine's rule) into a private on-disk folder ordered
-    by row index, as a DataBundle; removed when the path ends. Otherwise None (the config's own loader)."""
-    if cfg.data.engine != "ray":
-        yield None
-        return
-    import ray.train
-
-    from fipray.ray.data import Materialised, iter_rows
-
-    mat = Materialised(cfg, iter_rows(ray.train.get_dataset_shard("train")))
-    try:
-        yield mat.bundle()
-    finally:
-        mat.close()
 
 
 def train_path(cfg_dict: dict, k: int, storage_uri: str, collector: Any, job_ray: dict, run_name: str,
