@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fipray.atomic import atomic_write_json
-from fipray.data.digests import content_sha256, file_sha256, sha256_bytes
+from fipray.atomic import atomic_write_json, sha256_file
+from fipray.data.digests import content_sha256, sha256_bytes
 
 #: Environment variable naming the cache folder.
 ENV_VAR = "FIPRAY_DATA"
@@ -261,7 +261,7 @@ def _converted_files(spec: CachedSet, out: Path, pinned: bool) -> dict[str, dict
         if not path.is_file():
             raise DataCacheError(f"converting {spec.name} wrote no {f} (a bug in its converter)")
         os.chmod(path, 0o644)  # written through mkstemp (0600); a cache is for every user of the machine
-        entries[f] = {"sha256": file_sha256(path), "size": path.stat().st_size}
+        entries[f] = {"sha256": sha256_file(path), "size": path.stat().st_size}
         if pinned and spec.pinned.get(f) and content_sha256(path) != spec.pinned[f]:
             raise DataCacheError(
                 f"{spec.name}: {f} converted from the pinned archive does not match its pinned digest "
@@ -283,7 +283,7 @@ def _convert_into(spec: CachedSet, source: str | Path | None, root: Path) -> dic
     with tempfile.TemporaryDirectory(prefix=f".tmp-{spec.name}-", dir=root) as tmp_name:
         tmp = Path(tmp_name)
         archive = _archive(spec, source, tmp)
-        sha = file_sha256(archive)
+        sha = sha256_file(archive)
         pinned = sha == spec.archive_sha256
         if source is None and not pinned:
             raise DataCacheError(

@@ -6,18 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from fipray.atomic import sha256_file
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def content_sha256(path: str | Path) -> str:
@@ -34,7 +27,7 @@ def content_sha256(path: str | Path) -> str:
     if path.suffix == ".safetensors":
         return _safetensors_sha256(path)
     if path.suffix != ".parquet":
-        return file_sha256(path)
+        return sha256_file(path)
     import numpy as np
     import pyarrow.parquet as pq
 

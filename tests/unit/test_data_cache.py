@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fipray.atomic import sha256_file
 from fipray.cli import main
 from fipray.data import cache, get_data
-from fipray.data.cache import CachedSet, DataCacheError, MissingDataError, file_sha256, resolve_cached_file
+from fipray.data.cache import CachedSet, DataCacheError, MissingDataError, resolve_cached_file
 from fipray.data.splits import allot, stratified_first, stratified_holdout
 from fipray.data.tokenizer import tokenize
 from fipray.eval.predict import accuracy
@@ -424,7 +425,7 @@ def test_download_must_match_the_pinned_archive(root, tmp_path, monkeypatch):
     _toy(tmp_path, monkeypatch)
     with pytest.raises(DataCacheError, match="not the pinned 0000.*--source FILE"):
         cache.fetch("toy")
-    sha = file_sha256(tmp_path / "toy.bin")
+    sha = sha256_file(tmp_path / "toy.bin")
     _toy(tmp_path, monkeypatch, sha=sha, pinned={"data.npy": "f" * 64})
     with pytest.raises(DataCacheError, match="does not match its pinned digest"):
         cache.fetch("toy")
@@ -439,7 +440,7 @@ def _fetch_in_child(queue) -> None:
 
 def test_two_processes_fetching_at_once_convert_once(root, tmp_path, monkeypatch):
     _toy(tmp_path, monkeypatch)
-    _toy(tmp_path, monkeypatch, sha=file_sha256(tmp_path / "toy.bin"))
+    _toy(tmp_path, monkeypatch, sha=sha256_file(tmp_path / "toy.bin"))
     ctx = multiprocessing.get_context("fork")  # the children inherit the registered toy set
     queue = ctx.Queue()
     procs = [ctx.Process(target=_fetch_in_child, args=(queue,)) for _ in range(2)]
