@@ -46,8 +46,14 @@ def _split_names(names: list[str], split: str, ext: str) -> list[str]:
     return []
 
 
-def _one(spec: str, ext: str, what: str) -> list[str]:
-    """A file, or every `*.<ext>` file of a folder/prefix, as specs."""
+def split_files(spec: str, ext: str, what: str) -> list[str]:
+    """A file, or every `*.<ext>` file of a folder/prefix (in name order), as specs (paths or URIs): one split's
+    files, for the loaders here and Ray Data's reads (`fipray.ray.data`), so both engines see one order.
+
+    Raises:
+        FileNotFoundError: nothing there, or a folder without `.<ext>` files (`what` names the kind of file).
+        UriError: a URI that cannot be opened or listed.
+    """
     kind, _ = file_info(spec)
     if kind == "file":
         return [spec]
@@ -78,7 +84,7 @@ def split_specs(
     if path is None:
         if train is None or test is None:
             raise ValueError("give train= and test= (a file or folder each) or path= (one folder or file)")
-        return [_one(str(train), ext, what), _one(str(test), ext, what)]
+        return [split_files(str(train), ext, what), split_files(str(test), ext, what)]
     if train is not None or test is not None:
         raise ValueError("give either path= or train= and test=, not both")
     spec = str(path)
@@ -150,4 +156,4 @@ def split_tables(
     return [(read(local_files(s), where(s), []), where(s)) for s in specs]
 
 
-__all__ = ["split_specs", "split_tables", "rows_of_splits", "local_files", "where", "is_remote"]
+__all__ = ["split_specs", "split_files", "split_tables", "rows_of_splits", "local_files", "where", "is_remote"]
