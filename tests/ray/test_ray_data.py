@@ -9,11 +9,7 @@
 from __future__ import annotations
 
 import io
-import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +25,7 @@ from fipray.job import job_from_dict
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _moto import moto_s3  # noqa: E402
+from test_storage_s3 import run_paths_killing_path0  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,19 +121,12 @@ def test_ray_engine_delivers_the_local_engines_split(s3, fresh_ray, ray_2cpus, t
     assert not mat.folder.exists()
 
 
-def _kill_path0_when_checkpointed(st, proc, deadline_s: float = 300) -> int | None:
-    while time.monotonic() < deadline_s and proc.poll() is None:
-        # backend train: Train keeps the path's checkpoints under <storage>/train/<run id>-path0/checkpoint_*/
-        saved = [n for n in st.files("train") if "-path0/" in n and n.endswith("checkpoint.pt")]
-        if saved:  # Train registers a reported checkpoint a little later (reports every ~2 s; RAY_NOTES.md)
-            time.sleep(3)
-        names = st.files("paths/path0")
-        if saved and "worker.json" in names and "result.json" not in names:
-            pid = st.read_json("paths/path0/worker.json")["pid"]
-            os.kill(pid, signal.SIGKILL)
-            return int(pid)
-        time.sleep(0.05)
-    return None
+def _train_checkpointed(st) -> bool:
+    """backend train: Train keeps the path's checkpoints under <storage>/train/<run id>-path0/checkpoint_*/."""
+    saved = [n for n in st.files("train") if "-path0/" in n and n.endswith("checkpoint.pt")]
+    if saved:  # Train registers a reported checkpoint a little later (reports every ~2 s; RAY_NOTES.md)
+        time.sleep(3)
+    return bool(saved)
 
 
 @pytest.mark.ray
@@ -154,26 +144,9 @@ def test_fipray_paths_ray_engine_resumes_a_killed_path_bit_exactly(s3, tmp_path)
     files = _upload(s3, tmp_path / "d", "data")
     cfg = _config(_data(files, "ray", tmp_path / "cache"), max_failures=2)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
-    uri = s3["uri"]("runs/raydata")
-    st = open_storage(uri)
-    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_TMPDIR": tempfile.mkdtemp(prefix="fprd", dir="/tmp")}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "fipray.cli", "paths", "--config", str(tmp_path / "job.yaml"), "--out",
-           str(tmp_path / "out"), "--no-progress", f"ray.storage_path={uri}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        killed = _kill_path0_when_checkpointed(st, proc, time.monotonic() + 300)
-        if killed is None:
-            log = proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
-            raise AssertionError(f"path 0 finished (or never checkpointed) before it could be killed: {log[-3000:]}")
-        log, _ = proc.communicate(timeout=400)
-        assert proc.returncode == 0, log[-4000:]
-    finally:
-        if proc.poll() is None:
-            from test_storage_s3 import _stop_tree
-
-            _stop_tree(proc.pid)
+    st = open_storage(s3["uri"]("runs/raydata"))
+    run_paths_killing_path0(s3, st, tmp_path / "job.yaml", tmp_path / "out", _train_checkpointed, deadline_s=300,
+                            finish_s=400)
     summary = st.read_json("merged/summary.json")
     by_path = {p["path"]: p for p in summary["paths"]}
     assert by_path[0]["attempts"] == 2 and by_path[0]["resumed_from"] and by_path[1]["attempts"] == 1

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -124,6 +126,38 @@ def _stop_tree(pid: int) -> None:
             pass
 
 
+def run_paths_killing_path0(s3: dict, st, job_file: Path, out: Path, checkpointed: Callable[[Any], bool], *,
+                            deadline_s: float, finish_s: float) -> int:
+    """Run `fipray paths --config job_file` (storage `st`, its own Ray on 127.0.0.1) and SIGKILL path 0's worker
+    once `checkpointed(st)` holds, its worker.json is in the bucket and it has no result yet; the run must then
+    finish (exit 0) within `finish_s`. Returns the killed pid; on failure the run's log is in the message."""
+    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="fps3", dir="/tmp")}  # short: Ray's socket paths are limited
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "fipray.cli", "paths", "--config", str(job_file), "--out", str(out),
+           "--no-progress", f"ray.storage_path={st.uri}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        killed, deadline = None, time.monotonic() + deadline_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if checkpointed(st):
+                names = st.files("paths/path0")
+                if "worker.json" in names and "result.json" not in names:
+                    killed = int(st.read_json("paths/path0/worker.json")["pid"])
+                    os.kill(killed, signal.SIGKILL)
+                    break
+            time.sleep(0.05)
+        if killed is None:
+            log = proc.communicate(timeout=60)[0] if proc.poll() is not None else ""
+            raise AssertionError(f"path 0 finished (or never checkpointed) before it could be killed: {log[-3000:]}")
+        log, _ = proc.communicate(timeout=finish_s)
+        assert proc.returncode == 0, log[-4000:]
+    finally:
+        if proc.poll() is None:
+            _stop_tree(proc.pid)
+    return killed
+
+
 @pytest.mark.ray
 @pytest.mark.heavy
 def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
@@ -139,30 +173,9 @@ def test_fipray_paths_on_s3_resumes_a_killed_path_from_the_bucket(s3, tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
     uri = s3["uri"]("runs/kill")
     st = open_storage(uri)
-    ray_tmp = tempfile.mkdtemp(prefix="fps3", dir="/tmp")  # short: Ray's socket paths are limited
-    env = {**os.environ, **s3["env"], "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on 127.0.0.1 only
-    env.pop("RAY_ADDRESS", None)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "fipray.cli", "paths", "--config", str(tmp_path / "job.yaml"), "--out", str(out),
-           "--no-progress", f"ray.storage_path={uri}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        killed, deadline = None, time.monotonic() + 180
-        while time.monotonic() < deadline and proc.poll() is None:
-            names = st.files("paths/path0")
-            if "checkpoint.pt" in names and "worker.json" in names and "result.json" not in names:
-                info = st.read_json("paths/path0/worker.json")
-                os.kill(info["pid"], signal.SIGKILL)
-                killed = info["pid"]
-                break
-            time.sleep(0.05)
-        assert killed is not None, "path 0 finished (or never checkpointed) before it could be killed"
-        log, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, log[-4000:]
-    finally:
-        if proc.poll() is None:
-            _stop_tree(proc.pid)
+    run_paths_killing_path0(s3, st, tmp_path / "job.yaml", out, lambda st: "checkpoint.pt" in st.files("paths/path0"),
+                            deadline_s=180, finish_s=240)
     # Everything below is read back from the bucket.
     summary = st.read_json("merged/summary.json")
     by_path = {p["path"]: p for p in summary["paths"]}
