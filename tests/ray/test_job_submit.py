@@ -81,6 +81,7 @@ def ray_head():
         assert not left, f"head processes still alive: {left}"
 
 
+@pytest.mark.heavy  # ~38 s with its `ray start --head`: README's tier stays under 6 minutes
 def test_job_submit_runs_the_sweep_smoke_test(ray_head, tmp_path):
     out = tmp_path / "sweep"
     cmd = [f"{ray_head['venv_bin']}/ray", "job", "submit", "--address", ray_head["address"], "--working-dir", ".",
